@@ -1,0 +1,87 @@
+"""The `eagle3` command line: fetch and generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from eagle3.fetch import DEFAULT_TARGET, PRESETS, ModelNotFound
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"preset ({', '.join(PRESETS)}), local folder or hub id")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="STRING", help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line instead of streaming")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from eagle3.generate import generate
+    from eagle3.sampling import SamplingParams
+    from eagle3.target import load_target
+
+    # Validate cheap things before loading a model.
+    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = load_target(args.target, dtype=args.dtype, device=args.device)
+    prompt_ids = target.encode(args.prompt, chat=args.chat, system=args.system)
+    stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    result = generate(target, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        sys.stdout.write("\n")
+        print(
+            f"[{result.new_tokens} tokens in {result.wall_s:.2f}s, {result.tokens_per_s:.1f} tok/s, "
+            f"finish: {result.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from eagle3.fetch import resolve_model
+
+    print(resolve_model(args.name))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eagle3", description="Lossless speculative decoding with EAGLE-3.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fetch", help="materialize a model and print its local folder (last line)")
+    p.add_argument("name", help=f"preset ({', '.join(PRESETS)}), local folder or hub id")
+    _add_generate(sub)
+    return parser
+
+
+COMMANDS = {"fetch": _fetch, "generate": _generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, ModelNotFound) as err:
+        # Known user-facing failures (bad input, missing model, file or data): one clear line, no traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

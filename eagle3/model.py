@@ -1,0 +1,354 @@
+"""The native target runtime: one Llama-family transformer (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3),
+configured by the HF config, with what speculative decoding needs from a target:
+
+- a preallocated KV cache with a batch dimension (`KVCache`);
+- a forward of n new tokens at arbitrary position ids on top of the cache, under an arbitrary mask among
+  those n tokens (a draft tree: each token sees the cache and its ancestors only);
+- logits (all positions, the last one, or none) and hidden-state taps (inputs of chosen decoder layers);
+- cache compaction: keep an ordered subset of the positions just written (an accepted tree path).
+
+Weights load from HF safetensors (or a weights-only torch checkpoint); q/k/v and gate/up are fused into one
+matrix each, so a decode step runs two big matmuls per block fewer than the HF layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eagle3.config import ModelConfig, RopeConfig, load_config
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int, seq_len: int = 0) -> Tensor:
+    """Inverse frequencies (fp32, CPU) as transformers computes them for each supported rope type.
+
+    `seq_len` matters only for "dynamic" (NTK) scaling, which stretches the base once the sequence outgrows
+    max_position_embeddings.
+    """
+    dim = head_dim
+    base = rope.theta
+    if rope.type == "dynamic" and seq_len > max_position_embeddings:
+        base = base * ((rope.factor * seq_len / max_position_embeddings) - (rope.factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    if rope.type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.type == "llama3":
+        old_context = rope.original_max_position_embeddings
+        low_freq_wavelen = old_context / rope.low_freq_factor
+        high_freq_wavelen = old_context / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of every layer in one preallocated tensor [layers, 2, batch, kv_heads, max_len, head_dim].
+
+    Slots are written left to right: a forward of n tokens fills slots [length, length + n). Slots are not
+    positions: tree tokens share positions (depths), and compaction makes the kept slots contiguous again.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        self.max_len = max_len
+        self.kv = torch.zeros(
+            cfg.num_layers, 2, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, dtype=dtype, device=device
+        )
+        self.length = 0
+
+    def compact(self, start: int, keep: Tensor | Sequence[int]) -> None:
+        """Keeps slots start + keep[i] (relative to `start`, increasing), moved to start + i; drops the rest."""
+        keep = torch.as_tensor(keep, dtype=torch.long, device=self.kv.device)
+        n = keep.numel()
+        self.kv[:, :, :, :, start : start + n] = self.kv[:, :, :, :, start + keep]
+        self.length = start + n
+
+    def truncate(self, length: int) -> None:
+        """Forgets every slot from `length` on."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.length = length
+
+
+# ---------------------------------------------------------------------------------------------- network
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Normalized in fp32, scaled in the input dtype, as the HF Llama family does.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        qkv_dim = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, qkv_dim, bias=cfg.qkv_bias)
+        self.o = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        # Qwen3's q_norm and k_norm weights, one row per q head then per kv head, so one op normalizes both.
+        self.qk_norm = nn.Parameter(torch.ones(cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)) if cfg.qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, start: int, mask: Tensor | None) -> Tensor:
+        B, n, _ = x.shape
+        H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = self.qkv(x).view(B, n, H + 2 * KV, hd).split([H + KV, KV], dim=2)
+        if self.qk_norm is not None:
+            qk = rms_norm(qk, self.qk_norm, self.eps)
+        qk = qk * cos + rotate_half(qk) * sin
+        q, k = qk.split([H, KV], dim=2)
+        end = start + n
+        cache[0, :, :, start:end] = k.transpose(1, 2)
+        cache[1, :, :, start:end] = v.transpose(1, 2)
+        keys, values = cache[0, :, :, :end], cache[1, :, :, :end]
+        # Grouped-query attention without repeating K/V: the g query heads of a kv head become g*n query rows.
+        g = H // KV
+        q = q.view(B, n, KV, g, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, g * n, hd)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.view(B, KV, g, n, hd).permute(0, 3, 1, 2, 4).reshape(B, n, H * hd)
+        return self.o(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.attn_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, start: int, mask: Tensor | None) -> Tensor:
+        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, cache, start, mask)
+        return x + self.mlp(rms_norm(x, self.mlp_norm, self.eps))
+
+
+class ForwardOutput(NamedTuple):
+    logits: Tensor | None  # [B, n, vocab] ("all"), [B, 1, vocab] ("last") or None ("none")
+    taps: Tensor | None  # [B, n, len(tap_layers) * hidden]: the tapped layers' inputs, concatenated
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tap_layers: tuple[int, ...] = cfg.default_tap_layers if cfg.num_layers >= 3 else ()
+        self.cache: KVCache | None = None
+        self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        self._windows = cfg.sliding_windows or (None,) * cfg.num_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def set_tap_layers(self, layers: Sequence[int]) -> None:
+        layers = tuple(int(i) for i in layers)
+        if any(not 0 <= i < self.config.num_layers for i in layers):
+            raise ValueError(f"tap layers {layers} must be decoder layer indices in [0, {self.config.num_layers})")
+        self.tap_layers = layers
+
+    def setup_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
+        """(Re)allocates the KV cache; max_len is capped by the model's context."""
+        max_len = min(max_len, self.config.context_length)
+        self.cache = KVCache(self.config, batch_size, max_len, self.dtype, self.device)
+        return self.cache
+
+    def _rope(self, positions: Tensor, max_position: int) -> tuple[Tensor, Tensor]:
+        cfg = self.config
+        if cfg.rope.type == "dynamic" and max_position + 1 > cfg.max_position_embeddings:
+            inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, max_position + 1)
+        else:
+            inv_freq = self._inv_freq
+        freqs = positions.float()[..., None] * inv_freq.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        # [B or 1, n, 1, head_dim]: broadcast over the head axis.
+        shape = (-1, positions.shape[-1], 1, cfg.head_dim)
+        return emb.cos().to(self.dtype).view(shape), emb.sin().to(self.dtype).view(shape)
+
+    def _masks(
+        self, start: int, n: int, tree_mask: Tensor | None, positions: Tensor, max_position: int
+    ) -> dict[int | None, Tensor | None]:
+        """Boolean attention masks [g*n, start+n] (True = attend), one per distinct sliding window."""
+        cfg = self.config
+        windows = set(self._windows)
+        needs_window = any(w is not None and max_position + 1 > w for w in windows)
+        if n == 1 and not needs_window:
+            return {w: None for w in windows}  # a single new token sees the whole cache
+        dev = self.device
+        new = torch.ones(n, n, dtype=torch.bool, device=dev).tril_() if tree_mask is None else tree_mask.to(dev)
+        base = torch.cat([torch.ones(n, start, dtype=torch.bool, device=dev), new], dim=1)
+        g = cfg.num_heads // cfg.num_kv_heads
+        masks: dict[int | None, Tensor | None] = {}
+        for w in windows:
+            mask = base
+            if w is not None:
+                # Key positions: committed slots hold positions 0..start-1; new slots hold `positions`.
+                q_pos = positions.reshape(-1)[-n:].to(dev)
+                k_pos = torch.cat([torch.arange(start, device=dev), q_pos])
+                mask = mask & (q_pos[:, None] - k_pos[None, :] < w)
+            masks[w] = mask.repeat(g, 1) if g > 1 else mask
+        return masks
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        tree_mask: Tensor | None = None,
+        logits: str = "all",
+        taps: bool = False,
+    ) -> ForwardOutput:
+        """Runs n new tokens [B, n] on top of the cache and appends their keys and values to it.
+
+        positions: [n] or [B, n] position ids (default: cache.length + arange(n)).
+        tree_mask: [n, n] bool, True where new token i may see new token j (default: causal).
+        logits: "all", "last" or "none". taps: also return the tapped layers' inputs.
+        """
+        cache = self.cache
+        if cache is None:
+            raise RuntimeError("call setup_cache() before forward()")
+        B, n = tokens.shape
+        start = cache.length
+        if start + n > cache.max_len:
+            raise ValueError(
+                f"the KV cache holds {cache.max_len} positions; {start} are used and {n} more do not fit"
+            )
+        if positions is None:
+            positions = torch.arange(start, start + n, device=tokens.device)
+            max_position = start + n - 1
+        else:
+            max_position = int(positions.max())
+        if max_position >= self.config.context_length:
+            raise ValueError(f"position {max_position} is beyond the model's context of {self.config.context_length}")
+        cos, sin = self._rope(positions, max_position)
+        masks = self._masks(start, n, tree_mask, positions, max_position)
+        x = self.embed(tokens)
+        tapped = []
+        for i, layer in enumerate(self.layers):
+            if taps and i in self.tap_layers:
+                tapped.append(x)
+            x = layer(x, cos, sin, cache.kv[i], start, masks[self._windows[i]])
+        cache.length = start + n
+        out_logits = None
+        if logits != "none":
+            if logits == "last":
+                x = x[:, -1:]
+            out_logits = self.lm_head(rms_norm(x, self.norm, self.config.rms_norm_eps))
+        return ForwardOutput(out_logits, torch.cat(tapped, dim=-1) if taps else None)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def read_state_dict(folder: str | Path) -> dict[str, Tensor]:
+    """HF weights of a folder: model.safetensors, sharded safetensors, or pytorch_model.bin (weights only)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        return load_file(folder / "model.safetensors")
+    if index.is_file():
+        state: dict[str, Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(folder / shard))
+        return state
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no weights in {folder} (looked for model.safetensors, its index, pytorch_model.bin)")
+
+
+def convert_hf_state_dict(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Renames HF Llama-family weights to this runtime's, fusing q/k/v and gate/up."""
+    hf = {k.removeprefix("model."): v for k, v in hf.items()}
+
+    def take(name: str) -> Tensor:
+        if name not in hf:
+            raise ValueError(f"weight {name!r} is missing from the checkpoint")
+        return hf[name]
+
+    state = {"embed.weight": take("embed_tokens.weight"), "norm": take("norm.weight")}
+    for i in range(cfg.num_layers):
+        p, q = f"layers.{i}.", f"layers.{i}.self_attn."
+        state[p + "attn_norm"] = take(p + "input_layernorm.weight")
+        state[p + "mlp_norm"] = take(p + "post_attention_layernorm.weight")
+        state[p + "attn.qkv.weight"] = torch.cat([take(q + f"{x}_proj.weight") for x in "qkv"])
+        if cfg.qkv_bias:
+            state[p + "attn.qkv.bias"] = torch.cat([take(q + f"{x}_proj.bias") for x in "qkv"])
+        state[p + "attn.o.weight"] = take(q + "o_proj.weight")
+        if cfg.o_bias:
+            state[p + "attn.o.bias"] = take(q + "o_proj.bias")
+        if cfg.qk_norm:
+            state[p + "attn.qk_norm"] = torch.cat(
+                [take(q + "q_norm.weight").expand(cfg.num_heads, -1), take(q + "k_norm.weight").expand(cfg.num_kv_heads, -1)]
+            )
+        m = p + "mlp."
+        state[m + "gate_up.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
+        state[m + "down.weight"] = take(m + "down_proj.weight")
+        if cfg.mlp_bias:
+            state[m + "gate_up.bias"] = torch.cat([take(m + "gate_proj.bias"), take(m + "up_proj.bias")])
+            state[m + "down.bias"] = take(m + "down_proj.bias")
+    if not (cfg.tie_word_embeddings or "lm_head.weight" not in hf):
+        state["lm_head.weight"] = take("lm_head.weight")
+    return state  # no lm_head.weight: the head is tied to the embeddings
+
+
+def load_model(
+    folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+) -> Transformer:
+    """Loads a Llama-family HF checkpoint folder into the native runtime (weights only, safely)."""
+    cfg = load_config(folder)
+    device = torch.device(device) if device is not None else default_device()
+    state = convert_hf_state_dict(read_state_dict(folder), cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    tied = "lm_head.weight" not in state
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
+        raise RuntimeError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    if tied:
+        model.lm_head.weight = model.embed.weight
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,74 @@
+"""A target model ready to use: the native runtime, its tokenizer, its stop tokens and prompt encoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from eagle3.fetch import DEFAULT_TARGET, resolve_model
+from eagle3.model import Transformer, load_model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class PromptTooLong(ValueError):
+    """The prompt leaves no room in the model's context for a single new token."""
+
+
+@dataclass
+class Target:
+    name: str
+    path: Path
+    model: Transformer
+    tokenizer: object  # a transformers tokenizer
+    eos_token_ids: frozenset[int]
+
+    @property
+    def context(self) -> int:
+        return self.model.config.context_length
+
+    def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids of a prompt: raw (with the tokenizer's own special tokens, e.g. BOS) or through the
+        tokenizer's chat template as one user turn."""
+        if not chat:
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.encode_chat(messages)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered by the tokenizer's chat template, ready for the assistant."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.name} has no chat template; run without --chat")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if len(prompt_ids) == 0:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.context:
+            raise PromptTooLong(
+                f"the prompt has {len(prompt_ids)} tokens but {self.name} has a context of {self.context} "
+                "tokens, which leaves no room to generate"
+            )
+
+
+def load_target(
+    name_or_path: str = DEFAULT_TARGET, dtype: str | torch.dtype = "float32", device: str | None = None
+) -> Target:
+    """Fetches (if needed) and loads a target by preset name, local folder or hub id."""
+    from transformers import AutoTokenizer
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    path = resolve_model(name_or_path)
+    model = load_model(path, dtype=dtype, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    eos = set(model.config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    return Target(name=name_or_path, path=path, model=model, tokenizer=tokenizer, eos_token_ids=frozenset(eos))
