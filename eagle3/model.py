@@ -58,9 +58,29 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int,
     return inv_freq
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rope_rotation(positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Unit complex numbers exp(i * position * freq), [..., head_dim / 2], in fp32."""
+    angles = positions.float()[..., None] * inv_freq.to(positions.device)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope_(x: Tensor, rotation: Tensor) -> None:
+    """Rotates x [B, n, heads, head_dim] in place by rotation [B or 1, n, 1, head_dim / 2].
+
+    Dimensions (2i, 2i+1) form rotation pair i: the q/k weights are permuted at load time from HF's
+    half-split layout (pairs i, i + head_dim/2), so that RoPE is a single complex multiply. Attention only
+    sees q.k dot products, so permuting q and k alike changes nothing else.
+    """
+    if x.dtype == torch.float32:
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rotation)
+    else:
+        x.copy_(torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rotation).flatten(-2))
+
+
+def interleave_rope_rows(w: Tensor, heads: int) -> Tensor:
+    """Reorders a q or k projection (rows [heads * head_dim, ...]) from HF's half-split RoPE layout to
+    interleaved pairs: new row 2i <- old row i, new row 2i+1 <- old row i + head_dim/2, per head."""
+    return w.reshape(heads, 2, -1, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 # ---------------------------------------------------------------------------------------------- KV cache
@@ -97,65 +117,76 @@ class KVCache:
 # ---------------------------------------------------------------------------------------------- network
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # Normalized in fp32, scaled in the input dtype, as the HF Llama family does.
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) (* weight), the statistic in fp32 as the HF Llama family computes it.
+
+    One vector_norm reduction plus scalar ops: on CPU about twice as fast as F.rms_norm at decode sizes,
+    where dispatch overhead, not arithmetic, is the cost. Decoder blocks fold their norm weights into the
+    next matmul at load time and pass no weight.
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    inv_rms = norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    y = x * inv_rms if x.dtype == torch.float32 else (x.float() * inv_rms).to(x.dtype)
+    return y if weight is None else y * weight
 
 
-class Attention(nn.Module):
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight (+ bias) with weight stored [in, out], transposed from nn.Linear and HF: for one-row
+    inputs (decoding, bound by reading the weights) MKL streams this layout about 1.3x faster on CPU."""
+    y = x @ weight
+    return y if bias is None else y + bias
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape))
+
+
+class Block(nn.Module):
+    """One decoder layer: x + attention(norm(x)), then + SwiGLU(norm(x)).
+
+    Weights: q/k/v fused (rows of q and k interleaved for RoPE, see apply_rope_) and gate/up fused, all
+    stored [in, out], with the input norms' weights folded into qkv and gate_up.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
         qkv_dim = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, qkv_dim, bias=cfg.qkv_bias)
-        self.o = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_weight = _param(cfg.hidden_size, qkv_dim)
+        self.qkv_bias = _param(qkv_dim) if cfg.qkv_bias else None
+        self.o_weight = _param(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+        self.o_bias = _param(cfg.hidden_size) if cfg.o_bias else None
         # Qwen3's q_norm and k_norm weights, one row per q head then per kv head, so one op normalizes both.
-        self.qk_norm = nn.Parameter(torch.ones(cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)) if cfg.qk_norm else None
+        self.qk_norm = _param(cfg.num_heads + cfg.num_kv_heads, cfg.head_dim) if cfg.qk_norm else None
+        self.gate_up_weight = _param(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.gate_up_bias = _param(2 * cfg.intermediate_size) if cfg.mlp_bias else None
+        self.down_weight = _param(cfg.intermediate_size, cfg.hidden_size)
+        self.down_bias = _param(cfg.hidden_size) if cfg.mlp_bias else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, start: int, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, rotation: Tensor, cache: Tensor, start: int, mask: Tensor | None) -> Tensor:
+        x = x + self._attention(rms_norm(x, self.eps), rotation, cache, start, mask)
+        gate, up = linear(rms_norm(x, self.eps), self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, self.down_weight, self.down_bias)
+
+    def _attention(self, x: Tensor, rotation: Tensor, cache: Tensor, start: int, mask: Tensor | None) -> Tensor:
         B, n, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qk, v = self.qkv(x).view(B, n, H + 2 * KV, hd).split([H + KV, KV], dim=2)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias).view(B, n, H + 2 * KV, hd)
+        qk = qkv[:, :, : H + KV]
         if self.qk_norm is not None:
-            qk = rms_norm(qk, self.qk_norm, self.eps)
-        qk = qk * cos + rotate_half(qk) * sin
-        q, k = qk.split([H, KV], dim=2)
+            qk.copy_(rms_norm(qk, self.eps, self.qk_norm))
+        apply_rope_(qk, rotation)
         end = start + n
-        cache[0, :, :, start:end] = k.transpose(1, 2)
-        cache[1, :, :, start:end] = v.transpose(1, 2)
-        keys, values = cache[0, :, :, :end], cache[1, :, :, :end]
+        # k and v land in the cache [2, B, KV, slots, hd] in one copy.
+        cache[:, :, :, start:end] = qkv[:, :, H:].view(B, n, 2, KV, hd).permute(2, 0, 3, 1, 4)
+        q, keys, values = qkv[:, :, :H], cache[0, :, :, :end], cache[1, :, :, :end]
         # Grouped-query attention without repeating K/V: the g query heads of a kv head become g*n query rows.
         g = H // KV
         q = q.view(B, n, KV, g, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, g * n, hd)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.view(B, KV, g, n, hd).permute(0, 3, 1, 2, 4).reshape(B, n, H * hd)
-        return self.o(out)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.eps = cfg.rms_norm_eps
-        self.attn_norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.attn = Attention(cfg)
-        self.mlp_norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.mlp = MLP(cfg)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, start: int, mask: Tensor | None) -> Tensor:
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, cache, start, mask)
-        return x + self.mlp(rms_norm(x, self.mlp_norm, self.eps))
+        return linear(out, self.o_weight, self.o_bias)
 
 
 class ForwardOutput(NamedTuple):
@@ -169,8 +200,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head_weight = _param(cfg.hidden_size, cfg.vocab_size)  # [in, out], final norm folded in
         self.tap_layers: tuple[int, ...] = cfg.default_tap_layers if cfg.num_layers >= 3 else ()
         self.cache: KVCache | None = None
         self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
@@ -178,11 +208,11 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.lm_head_weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return self.lm_head_weight.dtype
 
     def set_tap_layers(self, layers: Sequence[int]) -> None:
         layers = tuple(int(i) for i in layers)
@@ -196,17 +226,14 @@ class Transformer(nn.Module):
         self.cache = KVCache(self.config, batch_size, max_len, self.dtype, self.device)
         return self.cache
 
-    def _rope(self, positions: Tensor, max_position: int) -> tuple[Tensor, Tensor]:
+    def _rope(self, positions: Tensor, max_position: int) -> Tensor:
         cfg = self.config
         if cfg.rope.type == "dynamic" and max_position + 1 > cfg.max_position_embeddings:
             inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, max_position + 1)
         else:
             inv_freq = self._inv_freq
-        freqs = positions.float()[..., None] * inv_freq.to(positions.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        # [B or 1, n, 1, head_dim]: broadcast over the head axis.
-        shape = (-1, positions.shape[-1], 1, cfg.head_dim)
-        return emb.cos().to(self.dtype).view(shape), emb.sin().to(self.dtype).view(shape)
+        # [B or 1, n, 1, head_dim / 2]: broadcast over the head axis.
+        return rope_rotation(positions, inv_freq).view(-1, positions.shape[-1], 1, cfg.head_dim // 2)
 
     def _masks(
         self, start: int, n: int, tree_mask: Tensor | None, positions: Tensor, max_position: int
@@ -262,20 +289,20 @@ class Transformer(nn.Module):
             max_position = int(positions.max())
         if max_position >= self.config.context_length:
             raise ValueError(f"position {max_position} is beyond the model's context of {self.config.context_length}")
-        cos, sin = self._rope(positions, max_position)
+        rotation = self._rope(positions, max_position)
         masks = self._masks(start, n, tree_mask, positions, max_position)
         x = self.embed(tokens)
         tapped = []
         for i, layer in enumerate(self.layers):
             if taps and i in self.tap_layers:
                 tapped.append(x)
-            x = layer(x, cos, sin, cache.kv[i], start, masks[self._windows[i]])
+            x = layer(x, rotation, cache.kv[i], start, masks[self._windows[i]])
         cache.length = start + n
         out_logits = None
         if logits != "none":
             if logits == "last":
                 x = x[:, -1:]
-            out_logits = self.lm_head(rms_norm(x, self.norm, self.config.rms_norm_eps))
+            out_logits = rms_norm(x, self.config.rms_norm_eps) @ self.lm_head_weight
         return ForwardOutput(out_logits, torch.cat(tapped, dim=-1) if taps else None)
 
 
@@ -301,38 +328,45 @@ def read_state_dict(folder: str | Path) -> dict[str, Tensor]:
 
 
 def convert_hf_state_dict(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Renames HF Llama-family weights to this runtime's, fusing q/k/v and gate/up."""
+    """HF Llama-family weights in this runtime's layout (see Block): q/k/v and gate/up fused, q/k rows
+    interleaved for RoPE, matrices stored [in, out], norm weights folded into the matmul that follows."""
     hf = {k.removeprefix("model."): v for k, v in hf.items()}
 
     def take(name: str) -> Tensor:
         if name not in hf:
             raise ValueError(f"weight {name!r} is missing from the checkpoint")
-        return hf[name]
+        return hf[name].float()
 
-    state = {"embed.weight": take("embed_tokens.weight"), "norm": take("norm.weight")}
+    def qkv(prefix: str, suffix: str) -> Tensor:  # q, k, v weights or biases fused, q/k rows interleaved
+        parts = [take(f"{prefix}{x}_proj.{suffix}") for x in "qkv"]
+        return torch.cat([interleave_rope_rows(parts[0], cfg.num_heads), interleave_rope_rows(parts[1], cfg.num_kv_heads), parts[2]])
+
+    state = {"embed.weight": take("embed_tokens.weight")}
     for i in range(cfg.num_layers):
-        p, q = f"layers.{i}.", f"layers.{i}.self_attn."
-        state[p + "attn_norm"] = take(p + "input_layernorm.weight")
-        state[p + "mlp_norm"] = take(p + "post_attention_layernorm.weight")
-        state[p + "attn.qkv.weight"] = torch.cat([take(q + f"{x}_proj.weight") for x in "qkv"])
+        p, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        attn_norm = take(p + "input_layernorm.weight")[:, None]
+        mlp_norm = take(p + "post_attention_layernorm.weight")[:, None]
+        state[p + "qkv_weight"] = qkv(a, "weight").t() * attn_norm
+        state[p + "o_weight"] = take(a + "o_proj.weight").t()
+        state[p + "gate_up_weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]).t() * mlp_norm
+        state[p + "down_weight"] = take(m + "down_proj.weight").t()
         if cfg.qkv_bias:
-            state[p + "attn.qkv.bias"] = torch.cat([take(q + f"{x}_proj.bias") for x in "qkv"])
-        state[p + "attn.o.weight"] = take(q + "o_proj.weight")
+            state[p + "qkv_bias"] = qkv(a, "bias")
         if cfg.o_bias:
-            state[p + "attn.o.bias"] = take(q + "o_proj.bias")
-        if cfg.qk_norm:
-            state[p + "attn.qk_norm"] = torch.cat(
-                [take(q + "q_norm.weight").expand(cfg.num_heads, -1), take(q + "k_norm.weight").expand(cfg.num_kv_heads, -1)]
-            )
-        m = p + "mlp."
-        state[m + "gate_up.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
-        state[m + "down.weight"] = take(m + "down_proj.weight")
+            state[p + "o_bias"] = take(a + "o_proj.bias")
         if cfg.mlp_bias:
-            state[m + "gate_up.bias"] = torch.cat([take(m + "gate_proj.bias"), take(m + "up_proj.bias")])
-            state[m + "down.bias"] = take(m + "down_proj.bias")
-    if not (cfg.tie_word_embeddings or "lm_head.weight" not in hf):
-        state["lm_head.weight"] = take("lm_head.weight")
-    return state  # no lm_head.weight: the head is tied to the embeddings
+            state[p + "gate_up_bias"] = torch.cat([take(m + "gate_proj.bias"), take(m + "up_proj.bias")])
+            state[p + "down_bias"] = take(m + "down_proj.bias")
+        if cfg.qk_norm:
+            state[p + "qk_norm"] = torch.cat(
+                [interleave_rope_rows(take(a + f"{x}_norm.weight"), 1).expand(n, -1)
+                 for x, n in (("q", cfg.num_heads), ("k", cfg.num_kv_heads))]
+            )
+    tied = cfg.tie_word_embeddings or "lm_head.weight" not in hf
+    # A tied head gets its own copy: the embedding lookup wants rows, the head wants [in, out].
+    head = state["embed.weight"] if tied else take("lm_head.weight")
+    state["lm_head_weight"] = head.t() * take("norm.weight")[:, None]
+    return state
 
 
 def load_model(
@@ -344,11 +378,6 @@ def load_model(
     state = convert_hf_state_dict(read_state_dict(folder), cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    tied = "lm_head.weight" not in state
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
-        raise RuntimeError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
-    if tied:
-        model.lm_head.weight = model.embed.weight
+    state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

