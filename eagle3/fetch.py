@@ -81,17 +81,6 @@ def resolve_model(name_or_path: str) -> Path:
     )
 
 
-def fetch_command(name: str) -> int:
-    """`eagle3 fetch NAME`: materialize the model and print its folder as the last line of stdout."""
-    try:
-        path = resolve_model(name)
-    except (ModelNotFound, MissingSharedData) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
 # --- presets -----------------------------------------------------------------------------------
 
 

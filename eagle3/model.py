@@ -93,12 +93,19 @@ class KVCache:
     positions: tree tokens share positions (depths), and compaction makes the kept slots contiguous again.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ):  # fmt: skip
         self.max_len = max_len
-        self.kv = torch.zeros(
-            cfg.num_layers, 2, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, dtype=dtype, device=device
-        )
+        self.kv = torch.zeros(num_layers, 2, batch_size, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.length = 0
+
+    def check_room(self, n: int) -> int:
+        """The first free slot, after checking that n more tokens fit."""
+        if self.length + n > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {self.length} are used and {n} more do not fit")
+        return self.length
 
     def compact(self, start: int, keep: Tensor | Sequence[int]) -> None:
         """Keeps slots start + keep[i] (relative to `start`, increasing), moved to start + i; drops the rest."""
@@ -124,7 +131,7 @@ def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None) -> Tensor:
     where dispatch overhead, not arithmetic, is the cost. Decoder blocks fold their norm weights into the
     next matmul at load time and pass no weight.
     """
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    norm = torch.linalg.vector_norm(x if x.dtype == torch.float32 else x.float(), dim=-1, keepdim=True)
     inv_rms = norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
     y = x * inv_rms if x.dtype == torch.float32 else (x.float() * inv_rms).to(x.dtype)
     return y if weight is None else y * weight
@@ -135,6 +142,25 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     inputs (decoding, bound by reading the weights) MKL streams this layout about 1.3x faster on CPU."""
     y = x @ weight
     return y if bias is None else y + bias
+
+
+def grouped_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention of q [B, n, H, hd] over keys/values [B, KV, L, hd] -> [B, n, H * hd].
+
+    Grouped-query attention without repeating K/V: the g = H / KV query heads of a kv head become g*n query
+    rows, so `mask` is [g*n, L] (see expand_mask_for_groups), True where attention is allowed.
+    """
+    B, n, H, hd = q.shape
+    KV = keys.shape[1]
+    g = H // KV
+    q = q.reshape(B, n, KV, g, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, g * n, hd)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return out.view(B, KV, g, n, hd).permute(0, 3, 1, 2, 4).reshape(B, n, H * hd)
+
+
+def expand_mask_for_groups(mask: Tensor, groups: int) -> Tensor:
+    """[n, L] -> [groups * n, L], the row layout grouped_attention uses."""
+    return mask.repeat(groups, 1) if groups > 1 else mask
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -180,12 +206,7 @@ class Block(nn.Module):
         end = start + n
         # k and v land in the cache [2, B, KV, slots, hd] in one copy.
         cache[:, :, :, start:end] = qkv[:, :, H:].view(B, n, 2, KV, hd).permute(2, 0, 3, 1, 4)
-        q, keys, values = qkv[:, :, :H], cache[0, :, :, :end], cache[1, :, :, :end]
-        # Grouped-query attention without repeating K/V: the g query heads of a kv head become g*n query rows.
-        g = H // KV
-        q = q.view(B, n, KV, g, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, g * n, hd)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.view(B, KV, g, n, hd).permute(0, 3, 1, 2, 4).reshape(B, n, H * hd)
+        out = grouped_attention(qkv[:, :, :H], cache[0, :, :, :end], cache[1, :, :, :end], mask)
         return linear(out, self.o_weight, self.o_bias)
 
 
@@ -223,7 +244,8 @@ class Transformer(nn.Module):
     def setup_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
         """(Re)allocates the KV cache; max_len is capped by the model's context."""
         max_len = min(max_len, self.config.context_length)
-        self.cache = KVCache(self.config, batch_size, max_len, self.dtype, self.device)
+        cfg = self.config
+        self.cache = KVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, self.dtype, self.device)
         return self.cache
 
     def _rope(self, positions: Tensor, max_position: int) -> Tensor:
@@ -256,7 +278,7 @@ class Transformer(nn.Module):
                 q_pos = positions.reshape(-1)[-n:].to(dev)
                 k_pos = torch.cat([torch.arange(start, device=dev), q_pos])
                 mask = mask & (q_pos[:, None] - k_pos[None, :] < w)
-            masks[w] = mask.repeat(g, 1) if g > 1 else mask
+            masks[w] = expand_mask_for_groups(mask, g)
         return masks
 
     def forward(
@@ -277,11 +299,7 @@ class Transformer(nn.Module):
         if cache is None:
             raise RuntimeError("call setup_cache() before forward()")
         B, n = tokens.shape
-        start = cache.length
-        if start + n > cache.max_len:
-            raise ValueError(
-                f"the KV cache holds {cache.max_len} positions; {start} are used and {n} more do not fit"
-            )
+        start = cache.check_room(n)
         if positions is None:
             positions = torch.arange(start, start + n, device=tokens.device)
             max_position = start + n - 1

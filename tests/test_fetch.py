@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from eagle3 import fetch, paths
-from eagle3.fetch import DEFAULT_TARGET, PRESETS, ModelNotFound, fetch_command, resolve_model
+from eagle3.cli import main
+from eagle3.fetch import DEFAULT_TARGET, PRESETS, ModelNotFound, resolve_model
 from eagle3.paths import MissingSharedData
 
 
@@ -117,7 +118,7 @@ def test_missing_shared_env(tmp_path, monkeypatch):
     with pytest.raises(MissingSharedData, match="EAGLE3_SHARED") as e:
         resolve_model("stories260k")
     assert str(tmp_path / "nonexistent") in str(e.value)
-    assert fetch_command("stories260k") == 2
+    assert main(["fetch", "stories260k"]) == 2
 
 
 def test_missing_shared_fallbacks(tmp_path, monkeypatch):
@@ -136,19 +137,19 @@ def test_missing_shared_fallbacks(tmp_path, monkeypatch):
         resolve_model("stories260k")
 
 
-# --- fetch_command -------------------------------------------------------------------------------
+# --- eagle3 fetch -------------------------------------------------------------------------------
 
 
 def test_fetch_command_prints_folder_last(tmp_path, capsys):
     folder = _model_dir(tmp_path / "m")
-    assert fetch_command(str(folder)) == 0
+    assert main(["fetch", str(folder)]) == 0
     out, err = capsys.readouterr()
     assert out.strip().splitlines()[-1] == str(folder.resolve())
 
 
 def test_fetch_command_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert fetch_command("nope") == 2
+    assert main(["fetch", "nope"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: ") and "smollm2-135m" in err
 

@@ -1,0 +1,238 @@
+"""The EAGLE-3 draft head: one decoder layer over [token embedding ; fused target features].
+
+Parameter names are exactly those of the official EAGLE / SGLang checkpoints (fc, midlayer.*, norm, lm_head,
+d2t, t2d), so `state_dict()` is the checkpoint (see checkpoint.py for files and formats). Semantics:
+
+- fc fuses the three target taps (low, mid, high; 3 * H_target wide) into H; it applies only to target
+  features. The draft's own output h (before the final norm) is fed back as the next step's hidden as is.
+- The layer's attention input is cat(input_layernorm(embedding), hidden_norm(hidden)), embedding first; the
+  residual is the un-normed hidden.
+- Position t pairs the target feature of position t with token t+1 and predicts token t+2.
+- The token embedding is the target's, frozen and not saved.
+- Logits cover the draft vocabulary; draft id i is target id i + d2t[i]; t2d marks target ids in the draft
+  vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eagle3.config import ModelConfig, RopeConfig, _rope_from_hf
+from eagle3.model import KVCache, expand_mask_for_groups, grouped_attention, rope_inv_freq
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int  # the target's vocabulary (token embeddings)
+    draft_vocab_size: int
+    target_hidden_size: int  # width of one target tap
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)  # theta defaults to 10000, never the target's
+    fc_bias: bool = False  # the config's "bias"
+    tap_layers: tuple[int, ...] | None = None  # target layers whose inputs feed fc (None: target default)
+
+    @property
+    def full_vocab(self) -> bool:
+        return self.draft_vocab_size == self.vocab_size
+
+
+def draft_config_for(target: ModelConfig, draft_vocab_size: int | None = None, **overrides) -> DraftConfig:
+    """A draft shaped like one layer of the target (the EAGLE-3 recipe), for a fresh draft."""
+    cfg = DraftConfig(
+        hidden_size=target.hidden_size,
+        intermediate_size=target.intermediate_size,
+        num_heads=target.num_heads,
+        num_kv_heads=target.num_kv_heads,
+        head_dim=target.head_dim,
+        vocab_size=target.vocab_size,
+        draft_vocab_size=min(draft_vocab_size or target.vocab_size, target.vocab_size),
+        target_hidden_size=target.hidden_size,
+        max_position_embeddings=target.context_length,
+        rms_norm_eps=target.rms_norm_eps,
+        tap_layers=tuple(target.default_tap_layers),
+    )
+    return replace(cfg, **overrides)
+
+
+def draft_config_from_hf(cfg: dict) -> DraftConfig:
+    """DraftConfig from an official-layout config.json (a Llama config with num_hidden_layers 1)."""
+    if int(cfg.get("num_hidden_layers", 1)) != 1:
+        raise ValueError(f"an EAGLE-3 draft has one decoder layer; this config has {cfg['num_hidden_layers']}")
+    hidden = int(cfg["hidden_size"])
+    heads = int(cfg["num_attention_heads"])
+    vocab = int(cfg["vocab_size"])
+    eagle = cfg.get("eagle_config") or {}
+    taps = cfg.get("eagle_aux_hidden_state_layer_ids") or eagle.get("eagle_aux_hidden_state_layer_ids")
+    return DraftConfig(
+        hidden_size=hidden,
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        vocab_size=vocab,
+        draft_vocab_size=int(cfg.get("draft_vocab_size") or vocab),
+        target_hidden_size=int(cfg.get("target_hidden_size") or hidden),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope=_rope_from_hf({"rope_theta": 10000.0, **cfg}),
+        fc_bias=bool(cfg.get("bias", False)),
+        tap_layers=tuple(int(t) for t in taps) if taps else None,
+    )
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        width = 2 * cfg.hidden_size  # [embedding ; hidden]
+        self.q_proj = nn.Linear(width, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MidLayer(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.hidden_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.config = cfg
+        self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=cfg.fc_bias)
+        self.midlayer = MidLayer(cfg)
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool) if cfg.full_vocab
+                             else torch.zeros(cfg.vocab_size, dtype=torch.bool))  # fmt: skip
+        # The target's token embeddings: frozen, shared, never saved (a plain attribute, not a parameter).
+        self.embed_weight: Tensor | None = None
+        self.cache: KVCache | None = None
+        self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def attach(self, target_embeddings: Tensor) -> "Eagle3Draft":
+        """Shares the target's token embeddings [vocab, H] (checking that draft and target fit)."""
+        cfg = self.config
+        if tuple(target_embeddings.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise ValueError(
+                f"draft and target do not match: the draft expects token embeddings of shape "
+                f"({cfg.vocab_size}, {cfg.hidden_size}) but the target's are {tuple(target_embeddings.shape)}"
+            )
+        self.embed_weight = target_embeddings.detach()
+        return self
+
+    def setup_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
+        cfg = self.config
+        dtype, device = self.fc.weight.dtype, self.fc.weight.device
+        self.cache = KVCache(1, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, dtype, device)
+        return self.cache
+
+    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        tokens: Tensor,
+        hidden: Tensor,
+        positions: Tensor,
+        mask: Tensor | None = None,
+        mask_start: int | None = None,
+    ) -> Tensor:
+        """One draft step over n inputs on top of the draft's KV cache; returns h [B, n, H] (pre-norm).
+
+        tokens [B, n] target ids; hidden [B, n, 3 * H_target] target taps or [B, n, H] draft outputs;
+        positions [n] or [B, n]. mask [n, slots] covers cache slots from mask_start (default: the first new
+        slot) through the new ones, True where attention is allowed; earlier slots are always visible.
+        Default mask: causal among the new tokens.
+        """
+        cfg, layer, cache = self.config, self.midlayer, self.cache
+        if cache is None or self.embed_weight is None:
+            raise RuntimeError("call attach(target embeddings) and setup_cache() before forward()")
+        B, n = tokens.shape
+        start = cache.check_room(n)
+        if hidden.shape[-1] != cfg.hidden_size:
+            hidden = self.fc(hidden)
+        emb = F.embedding(tokens, self.embed_weight)
+        x = torch.cat([layer.input_layernorm(emb), layer.hidden_norm(hidden)], dim=-1)
+
+        attn = layer.self_attn
+        q = attn.q_proj(x).view(B, n, cfg.num_heads, cfg.head_dim)
+        k = attn.k_proj(x).view(B, n, cfg.num_kv_heads, cfg.head_dim)
+        v = attn.v_proj(x).view(B, n, cfg.num_kv_heads, cfg.head_dim)
+        angles = positions.float()[..., None] * self._inv_freq.to(positions.device)
+        emb_angles = torch.cat([angles, angles], dim=-1).view(-1, n, 1, cfg.head_dim)
+        cos, sin = emb_angles.cos().to(q.dtype), emb_angles.sin().to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        end = start + n
+        cache.kv[0, 0, :, :, start:end] = k.transpose(1, 2)
+        cache.kv[0, 1, :, :, start:end] = v.transpose(1, 2)
+        cache.length = end
+
+        full_mask = None
+        if mask is not None or n > 1:
+            first = start if mask_start is None else mask_start
+            local = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril_() if mask is None else mask
+            full_mask = torch.cat([torch.ones(n, first, dtype=torch.bool, device=tokens.device), local.to(tokens.device)], 1)
+            full_mask = expand_mask_for_groups(full_mask, cfg.num_heads // cfg.num_kv_heads)
+        out = grouped_attention(q, cache.kv[0, 0, :, :, :end], cache.kv[0, 1, :, :, :end], full_mask)
+        h = hidden + attn.o_proj(out)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Logits over the draft vocabulary."""
+        return self.lm_head(self.norm(h))
+
+
+def new_draft(target_config: ModelConfig, draft_vocab_size: int | None = None, seed: int = 0, **overrides) -> Eagle3Draft:
+    """A fresh, untrained draft for a target (small random init, as transformers initializes Llama)."""
+    cfg = draft_config_for(target_config, draft_vocab_size, **overrides)
+    generator = torch.Generator().manual_seed(seed)
+    draft = Eagle3Draft(cfg)
+    for name, p in draft.named_parameters():
+        if p.dim() == 2:
+            p.data.normal_(0.0, 0.02, generator=generator)
+        elif name.endswith("bias"):
+            p.data.zero_()
+    # Without data, the draft vocabulary is the first draft_vocab_size target ids.
+    used = torch.arange(cfg.draft_vocab_size)
+    draft.d2t.zero_()
+    draft.t2d.zero_()
+    draft.t2d[used] = True
+    return draft
