@@ -1,4 +1,4 @@
-"""The `eagle3` command line: fetch and generate."""
+"""The `eagle3` command line: fetch, generate, convert, draft-init."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from eagle3.checkpoint import CLI_COMMANDS, add_cli_parsers
 from eagle3.fetch import DEFAULT_TARGET, PRESETS, ModelNotFound
 
 
@@ -25,14 +26,23 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--draft", default="default",
+                   help="EAGLE-3 draft folder (official or speculators layout), 'default' (the shipped draft for "
+                        "the target, if any) or 'none' (plain decoding)")  # fmt: skip
+    p.add_argument("--tree", default="60,5,10", help="draft tree TOTAL,DEPTH,TOPK (default 60,5,10)")
 
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from eagle3.checkpoint import load_draft
+    from eagle3.drafter import Eagle3Drafter
+    from eagle3.fetch import shipped_draft
     from eagle3.generate import generate
     from eagle3.sampling import SamplingParams
+    from eagle3.speculative import speculative_generate
     from eagle3.target import load_target
+    from eagle3.tree import TreeSpec
 
     # Validate cheap things before loading a model.
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
@@ -40,17 +50,27 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    tree = TreeSpec.parse(args.tree)
     target = load_target(args.target, dtype=args.dtype, device=args.device)
+    draft_path = shipped_draft(args.target) if args.draft == "default" else None if args.draft == "none" else args.draft
     prompt_ids = target.encode(args.prompt, chat=args.chat, system=args.system)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    result = generate(target, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream)
+    if draft_path is None:
+        result = generate(target, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream)
+    else:
+        draft = load_draft(draft_path, target.model.config, device=target.model.device, dtype=target.model.dtype)
+        drafter = Eagle3Drafter(draft.attach(target.model.embed.weight))
+        result = speculative_generate(
+            target, drafter, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream, tree=tree
+        )
     if args.json:
         print(json.dumps(result.to_json()))
     else:
         sys.stdout.write("\n")
+        extra = f", tau {result.tau:.2f} over {result.rounds} rounds" if draft_path is not None else ""
         print(
-            f"[{result.new_tokens} tokens in {result.wall_s:.2f}s, {result.tokens_per_s:.1f} tok/s, "
-            f"finish: {result.finish_reason}]",
+            f"[{result.method}: {result.new_tokens} tokens in {result.wall_s:.2f}s, {result.tokens_per_s:.1f} tok/s"
+            f"{extra}, finish: {result.finish_reason}]",
             file=sys.stderr,
         )
     return 0
@@ -69,10 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="materialize a model and print its local folder (last line)")
     p.add_argument("name", help=f"preset ({', '.join(PRESETS)}), local folder or hub id")
     _add_generate(sub)
+    add_cli_parsers(sub)
     return parser
 
 
-COMMANDS = {"fetch": _fetch, "generate": _generate}
+COMMANDS = {"fetch": _fetch, "generate": _generate, **CLI_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,14 +65,13 @@ def draft_config_for(target: ModelConfig, draft_vocab_size: int | None = None, *
 
 
 def draft_config_from_hf(cfg: dict) -> DraftConfig:
-    """DraftConfig from an official-layout config.json (a Llama config with num_hidden_layers 1)."""
+    """DraftConfig from the Llama fields of a draft config.json (num_hidden_layers 1). The tapped layers are
+    checkpoint.py's business: SGLang and vLLM number them differently."""
     if int(cfg.get("num_hidden_layers", 1)) != 1:
         raise ValueError(f"an EAGLE-3 draft has one decoder layer; this config has {cfg['num_hidden_layers']}")
     hidden = int(cfg["hidden_size"])
     heads = int(cfg["num_attention_heads"])
     vocab = int(cfg["vocab_size"])
-    eagle = cfg.get("eagle_config") or {}
-    taps = cfg.get("eagle_aux_hidden_state_layer_ids") or eagle.get("eagle_aux_hidden_state_layer_ids")
     return DraftConfig(
         hidden_size=hidden,
         intermediate_size=int(cfg["intermediate_size"]),
@@ -86,7 +85,6 @@ def draft_config_from_hf(cfg: dict) -> DraftConfig:
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope=_rope_from_hf({"rope_theta": 10000.0, **cfg}),
         fc_bias=bool(cfg.get("bias", False)),
-        tap_layers=tuple(int(t) for t in taps) if taps else None,
     )
 
 

@@ -54,6 +54,16 @@ def _say(msg: str) -> None:
     print(f"eagle3: {msg}", file=sys.stderr, flush=True)
 
 
+# Drafts shipped in the repository, per preset target (none yet: training comes next).
+SHIPPED_DRAFTS: dict[str, Path] = {}
+
+
+def shipped_draft(target: str) -> Path | None:
+    """The shipped EAGLE-3 draft for a preset target, if there is one."""
+    path = SHIPPED_DRAFTS.get(target.strip().lower())
+    return path if path is not None and (path / "config.json").is_file() else None
+
+
 def _presets_hint() -> str:
     return "presets: " + ", ".join(f"{k} ({v})" for k, v in PRESETS.items())
 

@@ -1,0 +1,586 @@
+"""EAGLE-3 draft checkpoints on disk: the official EAGLE / SGLang layout and the speculators (vLLM) layout.
+
+Both are a folder with config.json and model.safetensors (pytorch_model.bin is read too). The tensors are the
+same in both; only the names of the decoder layer's tensors and the config differ:
+
+  official (EAGLE, SGLang, SpecForge)          speculators (vLLM)
+  config.json: a Llama config,                 config.json: speculators_model_type "eagle3",
+    architectures [LlamaForCausalLMEagle3],      architectures [Eagle3Speculator], transformer_layer_config
+    num_hidden_layers 1, draft_vocab_size,       (the layer's Llama config), draft_vocab_size,
+    target_hidden_size, bias (fc bias),          target_hidden_size, norm_before_residual,
+    eagle_config.eagle_aux_hidden_state_...      eagle_aux_hidden_state_layer_ids, speculators_config
+  midlayer.* (Eagle3Draft.state_dict() keys)   layers.0.*
+  fc.weight, norm.weight, lm_head.weight, d2t [draft_vocab] int64, t2d [target_vocab] bool: in both
+
+Tapped target layers: DraftConfig.tap_layers are *inputs* of target decoder layers (transformers'
+output_hidden_states[i]; 0 is the token embeddings). The two layouts number them differently:
+
+- SGLang reads `eagle_config.eagle_aux_hidden_state_layer_ids` of the draft config.json
+  (sglang/srt/model_executor/model_runner.py: `eagle_config["eagle_aux_hidden_state_layer_ids"]` ->
+  `self.model.set_eagle3_layers_to_capture(ids)`), and its targets capture `[val + 1 for val in layer_ids]`
+  (sglang/srt/models/llama.py, qwen3.py, ...: `set_eagle3_layers_to_capture`; the code comment there: "we plus
+  1 here because in sglang, for the ith layer, it takes the output of the (i-1)th layer as aux hidden
+  state"), where LlamaModel.forward appends `hidden_states + residual` *before* running layer i. So SGLang ids
+  are layer OUTPUTS: id = tap - 1 (Llama-3.1-8B: taps 2, 16, 29 are written [1, 15, 28]; tap 0, the token
+  embeddings, becomes -1, which SGLang's +1 maps back to 0). Without ids, SGLang
+  captures [2, N//2, N-3] unshifted, i.e. our default taps. (Newer SGLang, PR #25454 "drop +1 offset on aux
+  layer ids when first id != 1", applies the +1 only when the first id is 1; that agrees with this
+  convention whenever the first tap is layer 2, as the EAGLE-3 default is.)
+- vLLM reads `eagle_aux_hidden_state_layer_ids` (top level of the draft's hf_config; speculators'
+  `update_eagle3` in vllm/transformers_utils/configs/speculators/algos.py copies it there unchanged) in
+  gpu_model_runner._get_eagle3_aux_layers_from_config and passes it straight to
+  `set_aux_hidden_state_layers`; LlamaModel.forward appends `hidden_states + residual` when
+  `idx in aux_hidden_state_layers` *before* running layer idx. So vLLM ids are layer INPUTS, our taps as is
+  (its default (2, N//2, N-3) is the same as SGLang's). Recent vLLM also falls back to the nested
+  `eagle_config` ids, unshifted, which is off by one against SGLang; so the official layout written here
+  also carries the top-level key (inputs), which vLLM reads first and SGLang ignores.
+
+norm_before_residual: vLLM's update_eagle3 defaults a missing value to true, speculators' config to false;
+this draft implements false (the residual is the un-normed hidden, as in EAGLE and SGLang), so it is always
+written explicitly and a checkpoint saying true (or nothing, in the speculators layout) is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from eagle3.config import ModelConfig, RopeConfig, load_config
+from eagle3.draft import DraftConfig, Eagle3Draft, draft_config_from_hf, new_draft
+from eagle3.model import default_device, read_state_dict
+
+FORMATS = ("eagle", "speculators")
+OFFICIAL_ARCHITECTURES = ("LlamaForCausalLMEagle3", "LlamaForCausalLM", "Eagle3LlamaForCausalLM")
+SPECULATORS_VERSION = "0.3.0"  # the speculators config schema this layout follows
+DEFAULT_SPECULATIVE_TOKENS = 5
+# Tensors some checkpoints carry that the draft does not use: the token embeddings (the draft shares the
+# target's) and speculators' training-time copies of the verifier's head.
+IGNORED_KEYS = ("embed_tokens.weight", "verifier_lm_head.weight", "verifier_norm.weight")
+TAPS_KEY = "eagle_aux_hidden_state_layer_ids"
+
+
+class CheckpointExists(FileExistsError, ValueError):
+    """The output path holds something other than a draft checkpoint; it is not overwritten."""
+
+
+@dataclass(frozen=True)
+class DraftMeta:
+    """What a checkpoint says beyond the draft itself: its layout, the target it was made for, and the
+    number of speculative tokens (speculators' greedy proposal)."""
+
+    format: str
+    verifier: str | None = None
+    verifier_architectures: tuple[str, ...] = ()
+    speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _rope_to_hf(rope: RopeConfig) -> dict:
+    out: dict = {"rope_theta": rope.theta}
+    if rope.type != "default":
+        scaling: dict = {"rope_type": rope.type, "factor": rope.factor}
+        if rope.type == "llama3":
+            scaling.update(
+                low_freq_factor=rope.low_freq_factor,
+                high_freq_factor=rope.high_freq_factor,
+                original_max_position_embeddings=rope.original_max_position_embeddings,
+            )
+        out["rope_scaling"] = scaling
+    return out
+
+
+def _layer_config(cfg: DraftConfig, dtype: torch.dtype) -> dict:
+    """The Llama config of the draft's one decoder layer (vocab_size is the target's)."""
+    return {
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "num_hidden_layers": 1,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        **_rope_to_hf(cfg.rope),
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": _dtype_name(dtype),
+        "dtype": _dtype_name(dtype),
+    }
+
+
+def _official_config(cfg: DraftConfig, dtype: torch.dtype, meta: DraftMeta) -> dict:
+    out = {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        **_layer_config(cfg, dtype),
+        "draft_vocab_size": cfg.draft_vocab_size,
+        "target_hidden_size": cfg.target_hidden_size,
+        "bias": cfg.fc_bias,
+    }
+    if cfg.tap_layers is not None:
+        out["eagle_config"] = {TAPS_KEY: [t - 1 for t in cfg.tap_layers]}  # SGLang: layer outputs
+        out[TAPS_KEY] = list(cfg.tap_layers)  # vLLM: layer inputs (read first there, ignored by SGLang)
+    # Not read by any engine; kept so that a speculators -> eagle -> speculators conversion loses nothing.
+    out["eagle3_meta"] = {
+        "verifier": {"name_or_path": meta.verifier, "architectures": list(meta.verifier_architectures)},
+        "speculative_tokens": meta.speculative_tokens,
+    }
+    return out
+
+
+def _speculators_config(cfg: DraftConfig, dtype: torch.dtype, meta: DraftMeta) -> dict:
+    out = {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "speculators_version": SPECULATORS_VERSION,
+        "transformer_layer_config": _layer_config(cfg, dtype),
+        "draft_vocab_size": cfg.draft_vocab_size,
+        "target_hidden_size": cfg.target_hidden_size,
+        "norm_before_residual": False,  # explicit: vLLM reads a missing value as true
+    }
+    if cfg.tap_layers is not None:
+        out[TAPS_KEY] = list(cfg.tap_layers)  # vLLM: layer inputs, our convention
+    if cfg.fc_bias:
+        out["fc_bias"] = True  # vLLM's Eagle3 fc has no bias: such a draft loads here only
+    out["speculators_config"] = {
+        "algorithm": "eagle3",
+        "proposal_methods": [
+            {"proposal_type": "greedy", "speculative_tokens": meta.speculative_tokens,
+             "verifier_accept_k": 1, "accept_tolerance": 0.0}  # fmt: skip
+        ],
+        "default_proposal_method": "greedy",
+        "verifier": {"name_or_path": meta.verifier, "architectures": list(meta.verifier_architectures)},
+    }
+    out["torch_dtype"] = out["dtype"] = _dtype_name(dtype)
+    return out
+
+
+def _refuse_unsupported(cfg: dict, where: str) -> None:
+    """Variants of the EAGLE-3 head this draft does not implement."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+    for key in ("attention_bias", "mlp_bias", "norm_before_fc"):
+        if cfg.get(key):
+            raise ValueError(f"{where}: {key}=true is not supported by this EAGLE-3 draft")
+    if cfg.get("norm_before_residual"):
+        raise ValueError(
+            f"{where}: norm_before_residual=true is not supported (this draft's residual is the un-normed hidden)"
+        )
+    if (cfg.get("eagle_config") or {}).get("use_aux_hidden_state", True) is False:
+        raise ValueError(f"{where}: eagle_config.use_aux_hidden_state=false (an EAGLE-1 style head) is not supported")
+
+
+def _draft_config(hf: dict, where: str) -> DraftConfig:
+    """draft_config_from_hf, with config errors turned into ValueErrors that name the file."""
+    try:
+        return draft_config_from_hf(hf)
+    except KeyError as e:
+        raise ValueError(f"{where} lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _taps(ids, shift: int, where: str) -> tuple[int, ...] | None:
+    if ids is None:
+        return None
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"{where}: {TAPS_KEY} must be a list of integers, got {ids!r}")
+    return tuple(i + shift for i in ids) or None
+
+
+def _parse_official(cfg: dict, where: str) -> tuple[DraftConfig, DraftMeta]:
+    archs = cfg.get("architectures") or []
+    if not any(a in OFFICIAL_ARCHITECTURES for a in archs):
+        raise ValueError(
+            f"{where}: architectures {archs} is not an EAGLE-3 draft (expected one of {', '.join(OFFICIAL_ARCHITECTURES)}, "
+            "or speculators_model_type 'eagle3')"
+        )
+    if cfg.get("model_type", "llama") != "llama":
+        raise ValueError(f"{where}: model_type {cfg['model_type']!r} is not supported (an EAGLE-3 draft is a llama layer)")
+    _refuse_unsupported(cfg, where)
+    nested = (cfg.get("eagle_config") or {}).get(TAPS_KEY)
+    # SGLang's nested ids (layer outputs) win; else vLLM's top-level ids (layer inputs).
+    taps = _taps(nested, 1, where) if nested is not None else _taps(cfg.get(TAPS_KEY), 0, where)
+    base = {k: v for k, v in cfg.items() if k not in (TAPS_KEY, "eagle_config")}
+    dcfg = replace(_draft_config(base, where), tap_layers=taps)
+    extra = cfg.get("eagle3_meta") or {}
+    verifier = extra.get("verifier") or {}
+    meta = DraftMeta(
+        "eagle", verifier.get("name_or_path"), tuple(verifier.get("architectures") or ()),
+        int(extra.get("speculative_tokens", DEFAULT_SPECULATIVE_TOKENS)),
+    )  # fmt: skip
+    return dcfg, meta
+
+
+def _parse_speculators(cfg: dict, where: str) -> tuple[DraftConfig, DraftMeta]:
+    if cfg.get("speculators_model_type") != "eagle3":
+        kind = cfg.get("speculators_model_type")
+        raise ValueError(f"{where}: speculators_model_type {kind!r} is not supported (only 'eagle3')")
+    layer = cfg.get("transformer_layer_config")
+    if not isinstance(layer, dict):
+        raise ValueError(f"{where} lacks transformer_layer_config (the Llama config of the draft's layer)")
+    if "norm_before_residual" not in cfg:
+        raise ValueError(
+            f"{where} does not say norm_before_residual; vLLM would read it as true, which this draft does not implement"
+        )
+    _refuse_unsupported({**layer, "norm_before_residual": cfg["norm_before_residual"]}, where)
+    if layer.get("bias"):  # vLLM reads a layer "bias" as attention bias
+        raise ValueError(f"{where}: transformer_layer_config.bias=true (attention bias) is not supported")
+    flat = {k: v for k, v in layer.items() if k not in ("bias", TAPS_KEY, "eagle_config")}
+    flat.update(
+        draft_vocab_size=cfg.get("draft_vocab_size"),
+        target_hidden_size=cfg.get("target_hidden_size"),
+        bias=bool(cfg.get("fc_bias", False)),
+    )
+    dcfg = replace(_draft_config(flat, where), tap_layers=_taps(cfg.get(TAPS_KEY), 0, where))
+    spec = cfg.get("speculators_config") or {}
+    verifier = spec.get("verifier") or {}
+    methods = spec.get("proposal_methods") or [{}]
+    meta = DraftMeta(
+        "speculators", verifier.get("name_or_path"), tuple(verifier.get("architectures") or ()),
+        int(methods[0].get("speculative_tokens", DEFAULT_SPECULATIVE_TOKENS)),
+    )  # fmt: skip
+    return dcfg, meta
+
+
+def _read_config_json(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"draft checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise FileNotFoundError(f"draft checkpoint {path} is not a folder (expected config.json + model.safetensors)")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: not a draft checkpoint folder")
+    try:
+        cfg = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config_path} is not a JSON object")
+    return cfg
+
+
+def read_draft_config(path: str | Path) -> tuple[DraftConfig, DraftMeta]:
+    """The DraftConfig of a checkpoint folder (either layout) and what else its config says."""
+    path = Path(path).expanduser()
+    cfg = _read_config_json(path)
+    where = str(path / "config.json")
+    if "speculators_model_type" in cfg:
+        return _parse_speculators(cfg, where)
+    return _parse_official(cfg, where)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def _file_key(key: str, fmt: str) -> str:
+    """Eagle3Draft.state_dict() key -> the name in a checkpoint of layout fmt."""
+    if fmt == "speculators" and key.startswith("midlayer."):
+        return "layers.0." + key.removeprefix("midlayer.")
+    return key
+
+
+def _expected(cfg: DraftConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    with torch.device("meta"):
+        ref = Eagle3Draft(cfg)
+    return {k: (tuple(v.shape), v.dtype) for k, v in ref.state_dict().items()}
+
+
+def _vocab_maps(state: dict[str, Tensor], cfg: DraftConfig, where: str) -> None:
+    """Fills in d2t/t2d where a checkpoint may leave them out, and checks d2t."""
+    if "d2t" not in state:
+        if not cfg.full_vocab:
+            raise ValueError(
+                f"{where} lacks 'd2t' (expected shape ({cfg.draft_vocab_size},)): a draft vocabulary of "
+                f"{cfg.draft_vocab_size} < {cfg.vocab_size} target ids needs the draft-to-target map"
+            )
+        state["d2t"] = torch.zeros(cfg.draft_vocab_size, dtype=torch.long)
+    d2t = state["d2t"]
+    if tuple(d2t.shape) != (cfg.draft_vocab_size,):
+        raise ValueError(f"tensor 'd2t' in {where} has shape {tuple(d2t.shape)}, expected ({cfg.draft_vocab_size},)")
+    if d2t.dtype.is_floating_point or d2t.dtype == torch.bool:
+        raise ValueError(f"tensor 'd2t' in {where} has dtype {d2t.dtype}, expected an integer type")
+    d2t = state["d2t"] = d2t.long()
+    targets = torch.arange(cfg.draft_vocab_size) + d2t
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= cfg.vocab_size):
+        raise ValueError(f"tensor 'd2t' in {where} maps draft ids outside the target vocabulary [0, {cfg.vocab_size})")
+    if "t2d" not in state:  # it follows from d2t
+        t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+        t2d[targets] = True
+        state["t2d"] = t2d
+    elif tuple(state["t2d"].shape) != (cfg.vocab_size,):
+        raise ValueError(f"tensor 't2d' in {where} has shape {tuple(state['t2d'].shape)}, expected ({cfg.vocab_size},)")
+    state["t2d"] = state["t2d"].bool()
+
+
+def _state_from_file(raw: dict[str, Tensor], cfg: DraftConfig, fmt: str, where: str) -> dict[str, Tensor]:
+    """Checkpoint tensors -> Eagle3Draft.state_dict() keys, checking names and shapes against the config."""
+    expected = _expected(cfg)
+    file_to_key = {_file_key(k, fmt): k for k in expected}
+    if fmt == "speculators":  # some converters keep the official names; vLLM accepts both
+        file_to_key.update({k: k for k in expected})
+    state: dict[str, Tensor] = {}
+    for name, tensor in raw.items():
+        if name in IGNORED_KEYS:
+            continue
+        key = file_to_key.get(name)
+        if key is None:
+            raise ValueError(
+                f"unexpected tensor {name!r} of shape {tuple(tensor.shape)} in {where}; an EAGLE-3 draft with this "
+                f"config.json has: {', '.join(sorted(_file_key(k, fmt) for k in expected))}"
+            )
+        if key in state:
+            raise ValueError(f"{where} holds {key!r} twice (as {_file_key(key, fmt)!r} and {key!r})")
+        state[key] = tensor
+    _vocab_maps(state, cfg, where)
+    for key, (shape, _) in expected.items():
+        name = _file_key(key, fmt)
+        if key not in state:
+            raise ValueError(f"{where} lacks tensor {name!r} (expected shape {shape})")
+        found = tuple(state[key].shape)
+        if found != shape:
+            raise ValueError(f"tensor {name!r} in {where} has shape {found}, expected {shape} (from config.json)")
+        if key not in ("d2t", "t2d") and not state[key].dtype.is_floating_point:
+            raise ValueError(f"tensor {name!r} in {where} has dtype {state[key].dtype}, expected a floating point type")
+    return state
+
+
+def _weights_file(path: Path) -> str:
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return str(path / name)
+    return str(path)
+
+
+def _load(path: str | Path, device=None, dtype=None) -> tuple[Eagle3Draft, DraftMeta]:
+    path = Path(path).expanduser()
+    cfg, meta = read_draft_config(path)
+    raw = read_state_dict(path)  # FileNotFoundError when there are no weights
+    state = _state_from_file(raw, cfg, meta.format, _weights_file(path))
+    if isinstance(dtype, str):
+        from eagle3.target import DTYPES
+
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or state["fc.weight"].dtype  # one dtype for all weights, the checkpoint's by default
+    device = torch.device(device) if device is not None else default_device()
+    state = {
+        k: v.to(device=device, dtype=dtype if v.dtype.is_floating_point else v.dtype).contiguous()
+        for k, v in state.items()
+    }
+    with torch.device("meta"):
+        draft = Eagle3Draft(cfg)
+    draft.load_state_dict(state, strict=True, assign=True)
+    return draft.eval(), meta
+
+
+def check_fits(cfg: DraftConfig, target: ModelConfig) -> None:
+    """Raises ValueError("draft and target do not match: ...") unless the draft can run on this target."""
+    problems = []
+    if cfg.vocab_size != target.vocab_size:
+        problems.append(f"the draft's target vocabulary is {cfg.vocab_size} ids, the target's is {target.vocab_size}")
+    if cfg.target_hidden_size != target.hidden_size:
+        problems.append(
+            f"the draft's target_hidden_size is {cfg.target_hidden_size}, the target's hidden size is {target.hidden_size}"
+        )
+    if cfg.hidden_size != target.hidden_size:
+        problems.append(
+            f"the draft's hidden size is {cfg.hidden_size} but it shares the target's token embeddings, "
+            f"which are {target.hidden_size} wide"
+        )
+    taps = cfg.tap_layers if cfg.tap_layers is not None else target.default_tap_layers
+    bad = [t for t in taps if not 0 <= t < target.num_layers]
+    if bad:
+        problems.append(f"tapped layers {list(taps)} include {bad}, outside the target's {target.num_layers} layers")
+    if problems:
+        raise ValueError("draft and target do not match: " + "; ".join(problems))
+
+
+def load_draft(
+    path: str | Path, target_config: ModelConfig | None = None, device=None, dtype=None
+) -> Eagle3Draft:
+    """Loads a draft checkpoint folder of either layout (detected from config.json).
+
+    With target_config, first checks that the draft fits that target. Weights keep the checkpoint's dtype
+    unless dtype is given; device defaults to cuda when present. The token embeddings are the target's:
+    call draft.attach(target.model.embed.weight) before running it.
+    """
+    if target_config is not None:
+        check_fits(read_draft_config(path)[0], target_config)
+    return _load(path, device, dtype)[0]
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+
+def _write_weights(tensors: dict[str, Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _is_draft_checkpoint(path: Path) -> bool:
+    try:
+        read_draft_config(path)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _check_overwritable(out: Path) -> None:
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise CheckpointExists(f"{out} exists and is not a folder; not overwriting it")
+    if any(out.iterdir()) and not _is_draft_checkpoint(out):
+        raise CheckpointExists(f"{out} exists and is not an EAGLE-3 draft checkpoint; not overwriting it")
+
+
+def _verifier_architectures(verifier: str | None) -> tuple[str, ...]:
+    """The architectures of a verifier given as a local model folder (nothing is fetched)."""
+    if verifier is None:
+        return ()
+    config = Path(verifier).expanduser() / "config.json"
+    try:
+        return tuple(json.loads(config.read_text()).get("architectures") or ())
+    except (OSError, ValueError, AttributeError):
+        return ()
+
+
+def save_draft(
+    draft: Eagle3Draft,
+    out_dir: str | Path,
+    format: str = "eagle",
+    verifier: str | None = None,
+    speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS,
+    verifier_architectures: list[str] | tuple[str, ...] | None = None,
+) -> Path:
+    """Saves a draft as a checkpoint folder: format "eagle" (official EAGLE / SGLang) or "speculators" (vLLM).
+
+    verifier names the target (Hub id or path) for the speculators config. Atomic: the folder is written
+    beside out_dir and renamed into place, so out_dir is either the old checkpoint or the whole new one. An
+    existing out_dir is replaced only if it is a draft checkpoint (or empty).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {format!r}; choose from {', '.join(FORMATS)}")
+    if speculative_tokens < 1:
+        raise ValueError(f"speculative_tokens must be >= 1, got {speculative_tokens}")
+    out = Path(out_dir).expanduser().absolute()
+    cfg = draft.config
+    archs = tuple(verifier_architectures) if verifier_architectures is not None else _verifier_architectures(verifier)
+    meta = DraftMeta(format, verifier, archs, speculative_tokens)
+    dtype = draft.fc.weight.dtype
+    config = (_official_config if format == "eagle" else _speculators_config)(cfg, dtype, meta)
+    tensors = {_file_key(k, format): v.detach().to("cpu").contiguous() for k, v in draft.state_dict().items()}
+
+    _check_overwritable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _write_weights(tensors, tmp / "model.safetensors")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{tag}"
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tools
+
+
+def convert(
+    src: str | Path, fmt: str, out: str | Path, verifier: str | None = None, speculative_tokens: int | None = None
+) -> Path:
+    """Loads a draft checkpoint of either layout and saves it in layout fmt; every tensor is kept as is.
+
+    The verifier and speculative_tokens default to what the source checkpoint says.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; choose from {', '.join(FORMATS)}")
+    draft, meta = _load(src, device="cpu")
+    archs = meta.verifier_architectures if verifier is None else None
+    return save_draft(
+        draft, out, fmt,
+        verifier=verifier if verifier is not None else meta.verifier,
+        speculative_tokens=speculative_tokens or meta.speculative_tokens,
+        verifier_architectures=archs,
+    )  # fmt: skip
+
+
+def init_draft(
+    target_name_or_path: str, out: str | Path, draft_vocab_size: int | None = None, format: str = "eagle", seed: int = 0
+) -> Path:
+    """Saves a fresh, untrained draft shaped for a target (preset, local folder or Hub id)."""
+    from eagle3.fetch import resolve_model
+
+    folder = resolve_model(target_name_or_path)
+    target = load_config(folder)
+    if draft_vocab_size is not None and not 1 <= draft_vocab_size <= target.vocab_size:
+        raise ValueError(f"draft vocabulary size must be in [1, {target.vocab_size}], got {draft_vocab_size}")
+    draft = new_draft(target, draft_vocab_size, seed=seed)
+    return save_draft(draft, out, format, verifier=target_name_or_path,
+                      verifier_architectures=_verifier_architectures(str(folder)))  # fmt: skip
+
+
+def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
+    """Adds `convert` and `draft-init` to the eagle3 command line; their handlers are CLI_COMMANDS."""
+    p = sub.add_parser("convert", help="convert a draft checkpoint between the EAGLE/SGLang and speculators/vLLM layouts")
+    p.add_argument("src", help="draft checkpoint folder (either layout)")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--to", dest="fmt", choices=FORMATS, required=True,
+                   help="eagle: official EAGLE/SGLang layout; speculators: vLLM layout")  # fmt: skip
+    p.add_argument("--verifier", default=None, help="target model name or path recorded in the config")
+    p.add_argument("--speculative-tokens", type=int, default=None, help="speculators' greedy proposal length")
+    p = sub.add_parser("draft-init", help="save a fresh, untrained EAGLE-3 draft for a target")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--target", required=True, help="preset, local folder or hub id")
+    p.add_argument("--draft-vocab", type=int, default=None, help="draft vocabulary size (default: the target's)")
+    p.add_argument("--format", choices=FORMATS, default="eagle")
+
+
+def convert_command(args: argparse.Namespace) -> int:
+    path = convert(args.src, args.fmt, args.out, args.verifier, getattr(args, "speculative_tokens", None))
+    print(f"eagle3: wrote a {args.fmt} draft checkpoint", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def draft_init_command(args: argparse.Namespace) -> int:
+    path = init_draft(args.target, args.out, args.draft_vocab, getattr(args, "format", "eagle"))
+    print(f"eagle3: wrote an untrained draft for {args.target}", file=sys.stderr)
+    print(path)
+    return 0
+
+
+CLI_COMMANDS = {"convert": convert_command, "draft-init": draft_init_command}

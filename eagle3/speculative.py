@@ -1,0 +1,113 @@
+"""Speculative decoding: prompt -> target prefill -> draft tree -> verify -> accept -> next round.
+
+Each round the drafter grows a tree from the last accepted token (the root, not yet in the target's cache),
+the target scores the whole tree in one forward pass under the tree mask, verification picks the accepted
+path and the target's own next token, the target's KV cache keeps just that path, and the drafter catches up
+on the accepted tokens with the target's true features. Output is exactly plain decoding's: greedy token for
+token, sampling in distribution.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from eagle3.drafter import Drafter
+from eagle3.generate import GenerationResult, ensure_cache, room_for
+from eagle3.sampling import SamplingParams, make_generator, next_token
+from eagle3.stopping import Stopper, TextStreamer
+from eagle3.target import Target
+from eagle3.tree import TreeSpec, grow_tree
+from eagle3.verify import accept
+
+
+@dataclass
+class SpeculativeResult(GenerationResult):
+    method: str = "eagle3"
+    rounds: int = 0
+    accept_lengths: list[int] = field(default_factory=list)  # per round: accepted draft tokens + 1
+
+    @property
+    def tau(self) -> float:
+        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 0.0
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "tau": self.tau}
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target: Target,
+    drafter: Drafter,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int = 256,
+    sampling: SamplingParams = SamplingParams(),
+    stop_strings: Sequence[str] = (),
+    on_text: Callable[[str], object] | None = None,
+    tree: TreeSpec = TreeSpec(),
+    method: str = "eagle3",
+) -> SpeculativeResult:
+    budget = room_for(target, prompt_ids, max_new_tokens)
+    model, device = target.model, target.model.device
+    stopper = Stopper(target.tokenizer, target.eos_token_ids, budget, tuple(stop_strings), track_text=on_text is not None)
+    streamer = TextStreamer(on_text, stop_strings) if on_text else None
+    generator = make_generator(sampling, device)
+    rounds, accept_lengths = 0, []
+
+    start = time.perf_counter()
+    max_len = min(len(prompt_ids) + budget + tree.total_tokens, target.context)
+    ensure_cache(target, max_len)
+    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    out = model(prompt, logits="last", taps=True)
+    root = next_token(out.logits[:, -1], sampling, generator)
+    prefill_s = time.perf_counter() - start
+    stopper.extend([root.item()])
+    drafter.reset(prompt_ids, max_len + tree.depth * tree.top_k)  # room for the tree's draft rows too
+    # The drafter pairs the feature of position t with token t + 1.
+    catch_tokens = torch.cat([prompt[0, 1:], root.view(1)])
+    catch_features, catch_start = out.taps[0], 0
+    committed = len(prompt_ids)  # tokens in the target's cache; the root comes next
+
+    while not stopper.done:
+        if streamer:
+            streamer.update(stopper.text())
+        root_logp, root_ids = drafter.catch_up(catch_tokens, catch_features, catch_start, tree.top_k)
+        # Near the end of the context the tree shrinks to what still fits (down to the root alone).
+        room = model.cache.max_len - committed
+        spec = tree if room >= tree.total_tokens else TreeSpec(max(room, 1), tree.depth, tree.top_k)
+        draft_tree = grow_tree(int(catch_tokens[-1]), root_logp, root_ids, drafter.expand, spec)
+        drafter.end_round()
+
+        positions = committed + draft_tree.depths.to(device)
+        out = model(draft_tree.tokens.view(1, -1).to(device), positions, draft_tree.mask.to(device), taps=True)
+        path, bonus = accept(draft_tree, out.logits[0], sampling, generator)
+        model.cache.compact(committed, path)
+        new_tokens = draft_tree.tokens[path[1:]].tolist() + [bonus]
+        stopper.extend(new_tokens)
+        rounds += 1
+        accept_lengths.append(len(path))
+
+        catch_tokens = torch.tensor(new_tokens, dtype=torch.long, device=device)
+        catch_features = out.taps[0, torch.tensor(path, device=device)]
+        catch_start = committed
+        committed += len(path)
+        if committed >= model.cache.max_len:  # no room left for another round (the budget is spent too)
+            break
+
+    if streamer:
+        streamer.update(stopper.text(), final=True)
+    wall_s = time.perf_counter() - start
+    return SpeculativeResult(
+        text=stopper.text(),
+        token_ids=stopper.token_ids,
+        finish_reason=stopper.finish_reason or "length",
+        prompt_tokens=len(prompt_ids),
+        wall_s=wall_s,
+        prefill_s=prefill_s,
+        method=method,
+        rounds=rounds,
+        accept_lengths=accept_lengths,
+    )

@@ -1,0 +1,60 @@
+"""Verification: which path of the draft tree the target accepts, and the token it adds after it.
+
+The target has scored every tree node in one forward pass (node i's logits predict the token after node i).
+Greedy: follow the children that equal the target's argmax. Sampling: recursive rejection for deterministic
+drafts, which leaves the output distributed exactly as the target's: at each node try the children in order,
+accepting child x with probability p(x); on rejection set p(x) = 0 and renormalize; when every child is
+rejected, draw the next token from what is left of p.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from eagle3.sampling import SamplingParams, probs_from_logits, sample_from_probs
+from eagle3.tree import DraftTree
+
+
+def accept_greedy(tree: DraftTree, logits: Tensor) -> tuple[list[int], int]:
+    """(accepted node path from the root, the target's next token after it) for logits [N, V]."""
+    best = logits.argmax(dim=-1).tolist()
+    tokens = tree.tokens.tolist()
+    path = [0]
+    while True:
+        node = path[-1]
+        child = next((c for c in tree.children[node] if tokens[c] == best[node]), None)
+        if child is None:
+            return path, best[node]
+        path.append(child)
+
+
+def accept_sampling(
+    tree: DraftTree, logits: Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[list[int], int]:
+    """Recursive rejection sampling over the tree; the returned tokens follow the target's distribution."""
+    tokens = tree.tokens.tolist()
+    path = [0]
+    while True:
+        node = path[-1]
+        p = probs_from_logits(logits[node], params)
+        accepted = None
+        for child in tree.children[node]:
+            x = tokens[child]
+            u = torch.rand((), generator=generator, device=p.device)
+            if u < p[x]:
+                accepted = child
+                break
+            p[x] = 0.0  # the residual max(p - q, 0) for a draft that proposed x with certainty
+            p = p / p.sum()
+        if accepted is None:
+            return path, int(sample_from_probs(p, generator))
+        path.append(accepted)
+
+
+def accept(
+    tree: DraftTree, logits: Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[list[int], int]:
+    if params.greedy:
+        return accept_greedy(tree, logits)
+    return accept_sampling(tree, logits, params, generator)

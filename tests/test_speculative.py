@@ -1,0 +1,182 @@
+"""Speculative decoding is lossless: greedy output equals plain greedy token for token."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from eagle3.draft import new_draft
+from eagle3.drafter import Eagle3Drafter
+from eagle3.generate import generate
+from eagle3.model import load_model
+from eagle3.speculative import speculative_generate
+from eagle3.tree import TreeSpec, grow_tree
+from oracles import ReferenceOracle, TargetOracle
+
+TREES = [TreeSpec(), TreeSpec(20, 4, 4), TreeSpec(6, 5, 1), TreeSpec(1, 1, 1)]
+
+
+# ---------------------------------------------------------------------------------------------- tree
+
+
+def fake_expand(vocab=50, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    calls = []
+
+    def expand(tokens, sources, depth, mask):
+        calls.append((tokens.clone(), sources.clone(), depth, mask.clone()))
+        logits = torch.randn(len(tokens), vocab, generator=gen)
+        logp = torch.log_softmax(logits, -1)
+        values, ids = logp.topk(4, dim=-1)
+        return values, ids
+
+    return expand, calls
+
+
+def test_tree_keeps_best_nodes_parents_first():
+    expand, calls = fake_expand()
+    root_logp, root_ids = torch.log_softmax(torch.randn(50), -1).topk(4)
+    tree = grow_tree(7, root_logp, root_ids, expand, TreeSpec(total_tokens=12, depth=4, top_k=4))
+    assert tree.size == 12 and tree.tokens[0] == 7 and tree.parents[0] == -1
+    assert len(calls) == 3  # depth 4: the root step plus three expansions
+    for i, p in enumerate(tree.parents[1:], start=1):
+        assert 0 <= p < i  # parents before children
+        assert tree.depths[i] == tree.depths[p] + 1
+        assert tree.scores[i] <= tree.scores[p] + 1e-6  # cumulative log-probability never grows
+        assert i in tree.children[p]
+        assert tree.mask[i, p] and tree.mask[i, i] and tree.mask[i].sum() == tree.depths[i] + 1
+    for kids in tree.children:  # most probable first, distinct tokens among siblings
+        assert [float(tree.scores[c]) for c in kids] == sorted((float(tree.scores[c]) for c in kids), reverse=True)
+        assert len({int(tree.tokens[c]) for c in kids}) == len(kids)
+    # Frontier masks: each expanded node sees exactly its expanded ancestors and itself.
+    tokens, sources, depth, mask = calls[1]
+    assert depth == 2 and mask.shape == (4, 8) and mask[:, 4:].equal(torch.eye(4, dtype=torch.bool))
+    assert all(mask[i, :4].sum() == 1 for i in range(4))
+
+
+def test_tree_total_one_is_the_root_alone():
+    expand, calls = fake_expand()
+    tree = grow_tree(3, *torch.log_softmax(torch.randn(50), -1).topk(4), expand, TreeSpec(1, 5, 4))
+    assert tree.size == 1 and not calls
+
+
+def test_tree_spec_parse():
+    assert TreeSpec.parse("60,5,10") == TreeSpec(60, 5, 10)
+    for bad in ["60,5", "a,b,c", "0,5,10"]:
+        with pytest.raises(ValueError):
+            TreeSpec.parse(bad)
+
+
+# ---------------------------------------------------------------------------------------------- greedy
+
+
+@pytest.fixture(scope="module")
+def untrained(stories):
+    return Eagle3Drafter(new_draft(stories.model.config).attach(stories.model.embed.weight))
+
+
+@pytest.fixture(scope="module")
+def oracle(stories):
+    return TargetOracle(load_model(stories.path, device="cpu"))
+
+
+PROMPTS = ["Once upon a time", "Tom had a big red"]
+
+
+@pytest.mark.parametrize("tree", TREES, ids=str)
+def test_greedy_untrained_draft_equals_plain(stories, untrained, tree):
+    for prompt in PROMPTS:
+        ids = stories.encode(prompt)
+        plain = generate(stories, ids, 300)
+        spec = speculative_generate(stories, untrained, ids, 300, tree=tree)
+        assert spec.token_ids == plain.token_ids
+        assert sum(spec.accept_lengths) + 1 >= len(spec.token_ids)
+
+
+@pytest.mark.parametrize("tree", TREES[:3], ids=str)
+def test_greedy_oracle_draft_equals_plain_with_long_accepts(stories, oracle, tree):
+    ids = stories.encode(PROMPTS[0])
+    plain = generate(stories, ids, 300)
+    for drafter in (oracle, ReferenceOracle(ids + plain.token_ids, 512)):
+        spec = speculative_generate(stories, drafter, ids, 300, tree=tree)
+        assert spec.token_ids == plain.token_ids
+        assert spec.tau > 0.9 * (tree.depth + 1) or tree.total_tokens <= tree.depth  # nearly every level accepted
+
+
+def test_eos_inside_an_accepted_run(stories, oracle):
+    period = stories.tokenizer.convert_tokens_to_ids(".")
+    target = dataclasses.replace(stories, eos_token_ids=frozenset({period}))
+    ids = target.encode("Once upon a time")
+    plain = generate(target, ids, 300)
+    assert plain.finish_reason == "eos" and plain.token_ids[-1] == period
+    spec = speculative_generate(target, oracle, ids, 300, tree=TreeSpec(30, 6, 3))
+    assert spec.token_ids == plain.token_ids and spec.finish_reason == "eos"
+    assert sum(spec.accept_lengths) > len(spec.token_ids) - 1  # the last round ran past the EOS
+
+
+def test_stop_string_and_budget_inside_an_accepted_run(stories, oracle):
+    ids = stories.encode("Once upon a time")
+    plain = generate(stories, ids, 300, stop_strings=["park"])
+    spec = speculative_generate(stories, oracle, ids, 300, stop_strings=["park"], tree=TreeSpec(30, 6, 3))
+    assert plain.finish_reason == spec.finish_reason == "stop"
+    assert spec.token_ids == plain.token_ids and spec.text == plain.text
+    for budget in (1, 2, 7, 23):
+        spec = speculative_generate(stories, oracle, ids, budget, tree=TreeSpec(30, 6, 3))
+        assert spec.token_ids == generate(stories, ids, budget).token_ids and spec.finish_reason == "length"
+
+
+def test_context_end_shrinks_the_tree(stories, oracle):
+    ids = stories.encode("Once upon a time " * 150)[:490]  # 22 positions left in the 512 context
+    plain = generate(stories, ids, 100)
+    spec = speculative_generate(stories, oracle, ids, 100, tree=TreeSpec(30, 6, 3))
+    assert len(plain.token_ids) == 512 - 490 and spec.token_ids == plain.token_ids
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_plain(smollm2):
+    ids = smollm2.encode("Write a short poem about the sea, then explain it.", chat=True)
+    plain = generate(smollm2, ids, 300)
+    poem = plain.token_ids
+    assert len(poem) > 200
+    reference = ReferenceOracle(ids + poem, smollm2.model.config.vocab_size)
+    spec = speculative_generate(smollm2, reference, ids, 300, tree=TreeSpec(12, 6, 2))
+    assert spec.token_ids == poem and spec.tau > 6
+    short = smollm2.encode("What is 2+2?", chat=True)
+    plain = generate(smollm2, short, 300)
+    assert plain.finish_reason == "eos"
+    spec = speculative_generate(smollm2, ReferenceOracle(short + plain.token_ids, 49152), short, 300, tree=TreeSpec(12, 6, 2))
+    assert spec.token_ids == plain.token_ids and spec.finish_reason == "eos"
+    draft = new_draft(smollm2.model.config, draft_vocab_size=2048).attach(smollm2.model.embed.weight)
+    spec = speculative_generate(smollm2, Eagle3Drafter(draft), ids, 60, tree=TreeSpec(8, 3, 2))
+    assert spec.token_ids == poem[:60]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_generate_with_a_draft(capsys, tmp_path):
+    import json
+
+    from eagle3.cli import main
+
+    assert main(["draft-init", str(tmp_path / "draft"), "--target", "stories260k"]) == 0
+    capsys.readouterr()
+    common = ["generate", "--target", "stories260k", "--max-new-tokens", "60", "--json", "Once upon a time"]
+    assert main(common + ["--draft", "none"]) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(common + ["--draft", str(tmp_path / "draft"), "--tree", "10,3,3"]) == 0
+    spec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plain["method"] == "vanilla" and spec["method"] == "eagle3"
+    assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
+    assert spec["rounds"] == len(spec["accept_lengths"]) and spec["tau"] == sum(spec["accept_lengths"]) / spec["rounds"]
+    assert main(common + ["--draft", str(tmp_path / "draft"), "--tree", "10,3"]) == 2
+    assert "TOTAL,DEPTH,TOPK" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_draft_for_another_target(capsys, tmp_path, smollm2_path):
+    from eagle3.cli import main
+
+    assert main(["draft-init", str(tmp_path / "draft"), "--target", str(smollm2_path), "--draft-vocab", "1024"]) == 0
+    capsys.readouterr()
+    code = main(["generate", "--target", "stories260k", "--draft", str(tmp_path / "draft"), "hi"])
+    assert code == 2 and "draft and target do not match" in capsys.readouterr().err
