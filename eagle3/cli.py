@@ -1,4 +1,4 @@
-"""The `eagle3` command line: fetch, generate, convert, draft-init."""
+"""The `eagle3` command line: fetch, generate, bench, convert, draft-init."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from eagle3.bench import add_bench_parser, bench_command
 from eagle3.checkpoint import CLI_COMMANDS, add_cli_parsers
 from eagle3.fetch import DEFAULT_TARGET, PRESETS, ModelNotFound
 
@@ -90,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help=f"preset ({', '.join(PRESETS)}), local folder or hub id")
     _add_generate(sub)
     add_cli_parsers(sub)
+    add_bench_parser(sub)
     return parser
 
 
-COMMANDS = {"fetch": _fetch, "generate": _generate, **CLI_COMMANDS}
+COMMANDS = {"fetch": _fetch, "generate": _generate, "bench": bench_command, **CLI_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,8 @@ def grow_tree(root_token: int, root_logp: Tensor, root_ids: Tensor, expand: Expa
     row_candidate = [-1]  # candidate expanded by each draft row; row 0 is the root step
     row_mask = torch.ones(1, 1, dtype=torch.bool)  # row i may attend to row j
     for depth in range(1, spec.depth if spec.total_tokens > 1 else 1):
+        if len(frontier) == 0:  # the drafter had nothing more to propose
+            break
         all_scores, all_tokens, all_sources = torch.cat(scores), torch.cat(tokens), torch.cat(sources)
         old, new = row_mask.shape[0], len(frontier)
         grown = torch.zeros(old + new, old + new, dtype=torch.bool)
