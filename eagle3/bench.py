@@ -59,7 +59,7 @@ def make_methods(
     max_new_tokens: int,
     sampling: SamplingParams,
     tree: TreeSpec,
-    draft_path: str | None,
+    draft_path: str | Path | None,
     assistant: str | None,
     pld_tokens: int,
 ) -> dict[str, Method]:
@@ -77,12 +77,10 @@ def make_methods(
             methods[name] = ours(lambda ids: generate(target, ids, max_new_tokens, sampling))
         elif name == "eagle3":
             if draft_path is None:
-                raise ValueError("method eagle3 needs a draft: pass --draft PATH")
-            from eagle3.checkpoint import load_draft
-            from eagle3.drafter import Eagle3Drafter
+                raise ValueError("method eagle3 needs a draft: pass --draft PATH (no draft is shipped for this target)")
+            from eagle3.drafter import load_drafter
 
-            draft = load_draft(draft_path, target.model.config, device=target.model.device, dtype=target.model.dtype)
-            drafter = Eagle3Drafter(draft.attach(target.model.embed.weight))
+            drafter = load_drafter(draft_path, target)
             methods[name] = ours(lambda ids, d=drafter: speculative_generate(
                 target, d, ids, max_new_tokens, sampling, tree=tree))  # fmt: skip
         elif name == "pld":
@@ -277,7 +275,7 @@ def run_bench(
     limit: int | None = None,
     sampling: SamplingParams = SamplingParams(),
     tree: TreeSpec = TreeSpec(),
-    draft: str | None = None,
+    draft: str | Path | None = None,
     assistant: str | None = None,
     data: str | None = None,
     pld_tokens: int = 10,
@@ -315,7 +313,7 @@ def run_bench(
 
     summary = summarize(rows, methods, sampling.greedy)
     config = {
-        "target": target.name, "draft": draft, "tree": f"{tree.total_tokens},{tree.depth},{tree.top_k}",
+        "target": target.name, "draft": str(draft) if draft else None, "tree": f"{tree.total_tokens},{tree.depth},{tree.top_k}",
         "suites": suites, "methods": methods, "max_new_tokens": max_new_tokens, "limit": limit, "skipped": skipped,
         "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
         "threads": torch.get_num_threads(), "device": str(target.model.device), "dtype": str(target.model.dtype),
@@ -340,7 +338,7 @@ def run_bench(
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark eagle3 against plain decoding and other methods")
     p.add_argument("--target", default="smollm2-135m")
-    p.add_argument("--draft", default=None, help="EAGLE-3 draft for method eagle3 ('default': the shipped one)")
+    p.add_argument("--draft", default="default", help="EAGLE-3 draft folder for method eagle3 (default: the shipped one)")
     p.add_argument("--suites", default="mt_bench", help="comma-separated: " + ", ".join(
         ["mt_bench", "humaneval", "gsm8k", "alpaca", "cnn_dm", "natural_questions", "spec_bench"]))  # fmt: skip
     p.add_argument("--methods", default="vanilla,eagle3", help="comma-separated: " + ", ".join(METHODS))
@@ -361,7 +359,7 @@ def add_bench_parser(sub) -> None:
 
 
 def bench_command(args) -> int:
-    from eagle3.fetch import shipped_draft
+    from eagle3.fetch import resolve_draft
     from eagle3.target import load_target
 
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
@@ -376,7 +374,7 @@ def bench_command(args) -> int:
     data_dir(args.data_dir)  # fail on missing data before loading models
     if args.threads:
         torch.set_num_threads(args.threads)
-    draft = str(shipped_draft(args.target) or "") or None if args.draft == "default" else args.draft
+    draft = resolve_draft(args.draft, args.target)
     target = load_target(args.target, dtype=args.dtype, device=args.device)
     run_bench(target, suites, methods, Path(args.out), args.max_new_tokens, args.limit, sampling, tree, draft,
               args.assistant, args.data_dir, args.pld_tokens)  # fmt: skip

@@ -36,9 +36,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from eagle3.checkpoint import load_draft
-    from eagle3.drafter import Eagle3Drafter
-    from eagle3.fetch import shipped_draft
+    from eagle3.drafter import load_drafter
+    from eagle3.fetch import resolve_draft
     from eagle3.generate import generate
     from eagle3.sampling import SamplingParams
     from eagle3.speculative import speculative_generate
@@ -53,16 +52,14 @@ def _generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     tree = TreeSpec.parse(args.tree)
     target = load_target(args.target, dtype=args.dtype, device=args.device)
-    draft_path = shipped_draft(args.target) if args.draft == "default" else None if args.draft == "none" else args.draft
+    draft_path = resolve_draft(args.draft, args.target)
     prompt_ids = target.encode(args.prompt, chat=args.chat, system=args.system)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     if draft_path is None:
         result = generate(target, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream)
     else:
-        draft = load_draft(draft_path, target.model.config, device=target.model.device, dtype=target.model.dtype)
-        drafter = Eagle3Drafter(draft.attach(target.model.embed.weight))
         result = speculative_generate(
-            target, drafter, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream, tree=tree
+            target, load_drafter(draft_path, target), prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream, tree=tree
         )
     if args.json:
         print(json.dumps(result.to_json()))

@@ -11,12 +11,14 @@ A drafter follows the committed sequence and proposes children for tree nodes:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from eagle3.draft import Eagle3Draft
+from eagle3.target import Target
 
 
 class Drafter(Protocol):
@@ -79,3 +81,12 @@ class Eagle3Drafter:
     def end_round(self) -> None:
         self.draft.cache.truncate(self.committed)
         self.rows = []
+
+
+def load_drafter(path: str | Path, target: Target) -> Eagle3Drafter:
+    """An EAGLE-3 drafter from a checkpoint folder, checked against and attached to the target."""
+    from eagle3.checkpoint import load_draft
+
+    model = target.model
+    draft = load_draft(path, model.config, device=model.device, dtype=model.dtype)
+    return Eagle3Drafter(draft.attach(model.embed.weight))

@@ -64,6 +64,15 @@ def shipped_draft(target: str) -> Path | None:
     return path if path is not None and (path / "config.json").is_file() else None
 
 
+def resolve_draft(draft: str | None, target: str) -> Path | None:
+    """--draft: a folder, 'default' (the shipped draft for the target, else none) or 'none'/None."""
+    if draft is None or draft == "none":
+        return None
+    if draft == "default":
+        return shipped_draft(target)
+    return Path(draft).expanduser()
+
+
 def _presets_hint() -> str:
     return "presets: " + ", ".join(f"{k} ({v})" for k, v in PRESETS.items())
 
