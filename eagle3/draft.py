@@ -179,25 +179,12 @@ class Eagle3Draft(nn.Module):
         slot) through the new ones, True where attention is allowed; earlier slots are always visible.
         Default mask: causal among the new tokens.
         """
-        cfg, layer, cache = self.config, self.midlayer, self.cache
-        if cache is None or self.embed_weight is None:
-            raise RuntimeError("call attach(target embeddings) and setup_cache() before forward()")
+        cfg, cache = self.config, self.cache
+        if cache is None:
+            raise RuntimeError("call setup_cache() before forward()")
         B, n = tokens.shape
         start = cache.check_room(n)
-        if hidden.shape[-1] != cfg.hidden_size:
-            hidden = self.fc(hidden)
-        emb = F.embedding(tokens, self.embed_weight)
-        x = torch.cat([layer.input_layernorm(emb), layer.hidden_norm(hidden)], dim=-1)
-
-        attn = layer.self_attn
-        q = attn.q_proj(x).view(B, n, cfg.num_heads, cfg.head_dim)
-        k = attn.k_proj(x).view(B, n, cfg.num_kv_heads, cfg.head_dim)
-        v = attn.v_proj(x).view(B, n, cfg.num_kv_heads, cfg.head_dim)
-        angles = positions.float()[..., None] * self._inv_freq.to(positions.device)
-        emb_angles = torch.cat([angles, angles], dim=-1).view(-1, n, 1, cfg.head_dim)
-        cos, sin = emb_angles.cos().to(q.dtype), emb_angles.sin().to(q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        hidden, q, k, v = self.project(tokens, hidden, positions)
         end = start + n
         cache.kv[0, 0, :, :, start:end] = k.transpose(1, 2)
         cache.kv[0, 1, :, :, start:end] = v.transpose(1, 2)
@@ -210,7 +197,32 @@ class Eagle3Draft(nn.Module):
             full_mask = torch.cat([torch.ones(n, first, dtype=torch.bool, device=tokens.device), local.to(tokens.device)], 1)
             full_mask = expand_mask_for_groups(full_mask, cfg.num_heads // cfg.num_kv_heads)
         out = grouped_attention(q, cache.kv[0, 0, :, :, :end], cache.kv[0, 1, :, :, :end], full_mask)
-        h = hidden + attn.o_proj(out)
+        return self.finish(hidden, out)
+
+    def project(self, tokens: Tensor, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The layer up to attention: (residual hidden [B, n, H], q [B, n, heads, hd], k and v [B, n, kv, hd]),
+        q and k rotated to `positions`. Target taps (3 * H_target wide) go through fc first."""
+        cfg, layer = self.config, self.midlayer
+        if self.embed_weight is None:
+            raise RuntimeError("call attach(target embeddings) first")
+        B, n = tokens.shape
+        if hidden.shape[-1] != cfg.hidden_size:
+            hidden = self.fc(hidden)
+        emb = F.embedding(tokens, self.embed_weight)
+        x = torch.cat([layer.input_layernorm(emb), layer.hidden_norm(hidden)], dim=-1)
+        attn = layer.self_attn
+        q = attn.q_proj(x).view(B, n, cfg.num_heads, cfg.head_dim)
+        k = attn.k_proj(x).view(B, n, cfg.num_kv_heads, cfg.head_dim)
+        v = attn.v_proj(x).view(B, n, cfg.num_kv_heads, cfg.head_dim)
+        angles = positions.float()[..., None] * self._inv_freq.to(positions.device)
+        emb_angles = torch.cat([angles, angles], dim=-1).view(-1, n, 1, cfg.head_dim)
+        cos, sin = emb_angles.cos().to(q.dtype), emb_angles.sin().to(q.dtype)
+        return hidden, q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def finish(self, hidden: Tensor, attn_out: Tensor) -> Tensor:
+        """The layer after attention: residual + o_proj, then + MLP; returns h (pre-norm)."""
+        layer = self.midlayer
+        h = hidden + layer.self_attn.o_proj(attn_out)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def logits(self, h: Tensor) -> Tensor:
