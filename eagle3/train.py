@@ -5,8 +5,10 @@ The loop: tokenized conversations -> the target's taps and logits (no grad) -> t
 atomically every `save_every` steps and on SIGINT/SIGTERM; `resume` continues exactly where a run stopped.
 The result is saved in the official EAGLE layout.
 
-Partial (see the README): no offline feature cache, no data-parallel torchrun mode and no `regenerate`
-command yet.
+Data parallel under torchrun: each process takes its share of every global micro-batch, losses are normalized
+by the whole batch's counts and gradients summed, so N processes train exactly as one on the same batch.
+
+Partial (see the README): no offline feature cache and no `regenerate` command yet.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tqdm import tqdm
 from eagle3.data import Example
 from eagle3.draft import DraftConfig, Eagle3Draft, new_draft
 from eagle3.target import Target
-from eagle3.ttt import teacher_from_logits, ttt_forward, ttt_loss
+from eagle3.ttt import teacher_from_logits, ttt_forward, ttt_loss, ttt_masks
 from eagle3.vocab import build_vocab_map, count_tokens
 
 
@@ -82,6 +84,26 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example order of an epoch, a function of (seed, epoch) only, so resuming can replay it."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+
+
+def distributed_rank_and_world() -> tuple[int, int]:
+    """(rank, world size); under torchrun the process group is started here (gloo on CPU, nccl on CUDA)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sums x over the data-parallel ranks in place (a no-op in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -165,8 +187,9 @@ def train(
         stop["signal"] = signum
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    log_file = (out_dir / "train_log.jsonl").open("a")
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress, file=sys.stderr)
+    rank, world = distributed_rank_and_world()
+    log_file = (out_dir / "train_log.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress or rank > 0, file=sys.stderr)
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     try:
         while state.step < cfg.steps and stop["signal"] is None:
@@ -174,36 +197,48 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(state.step, cfg)
             optimizer.zero_grad(set_to_none=True)
-            losses, accs = [], []
+            loss_sum = hits = counts = 0
             for _ in range(cfg.grad_accum):
                 if state.batch_index >= per_epoch:
                     state.epoch, state.batch_index = state.epoch + 1, 0
                 order = epoch_order(len(examples), cfg.seed, state.epoch)
-                chosen = order[state.batch_index * cfg.batch_size : (state.batch_index + 1) * cfg.batch_size]
+                first = state.batch_index * cfg.batch_size
+                chosen = [order[(first + j) % len(order)] for j in range(cfg.batch_size)]  # always full
                 state.batch_index += 1
-                ids, loss_mask = collate([examples[i] for i in chosen], pad)
+                mine = chosen[rank::world]  # this rank's share of the global micro-batch
+                ids, loss_mask = collate([examples[i] for i in mine], pad)
                 taps, teacher = target_features(target, ids, draft.t2d)
+                loss_mask = loss_mask.to(device)
+                # Normalize by the whole micro-batch's counts, so the ranks' losses sum to its loss.
+                norms = all_reduce_sum(torch.stack([m.sum() for m in ttt_masks(teacher, loss_mask, cfg.ttt_steps)]).float())
                 with autocast:
                     logits = ttt_forward(draft, ids.to(device), taps, cfg.ttt_steps)
-                    result = ttt_loss(logits, teacher, loss_mask.to(device), cfg.decay)
+                    result = ttt_loss(logits, teacher, loss_mask, cfg.decay, normalizers=norms)
                 (result.total / cfg.grad_accum).backward()
-                losses.append(result.per_step)
-                accs.append(result.accuracy)
+                loss_sum = loss_sum + all_reduce_sum(result.per_step) / cfg.grad_accum
+                hits, counts = hits + all_reduce_sum(result.hits), counts + norms
+            for p in draft.parameters():  # data parallel: the batch's gradient is the sum of the ranks'
+                if p.grad is not None:
+                    all_reduce_sum(p.grad)
             grad_norm = torch.nn.utils.clip_grad_norm_(draft.parameters(), cfg.clip)
             optimizer.step()
             state.step += 1
             row = {
                 "step": state.step, "lr": lr_at(state.step - 1, cfg), "grad_norm": float(grad_norm),
-                "loss": [sum(x) / len(x) for x in zip(*losses)], "acc": [sum(x) / len(x) for x in zip(*accs)],
+                "loss": loss_sum.tolist(), "acc": (hits / counts.clamp(min=1)).tolist(),
                 "s": time.perf_counter() - start,
             }  # fmt: skip
             state.log.append({"step": state.step, "loss0": row["loss"][0], "acc0": row["acc"][0]})
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss'][0]:.3f}", acc=f"{row['acc'][0]:.2f}")
-            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["signal"] is not None:
-                save_state(state_path, draft, optimizer, state, cfg)
+            if rank == 0:
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
+                if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["signal"] is not None:
+                    save_state(state_path, draft, optimizer, state, cfg)
+            # Every rank stops together when any of them was signalled.
+            if all_reduce_sum(torch.tensor(float(stop["signal"] is not None))) > 0 and stop["signal"] is None:
+                stop["signal"] = signal.SIGTERM
     finally:
         bar.close()
         log_file.close()
@@ -213,7 +248,8 @@ def train(
     if stop["signal"] is not None:
         raise KeyboardInterrupt(f"training stopped by signal {stop['signal']} at step {state.step}; "
                                 f"resume with --resume from {out_dir}")  # fmt: skip
-    save_draft(draft, out_dir / "draft", verifier=str(target.name))
+    if rank == 0:
+        save_draft(draft, out_dir / "draft", verifier=str(target.name))
     return draft, state
 
 
@@ -279,12 +315,17 @@ def train_command(args) -> int:
     conversations, stats = read_conversations(sources, args.limit)
     held_out = conversations[-args.eval_conversations :] if args.eval_conversations else []
     conversations = conversations[: len(conversations) - len(held_out)]
-    target = load_target(args.target, device=args.device)
+    device = args.device
+    if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
+    target = load_target(args.target, device=device)
     examples, counts = build_examples(target.tokenizer, conversations, cfg.max_length, truncate=not args.drop_long)
     print(f"data: {stats.read} records, {len(conversations)} conversations for training, {len(held_out)} held out; "
           f"skipped {stats.skipped or 'none'}; examples {counts}", file=sys.stderr)  # fmt: skip
     start = time.perf_counter()
     draft, state = train(target, examples, args.out, cfg, resume=args.resume)
+    if distributed_rank_and_world()[0] != 0:
+        return 0
     hours = (time.perf_counter() - start) / 3600
     tau = evaluate_tau(target, draft, held_out) if held_out else {}
     last = state.log[-1] if state.log else {}

@@ -99,30 +99,40 @@ def teacher_from_logits(target_logits: Tensor, t2d: Tensor) -> Teacher:
 @dataclass
 class TTTLoss:
     total: Tensor  # sum_k decay^k * loss_k (differentiable)
-    per_step: list[float]
-    accuracy: list[float]  # top-1 agreement with the teacher's argmax, per step
-    counted: list[int]  # positions counted, per step
+    per_step: Tensor  # [steps] loss_k (detached)
+    hits: Tensor  # [steps] positions where the draft's argmax equals the teacher's
+    counts: Tensor  # [steps] positions counted (the default normalizers)
 
 
-def ttt_loss(step_logits: list[Tensor], teacher: Teacher, loss_mask: Tensor, decay: float = 0.8) -> TTTLoss:
-    """The TTT loss (see the module docstring); loss_mask [B, L] marks tokens to be predicted."""
+def ttt_masks(teacher: Teacher, loss_mask: Tensor, steps: int) -> list[Tensor]:
+    """Per unrolled step k, [B, L-2-k] bool: index t counts if token t+2+k is trained on and the target's
+    argmax at t+1+k lies in the draft vocabulary."""
     L = loss_mask.shape[1]
+    return [loss_mask[:, 2 + k :].bool() & teacher.in_vocab[:, 1 + k : L - 1] for k in range(min(steps, L - 2))]
+
+
+def ttt_loss(
+    step_logits: list[Tensor], teacher: Teacher, loss_mask: Tensor, decay: float = 0.8, normalizers: Tensor | None = None
+) -> TTTLoss:
+    """The TTT loss (see the module docstring); loss_mask [B, L] marks tokens to be predicted.
+
+    loss_k = (summed cross-entropy over counted positions) / normalizers[k], by default this batch's counts;
+    data-parallel training passes the counts summed over all ranks, so that the ranks' losses add up to the
+    loss of the whole batch.
+    """
+    masks = ttt_masks(teacher, loss_mask, len(step_logits))
+    counts = torch.stack([m.sum() for m in masks]).float()
+    norms = (counts if normalizers is None else normalizers.float()).clamp(min=1)
     total = step_logits[0].new_zeros((), dtype=torch.float32)
-    per_step, accuracy, counted = [], [], []
-    for k, logits in enumerate(step_logits):
-        n = L - 2 - k  # indices t = 0 .. L-3-k predict tokens t+2+k < L
-        if n <= 0:
-            break
-        pred = logits[:, :n].float()
+    per_step, hits = [], []
+    for k, mask in enumerate(masks):
+        n = mask.shape[1]
+        pred = step_logits[k][:, :n].float()
         target = teacher.probs[:, 1 + k : 1 + k + n]
-        mask = loss_mask[:, 2 + k :].bool() & teacher.in_vocab[:, 1 + k : 1 + k + n]
         weight = mask.float()
-        count = weight.sum()
         ce = -(target * torch.log_softmax(pred, dim=-1)).sum(-1)
-        loss_k = (ce * weight).sum() / count.clamp(min=1)
+        loss_k = (ce * weight).sum() / norms[k]
         total = total + decay**k * loss_k
-        hits = ((pred.argmax(-1) == target.argmax(-1)).float() * weight).sum()
-        per_step.append(float(loss_k.detach()))
-        accuracy.append(float(hits / count.clamp(min=1)))
-        counted.append(int(count))
-    return TTTLoss(total, per_step, accuracy, counted)
+        per_step.append(loss_k.detach())
+        hits.append(((pred.argmax(-1) == target.argmax(-1)).float() * weight).sum())
+    return TTTLoss(total, torch.stack(per_step), torch.stack(hits), counts)

@@ -104,3 +104,35 @@ def test_sigterm_checkpoints_then_resume_finishes(stories, examples, tmp_path, m
     monkeypatch.setattr(train_module, "ttt_loss", real_loss)
     _, state = train(stories, examples, tmp_path, cfg, resume=True, progress=False)
     assert state.step == 8 and (tmp_path / "draft" / "config.json").is_file()
+
+
+def test_two_process_torchrun_equals_one_process(tmp_path):
+    """Data parallel over 2 CPU processes (gloo) gives the one-process result on the same global batch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    rows = [{"conversations": [{"from": "human", "value": "Tell me a story."},
+                               {"from": "gpt", "value": f"Once upon a time, there was a {w} who liked to {v}."}]}
+            for w in ["dog", "cat", "girl", "boy", "bird", "fish"] for v in ["play", "run", "sing"]]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = ["train", "--target", "stories260k", "--data", str(data), "--steps", "3", "--batch-size", "4",
+            "--ttt-steps", "2", "--draft-vocab-size", "128", "--eval-conversations", "0", "--lr", "1e-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "eagle3", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29517", "-m", "eagle3", *args, "--out", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = load_draft(tmp_path / "one" / "draft", device="cpu").state_dict()
+    b = load_draft(tmp_path / "two" / "draft", device="cpu").state_dict()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+    log_one = [json.loads(x) for x in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()]
+    log_two = [json.loads(x) for x in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
+    flat = lambda log: [x for r in log for x in r["loss"]]  # noqa: E731
+    assert flat(log_one) == pytest.approx(flat(log_two), rel=1e-4) and len(log_one) == len(log_two) == 3
