@@ -1,4 +1,4 @@
-"""The `eagle3` command line: fetch, generate, bench, train, convert, draft-init."""
+"""The `eagle3` command line: fetch, generate, bench, train, regenerate, convert, draft-init."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from eagle3.bench import add_bench_parser, bench_command
 from eagle3.checkpoint import CLI_COMMANDS, add_cli_parsers
 from eagle3.fetch import DEFAULT_TARGET, PRESETS, ModelNotFound
+from eagle3.regenerate import add_regenerate_parser, regenerate_command
 from eagle3.train import add_train_parser, train_command
 
 
@@ -91,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_parsers(sub)
     add_bench_parser(sub)
     add_train_parser(sub)
+    add_regenerate_parser(sub)
     return parser
 
 
-COMMANDS = {"fetch": _fetch, "generate": _generate, "bench": bench_command, "train": train_command, **CLI_COMMANDS}
+COMMANDS = {"fetch": _fetch, "generate": _generate, "bench": bench_command, "train": train_command,
+            "regenerate": regenerate_command, **CLI_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
