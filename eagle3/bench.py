@@ -15,7 +15,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -85,8 +85,8 @@ def make_methods(
                 target, d, ids, max_new_tokens, sampling, tree=tree))  # fmt: skip
         elif name == "pld":
             pld = PromptLookupDrafter(pld_tokens)
-            methods[name] = ours(lambda ids: speculative_generate(
-                target, pld, ids, max_new_tokens, sampling, tree=pld.tree, method="pld"))  # fmt: skip
+            methods[name] = ours(lambda ids, d=pld: speculative_generate(
+                target, d, ids, max_new_tokens, sampling, tree=d.tree, method="pld"))  # fmt: skip
         elif name in ("hf", "hf-pld", "hf-assisted"):
             methods[name] = _hf_method(target, name, max_new_tokens, sampling, assistant, pld_tokens)
         else:

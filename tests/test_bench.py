@@ -35,7 +35,7 @@ def test_bench_end_to_end(tmp_path, data, capsys):
     results = json.loads((out / "results.json").read_text())
     summary = results["summary"]
     assert set(summary) == {"vanilla", "eagle3", "pld", "hf", "hf-pld"}
-    for method, per_suite in summary.items():
+    for per_suite in summary.values():
         assert set(per_suite) == {"mt_bench", "gsm8k", "all"}
         for suite, entry in per_suite.items():
             assert {"speedup", "speedup_total", "tau", "tokens_per_s", "identical", "n"} <= set(entry)
