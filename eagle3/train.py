@@ -245,11 +245,11 @@ def train(
         for s, h in handlers.items():
             signal.signal(s, h)
     draft.eval()
+    if rank == 0:  # also when stopped early: the draft so far is usable as it is
+        save_draft(draft, out_dir / "draft", verifier=str(target.name))
     if stop["signal"] is not None:
         raise KeyboardInterrupt(f"training stopped by signal {stop['signal']} at step {state.step}; "
                                 f"resume with --resume from {out_dir}")  # fmt: skip
-    if rank == 0:
-        save_draft(draft, out_dir / "draft", verifier=str(target.name))
     return draft, state
 
 
