@@ -232,8 +232,9 @@ class Block(nn.Module):
 
 
 class ForwardOutput(NamedTuple):
-    logits: Tensor | None  # [B, n, vocab] ("all"), [B, 1, vocab] ("last") or None ("none")
+    logits: Tensor | None  # [B, n, vocab] ("all"), [B, 1, vocab] ("last") or None ("none", "hidden")
     taps: Tensor | None  # [B, n, len(tap_layers) * hidden]: the tapped layers' inputs, concatenated
+    hidden: Tensor | None = None  # [B, n, hidden]: the last layer's output before the final norm ("hidden")
 
 
 class Transformer(nn.Module):
@@ -314,7 +315,8 @@ class Transformer(nn.Module):
 
         positions: [n] or [B, n] position ids (default: cache.length + arange(n)).
         tree_mask: [n, n] bool, True where new token i may see new token j (default: causal).
-        logits: "all", "last" or "none". taps: also return the tapped layers' inputs.
+        logits: "all", "last", "none", or "hidden" (the last layer's outputs instead: `head` turns them into
+        logits later, as offline features do). taps: also return the tapped layers' inputs.
         """
         cache = self.cache
         if cache is None:
@@ -337,12 +339,17 @@ class Transformer(nn.Module):
                 tapped.append(x)
             x = layer(x, rotation, cache.kv[i], start, masks[self._windows[i]])
         cache.length = start + n
+        out_taps = torch.cat(tapped, dim=-1) if taps else None
+        if logits == "hidden":
+            return ForwardOutput(None, out_taps, x)
         out_logits = None
         if logits != "none":
-            if logits == "last":
-                x = x[:, -1:]
-            out_logits = unit_rms_norm(x, self.config.rms_norm_eps) @ self.lm_head_weight
-        return ForwardOutput(out_logits, torch.cat(tapped, dim=-1) if taps else None)
+            out_logits = self.head(x[:, -1:] if logits == "last" else x)
+        return ForwardOutput(out_logits, out_taps)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Logits from last-layer outputs (the final norm is folded into lm_head_weight)."""
+        return unit_rms_norm(hidden, self.config.rms_norm_eps) @ self.lm_head_weight
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -1,4 +1,4 @@
-"""Training EAGLE-3 drafts with training-time test, features online (the frozen target in process).
+"""Training EAGLE-3 drafts with training-time test.
 
 The loop: tokenized conversations -> the target's taps and logits (no grad) -> the draft unrolled K steps
 (ttt.py) -> decayed loss -> AdamW. Checkpoints (draft, optimizer, schedule, RNG, data position) are written
@@ -8,7 +8,7 @@ The result is saved in the official EAGLE layout.
 Data parallel under torchrun: each process takes its share of every global micro-batch, losses are normalized
 by the whole batch's counts and gradients summed, so N processes train exactly as one on the same batch.
 
-Partial (see the README): no offline feature cache and no `regenerate` command yet.
+Features come online (the target in process) or from an offline cache (features.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from eagle3.data import Example
 from eagle3.draft import DraftConfig, Eagle3Draft, new_draft
+from eagle3.features import FeatureCache
 from eagle3.target import Target
 from eagle3.ttt import teacher_from_logits, ttt_forward, ttt_loss, ttt_masks
 from eagle3.vocab import build_vocab_map, count_tokens
@@ -123,6 +124,19 @@ def target_features(target: Target, ids: torch.Tensor, t2d: torch.Tensor):
     return out.taps, teacher_from_logits(out.logits, t2d.to(model.device))
 
 
+@torch.no_grad()
+def cached_features(target: Target, items: list, length: int, t2d: torch.Tensor):
+    """target_features from the offline cache: taps as stored, logits recomputed by the target's head."""
+    model = target.model
+    taps = torch.zeros(len(items), length, items[0].taps.shape[-1], dtype=model.dtype)
+    hidden = torch.zeros(len(items), length, items[0].hidden.shape[-1], dtype=model.dtype)
+    for i, item in enumerate(items):
+        taps[i, : len(item.taps)] = item.taps
+        hidden[i, : len(item.hidden)] = item.hidden
+    logits = model.head(hidden.to(model.device))
+    return taps.to(model.device), teacher_from_logits(logits, t2d.to(model.device))
+
+
 def make_draft(target: Target, examples: list[Example], cfg: TrainConfig) -> Eagle3Draft:
     """A fresh draft whose vocabulary is the most frequent trained-on target tokens of the data."""
     vocab = target.model.config.vocab_size
@@ -152,15 +166,21 @@ def train(
     cfg: TrainConfig = TrainConfig(),
     resume: bool = False,
     progress: bool = True,
+    features: FeatureCache | None = None,
 ) -> tuple[Eagle3Draft, TrainState]:
-    """Trains a draft on tokenized examples; returns it (also saved under out_dir/draft) and the run's state."""
+    """Trains a draft on tokenized examples; returns it (also saved under out_dir/draft) and the run's state.
+
+    With `features` (a cache of these same examples, see features.py) the target's forward pass is skipped.
+    """
     from eagle3.checkpoint import save_draft
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "train_state.pt"
-    examples = [e for e in examples if int(e.loss_mask[2:].sum()) > 0]  # something to predict
-    if not examples:
+    if features is not None and len(features) != len(examples):
+        raise ValueError(f"the feature cache holds {len(features)} examples, the data {len(examples)}")
+    usable = [i for i, e in enumerate(examples) if int(e.loss_mask[2:].sum()) > 0]  # something to predict
+    if not usable:
         raise ValueError("no training example has trained-on tokens")
     torch.manual_seed(cfg.seed)
     device = target.model.device
@@ -173,7 +193,7 @@ def train(
         state = TrainState(**saved["state"])
         torch.set_rng_state(saved["rng"])
     else:
-        draft = make_draft(target, examples, cfg)
+        draft = make_draft(target, [examples[i] for i in usable], cfg)
     draft.train()
     optimizer = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     if resume and state_path.is_file():
@@ -190,7 +210,7 @@ def train(
     rank, world = distributed_rank_and_world()
     log_file = (out_dir / "train_log.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress or rank > 0, file=sys.stderr)
-    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    per_epoch = math.ceil(len(usable) / cfg.batch_size)
     try:
         while state.step < cfg.steps and stop["signal"] is None:
             start = time.perf_counter()
@@ -201,13 +221,16 @@ def train(
             for _ in range(cfg.grad_accum):
                 if state.batch_index >= per_epoch:
                     state.epoch, state.batch_index = state.epoch + 1, 0
-                order = epoch_order(len(examples), cfg.seed, state.epoch)
+                order = [usable[i] for i in epoch_order(len(usable), cfg.seed, state.epoch)]
                 first = state.batch_index * cfg.batch_size
                 chosen = [order[(first + j) % len(order)] for j in range(cfg.batch_size)]  # always full
                 state.batch_index += 1
                 mine = chosen[rank::world]  # this rank's share of the global micro-batch
                 ids, loss_mask = collate([examples[i] for i in mine], pad)
-                taps, teacher = target_features(target, ids, draft.t2d)
+                if features is None:
+                    taps, teacher = target_features(target, ids, draft.t2d)
+                else:
+                    taps, teacher = cached_features(target, [features[i] for i in mine], ids.shape[1], draft.t2d)
                 loss_mask = loss_mask.to(device)
                 # Normalize by the whole micro-batch's counts, so the ranks' losses sum to its loss.
                 norms = all_reduce_sum(torch.stack([m.sum() for m in ttt_masks(teacher, loss_mask, cfg.ttt_steps)]).float())
@@ -296,6 +319,9 @@ def add_train_parser(sub) -> None:
                        ("ttt-steps", int), ("draft-vocab-size", int), ("max-length", int), ("seed", int),
                        ("save-every", int)]:  # fmt: skip
         p.add_argument(f"--{name}", type=kind, default=None, help="overrides the recipe")
+    p.add_argument("--features", default=None,
+                   help="offline feature cache folder: filled first (or completed) from the data, then trained on "
+                        "without running the target")  # fmt: skip
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (autocast)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
@@ -323,7 +349,14 @@ def train_command(args) -> int:
     print(f"data: {stats.read} records, {len(conversations)} conversations for training, {len(held_out)} held out; "
           f"skipped {stats.skipped or 'none'}; examples {counts}", file=sys.stderr)  # fmt: skip
     start = time.perf_counter()
-    draft, state = train(target, examples, args.out, cfg, resume=args.resume)
+    features = None
+    if args.features:
+        from eagle3.features import dump_features
+
+        if distributed_rank_and_world()[0] == 0:
+            dump_features(target, examples, args.features)
+        features = FeatureCache(args.features)
+    draft, state = train(target, examples, args.out, cfg, resume=args.resume, features=features)
     if distributed_rank_and_world()[0] != 0:
         return 0
     hours = (time.perf_counter() - start) / 3600

@@ -136,3 +136,32 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
     log_two = [json.loads(x) for x in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
     flat = lambda log: [x for r in log for x in r["loss"]]  # noqa: E731
     assert flat(log_one) == pytest.approx(flat(log_two), rel=1e-4) and len(log_one) == len(log_two) == 3
+
+
+def test_offline_features_train_like_online(stories, examples, tmp_path, monkeypatch):
+    import eagle3.features as features_module
+    from eagle3.features import FeatureCache, dump_features
+
+    cfg = TrainConfig(**{**CFG.__dict__, "steps": 4})
+    online, _ = train(stories, examples, tmp_path / "online", cfg, progress=False)
+    # Interrupted after the first shard, then completed by a rerun.
+    real_save = features_module.save_file
+    calls = {"n": 0}
+
+    def save_then_die(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(features_module, "save_file", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        dump_features(stories, examples, tmp_path / "feat", shard_examples=5, dtype=torch.float32, progress=False)
+    assert len(FeatureCache(tmp_path / "feat")) == 5
+    monkeypatch.setattr(features_module, "save_file", real_save)
+    dump_features(stories, examples, tmp_path / "feat", shard_examples=5, dtype=torch.float32, progress=False)
+    cache = FeatureCache(tmp_path / "feat")
+    assert len(cache) == len(examples) and torch.equal(cache[7].input_ids, examples[7].input_ids)
+    offline, _ = train(stories, examples, tmp_path / "offline", cfg, progress=False, features=cache)
+    for key, value in online.state_dict().items():
+        assert torch.allclose(value, offline.state_dict()[key], atol=1e-5), key
