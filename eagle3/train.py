@@ -208,6 +208,8 @@ def train(
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     rank, world = distributed_rank_and_world()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {world} processes")
     log_file = (out_dir / "train_log.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress or rank > 0, file=sys.stderr)
     per_epoch = math.ceil(len(usable) / cfg.batch_size)
@@ -254,14 +256,14 @@ def train(
             state.log.append({"step": state.step, "loss0": row["loss"][0], "acc0": row["acc"][0]})
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss'][0]:.3f}", acc=f"{row['acc'][0]:.2f}")
+            # Every rank stops (and checkpoints) together when any of them was signalled.
+            if all_reduce_sum(torch.tensor(float(stop["signal"] is not None))) > 0 and stop["signal"] is None:
+                stop["signal"] = signal.SIGTERM
             if rank == 0:
                 log_file.write(json.dumps(row) + "\n")
                 log_file.flush()
                 if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["signal"] is not None:
                     save_state(state_path, draft, optimizer, state, cfg)
-            # Every rank stops together when any of them was signalled.
-            if all_reduce_sum(torch.tensor(float(stop["signal"] is not None))) > 0 and stop["signal"] is None:
-                stop["signal"] = signal.SIGTERM
     finally:
         bar.close()
         log_file.close()
