@@ -206,10 +206,10 @@ def train(
     def on_signal(signum, frame):  # finish the current step, checkpoint, then leave
         stop["signal"] = signum
 
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     rank, world = distributed_rank_and_world()
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {world} processes")
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     log_file = (out_dir / "train_log.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress or rank > 0, file=sys.stderr)
     per_epoch = math.ceil(len(usable) / cfg.batch_size)
