@@ -22,6 +22,8 @@ from eagle3.target import Target
 
 
 class Drafter(Protocol):
+    uses_features: bool  # whether catch_up needs the target's taps (optional attribute, default True)
+
     def reset(self, prompt_ids: Sequence[int], max_len: int) -> None: ...
 
     def catch_up(self, tokens: Tensor, features: Tensor, start: int, top_k: int) -> tuple[Tensor, Tensor]: ...
@@ -40,6 +42,8 @@ def top_children(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 class Eagle3Drafter:
     """Proposes with an EAGLE-3 head: fed the target's true features for committed tokens, and its own
     outputs inside the tree."""
+
+    uses_features = True
 
     def __init__(self, draft: Eagle3Draft):
         self.draft = draft

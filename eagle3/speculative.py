@@ -57,18 +57,19 @@ def speculative_generate(
     generator = make_generator(sampling, device)
     rounds, accept_lengths = 0, []
 
+    taps = getattr(drafter, "uses_features", True)  # prompt lookup reads no target features: skip the taps
     start = time.perf_counter()
     max_len = min(len(prompt_ids) + budget + tree.total_tokens, target.context)
     ensure_cache(target, max_len)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    out = model(prompt, logits="last", taps=True)
+    out = model(prompt, logits="last", taps=taps)
     root = next_token(out.logits[:, -1], sampling, generator)
     prefill_s = time.perf_counter() - start
     stopper.extend([root.item()])
     drafter.reset(prompt_ids, max_len + tree.depth * tree.top_k)  # room for the tree's draft rows too
     # The drafter pairs the feature of position t with token t + 1.
     catch_tokens = torch.cat([prompt[0, 1:], root.view(1)])
-    catch_features, catch_start = out.taps[0], 0
+    catch_features, catch_start = out.taps[0] if taps else None, 0
     committed = len(prompt_ids)  # tokens in the target's cache; the root comes next
 
     while not stopper.done:
@@ -82,7 +83,7 @@ def speculative_generate(
         drafter.end_round()
 
         positions = committed + draft_tree.depths.to(device)
-        out = model(draft_tree.tokens.view(1, -1).to(device), positions, draft_tree.mask.to(device), taps=True)
+        out = model(draft_tree.tokens.view(1, -1).to(device), positions, draft_tree.mask.to(device), taps=taps)
         path, bonus = accept(draft_tree, out.logits[0], sampling, generator)
         model.cache.compact(committed, path)
         new_tokens = draft_tree.tokens[path[1:]].tolist() + [bonus]
@@ -91,7 +92,7 @@ def speculative_generate(
         accept_lengths.append(len(path))
 
         catch_tokens = torch.tensor(new_tokens, dtype=torch.long, device=device)
-        catch_features = out.taps[0, torch.tensor(path, device=device)]
+        catch_features = out.taps[0, torch.tensor(path, device=device)] if taps else None
         catch_start = committed
         committed += len(path)
         if committed >= model.cache.max_len:  # no room left for another round (the budget is spent too)
