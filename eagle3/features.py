@@ -58,7 +58,7 @@ def dump_features(target: Target, examples: list[Example], folder: str | Path, s
         chunk = examples[first : first + shard_examples]
         tensors: dict[str, torch.Tensor] = {}
         for i, example in enumerate(chunk):
-            model.setup_cache(len(example.input_ids))
+            model.empty_cache(len(example.input_ids))
             out = model(example.input_ids.view(1, -1).to(model.device), logits="hidden", taps=True)
             tensors[f"{i}.input_ids"] = example.input_ids.to(torch.int32)
             tensors[f"{i}.loss_mask"] = example.loss_mask.to(torch.int8)

@@ -43,14 +43,6 @@ def room_for(target: Target, prompt_ids: Sequence[int], max_new_tokens: int) -> 
     return min(max_new_tokens, target.context - len(prompt_ids))
 
 
-def ensure_cache(target: Target, max_len: int) -> None:
-    """Reuses the KV cache when it is big enough (allocation is not free), else allocates one."""
-    model = target.model
-    if model.cache is None or model.cache.max_len < max_len:
-        model.setup_cache(max_len)
-    model.cache.truncate(0)
-
-
 @torch.inference_mode()
 def generate(
     target: Target,
@@ -67,7 +59,7 @@ def generate(
     streamer = TextStreamer(on_text, stop_strings) if on_text else None
     generator = make_generator(sampling, model.device)
     start = time.perf_counter()
-    ensure_cache(target, len(prompt_ids) + budget)
+    model.empty_cache(len(prompt_ids) + budget)
     tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
     logits = model(tokens, logits="last").logits[:, -1]
     token = next_token(logits, sampling, generator)

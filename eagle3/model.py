@@ -270,6 +270,16 @@ class Transformer(nn.Module):
         self.cache = KVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, self.dtype, self.device)
         return self.cache
 
+    def empty_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
+        """An empty KV cache of at least max_len slots: the current one when it is big enough (allocating
+        and zeroing a cache per call is not free), else a new one."""
+        cache = self.cache
+        wanted = min(max_len, self.config.context_length)
+        if cache is None or cache.max_len < wanted or cache.kv.shape[2] != batch_size:
+            return self.setup_cache(max_len, batch_size)
+        cache.truncate(0)
+        return cache
+
     def _rope(self, positions: Tensor, max_position: int) -> Tensor:
         cfg = self.config
         if cfg.rope.type == "dynamic" and max_position + 1 > cfg.max_position_embeddings:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from eagle3.drafter import Drafter
-from eagle3.generate import GenerationResult, ensure_cache, room_for
+from eagle3.generate import GenerationResult, room_for
 from eagle3.sampling import SamplingParams, make_generator, next_token
 from eagle3.stopping import Stopper, TextStreamer
 from eagle3.target import Target
@@ -60,7 +60,7 @@ def speculative_generate(
     taps = getattr(drafter, "uses_features", True)  # prompt lookup reads no target features: skip the taps
     start = time.perf_counter()
     max_len = min(len(prompt_ids) + budget + tree.total_tokens, target.context)
-    ensure_cache(target, max_len)
+    model.empty_cache(max_len)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     out = model(prompt, logits="last", taps=taps)
     root = next_token(out.logits[:, -1], sampling, generator)

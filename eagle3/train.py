@@ -119,7 +119,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def target_features(target: Target, ids: torch.Tensor, t2d: torch.Tensor):
     """The frozen target's taps [B, L, 3H] and its teacher distribution over the draft vocabulary."""
     model = target.model
-    model.setup_cache(ids.shape[1], batch_size=ids.shape[0])
+    model.empty_cache(ids.shape[1], batch_size=ids.shape[0])  # reused across steps
     out = model(ids.to(model.device), taps=True)
     return out.taps, teacher_from_logits(out.logits, t2d.to(model.device))
 
