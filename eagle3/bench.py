@@ -58,12 +58,13 @@ def make_methods(
     names: list[str],
     max_new_tokens: int,
     sampling: SamplingParams,
-    tree: TreeSpec,
+    trees: list[TreeSpec],
     draft_path: str | Path | None,
     assistant: str | None,
     pld_tokens: int,
 ) -> dict[str, Method]:
-    """One callable per method, all with the same budget, stop tokens and sampling parameters."""
+    """One callable per method, all with the same budget, stop tokens and sampling parameters. With several
+    trees, eagle3 becomes one method per tree, labelled "eagle3 TREE" (see method_labels)."""
     methods: dict[str, Method] = {}
 
     def ours(run: Callable[[list[int]], object]) -> Method:
@@ -78,11 +79,15 @@ def make_methods(
         elif name == "eagle3":
             if draft_path is None:
                 raise ValueError("method eagle3 needs a draft: pass --draft PATH (no draft is shipped for this target)")
+            from eagle3.autotree import auto_tree
             from eagle3.drafter import load_drafter
 
             drafter = load_drafter(draft_path, target)
-            methods[name] = ours(lambda ids, d=drafter: speculative_generate(
-                target, d, ids, max_new_tokens, sampling, tree=tree))  # fmt: skip
+            for tree, label in zip(trees, eagle3_labels(trees)):
+                # One policy per tree for the whole run, so its acceptance corrections carry over questions.
+                policy = auto_tree(target, drafter, tree) if tree.auto else None
+                methods[label] = ours(lambda ids, d=drafter, t=tree, p=policy: speculative_generate(
+                    target, d, ids, max_new_tokens, sampling, tree=t, policy=p))  # fmt: skip
         elif name == "pld":
             pld = PromptLookupDrafter(pld_tokens)
             methods[name] = ours(lambda ids, d=pld: speculative_generate(
@@ -92,6 +97,14 @@ def make_methods(
         else:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return methods
+
+
+def eagle3_labels(trees: list[TreeSpec]) -> list[str]:
+    return ["eagle3"] if len(trees) == 1 else [f"eagle3 {t.label}" for t in trees]
+
+
+def method_labels(names: list[str], trees: list[TreeSpec]) -> list[str]:
+    return [label for name in names for label in (eagle3_labels(trees) if name == "eagle3" else [name])]
 
 
 def _hf_method(
@@ -274,7 +287,7 @@ def run_bench(
     max_new_tokens: int = 256,
     limit: int | None = None,
     sampling: SamplingParams = SamplingParams(),
-    tree: TreeSpec = TreeSpec(),
+    trees: list[TreeSpec] | TreeSpec = TreeSpec(),
     draft: str | Path | None = None,
     assistant: str | None = None,
     data: str | None = None,
@@ -293,7 +306,9 @@ def run_bench(
     questions = fits
     if not questions:
         raise ValueError("no questions to run (none fits the context)")
-    runners = make_methods(target, methods, max_new_tokens, sampling, tree, draft, assistant, pld_tokens)
+    trees = [trees] if isinstance(trees, TreeSpec) else list(trees)
+    runners = make_methods(target, methods, max_new_tokens, sampling, trees, draft, assistant, pld_tokens)
+    methods = method_labels(methods, trees)
     warm = [{"role": "user", "content": questions[0].turns[0]}]
     for runner in runners.values():  # warm-up: first calls pay for allocations and kernel choice
         runner(warm)
@@ -313,7 +328,7 @@ def run_bench(
 
     summary = summarize(rows, methods, sampling.greedy)
     config = {
-        "target": target.name, "draft": str(draft) if draft else None, "tree": f"{tree.total_tokens},{tree.depth},{tree.top_k}",
+        "target": target.name, "draft": str(draft) if draft else None, "tree": " ".join(t.label for t in trees),
         "suites": suites, "methods": methods, "max_new_tokens": max_new_tokens, "limit": limit, "skipped": skipped,
         "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
         "threads": torch.get_num_threads(), "device": str(target.model.device), "dtype": str(target.model.dtype),
@@ -328,7 +343,7 @@ def run_bench(
     if sampling.greedy:
         for m in methods:
             bad = summary[m]["all"].get("identical")
-            if m in LOSSLESS and bad is not None and bad != summary[m]["all"]["n"]:
+            if m.split()[0] in LOSSLESS and bad is not None and bad != summary[m]["all"]["n"]:
                 print(f"WARNING: {m} differs from vanilla on {summary[m]['all']['n'] - bad} of "
                       f"{summary[m]['all']['n']} questions at temperature 0: a lossless method must not",
                       file=sys.stderr)  # fmt: skip
@@ -348,7 +363,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tree", default="60,5,10", help="TOTAL,DEPTH,TOPK for eagle3")
+    p.add_argument("--tree", nargs="+", default=["auto"],
+                   help="eagle3's tree: auto (cost-aware, the default) or TOTAL,DEPTH,TOPK; several trees make one "
+                        "eagle3 method each, side by side")  # fmt: skip
     p.add_argument("--pld-tokens", type=int, default=10, help="tokens proposed by pld and hf-pld")
     p.add_argument("--assistant", default=None, help="assistant model for hf-assisted")
     p.add_argument("--data-dir", default=None, help="benchmark JSONL folder (default $EAGLE3_DATA or ../shared/data/eval)")
@@ -370,12 +387,12 @@ def bench_command(args) -> int:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if args.max_new_tokens < 1:
         raise ValueError(f"max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    tree = TreeSpec.parse(args.tree)
+    trees = [TreeSpec.parse(t) for t in args.tree]
     data_dir(args.data_dir)  # fail on missing data before loading models
     if args.threads:
         torch.set_num_threads(args.threads)
     draft = resolve_draft(args.draft, args.target)
     target = load_target(args.target, dtype=args.dtype, device=args.device)
-    run_bench(target, suites, methods, Path(args.out), args.max_new_tokens, args.limit, sampling, tree, draft,
+    run_bench(target, suites, methods, Path(args.out), args.max_new_tokens, args.limit, sampling, trees, draft,
               args.assistant, args.data_dir, args.pld_tokens)  # fmt: skip
     return 0

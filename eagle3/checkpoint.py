@@ -520,15 +520,17 @@ def save_draft(
 
 
 def convert(
-    src: str | Path, fmt: str, out: str | Path, verifier: str | None = None, speculative_tokens: int | None = None
+    src: str | Path, fmt: str, out: str | Path, verifier: str | None = None, speculative_tokens: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Loads a draft checkpoint of either layout and saves it in layout fmt; every tensor is kept as is.
+    """Loads a draft checkpoint of either layout and saves it in layout fmt; every tensor is kept as is, or
+    its floating-point weights cast to dtype (half precision halves the file; loading casts to the target's).
 
     The verifier and speculative_tokens default to what the source checkpoint says.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; choose from {', '.join(FORMATS)}")
-    draft, meta = _load(src, device="cpu")
+    draft, meta = _load(src, device="cpu", dtype=dtype)
     archs = meta.verifier_architectures if verifier is None else None
     return save_draft(
         draft, out, fmt,
@@ -562,6 +564,8 @@ def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
                    help="eagle: official EAGLE/SGLang layout; speculators: vLLM layout")  # fmt: skip
     p.add_argument("--verifier", default=None, help="target model name or path recorded in the config")
     p.add_argument("--speculative-tokens", type=int, default=None, help="speculators' greedy proposal length")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="cast the weights (default: keep them as they are)")  # fmt: skip
     p = sub.add_parser("draft-init", help="save a fresh, untrained EAGLE-3 draft for a target")
     p.add_argument("out", help="output folder (written atomically)")
     p.add_argument("--target", required=True, help="preset, local folder or hub id")
@@ -570,7 +574,8 @@ def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def convert_command(args: argparse.Namespace) -> int:
-    path = convert(args.src, args.fmt, args.out, args.verifier, getattr(args, "speculative_tokens", None))
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    path = convert(args.src, args.fmt, args.out, args.verifier, getattr(args, "speculative_tokens", None), dtype)
     print(f"eagle3: wrote a {args.fmt} draft checkpoint", file=sys.stderr)
     print(path)
     return 0

@@ -1,4 +1,4 @@
-"""The `eagle3` command line: fetch, generate, bench, train, regenerate, convert, draft-init."""
+"""The `eagle3` command line: fetch, generate, bench, train, regenerate, calibrate, convert, draft-init."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 from eagle3.bench import add_bench_parser, bench_command
 from eagle3.checkpoint import CLI_COMMANDS, add_cli_parsers
+from eagle3.cost import add_calibrate_parser, calibrate_command
 from eagle3.fetch import DEFAULT_TARGET, PRESETS, ModelNotFound
 from eagle3.regenerate import add_regenerate_parser, regenerate_command
 from eagle3.train import add_train_parser, train_command
@@ -32,7 +33,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", default="default",
                    help="EAGLE-3 draft folder (official or speculators layout), 'default' (the shipped draft for "
                         "the target, if any) or 'none' (plain decoding)")  # fmt: skip
-    p.add_argument("--tree", default="60,5,10", help="draft tree TOTAL,DEPTH,TOPK (default 60,5,10)")
+    p.add_argument("--tree", default="auto",
+                   help="draft tree: auto (sized each round for this machine's measured costs, the default) or "
+                        "TOTAL,DEPTH,TOPK (e.g. 60,5,10, the EAGLE eval scripts' GPU values)")  # fmt: skip
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -93,11 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_train_parser(sub)
     add_regenerate_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 
 COMMANDS = {"fetch": _fetch, "generate": _generate, "bench": bench_command, "train": train_command,
-            "regenerate": regenerate_command, **CLI_COMMANDS}
+            "regenerate": regenerate_command, "calibrate": calibrate_command, **CLI_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,8 +54,8 @@ def _say(msg: str) -> None:
     print(f"eagle3: {msg}", file=sys.stderr, flush=True)
 
 
-# Drafts shipped in the repository, per preset target (none yet: training comes next).
-SHIPPED_DRAFTS: dict[str, Path] = {}
+# Drafts shipped inside the package, per preset target (official EAGLE layout, fp16; see README "Training").
+SHIPPED_DRAFTS: dict[str, Path] = {"smollm2-135m": Path(__file__).resolve().parent / "drafts" / "smollm2-135m"}
 
 
 def shipped_draft(target: str) -> Path | None:

@@ -263,20 +263,22 @@ class Transformer(nn.Module):
             raise ValueError(f"tap layers {layers} must be decoder layer indices in [0, {self.config.num_layers})")
         self.tap_layers = layers
 
-    def setup_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
-        """(Re)allocates the KV cache; max_len is capped by the model's context."""
-        max_len = min(max_len, self.config.context_length)
+    def setup_cache(self, max_len: int, batch_size: int = 1, padded: bool = False) -> KVCache:
+        """(Re)allocates the KV cache; max_len is capped by the model's context, unless the rows are left-padded
+        (padding takes slots but no positions, so slots may outnumber the context)."""
+        if not padded:
+            max_len = min(max_len, self.config.context_length)
         cfg = self.config
         self.cache = KVCache(cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, self.dtype, self.device)
         return self.cache
 
-    def empty_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
+    def empty_cache(self, max_len: int, batch_size: int = 1, padded: bool = False) -> KVCache:
         """An empty KV cache of at least max_len slots: the current one when it is big enough (allocating
         and zeroing a cache per call is not free), else a new one."""
         cache = self.cache
-        wanted = min(max_len, self.config.context_length)
+        wanted = max_len if padded else min(max_len, self.config.context_length)
         if cache is None or cache.max_len < wanted or cache.kv.shape[2] != batch_size:
-            return self.setup_cache(max_len, batch_size)
+            return self.setup_cache(max_len, batch_size, padded)
         cache.truncate(0)
         return cache
 
@@ -290,13 +292,15 @@ class Transformer(nn.Module):
         return rope_rotation(positions, inv_freq).view(-1, positions.shape[-1], 1, cfg.head_dim // 2)
 
     def _masks(
-        self, start: int, n: int, tree_mask: Tensor | None, positions: Tensor, max_position: int
+        self, start: int, n: int, tree_mask: Tensor | None, positions: Tensor, max_position: int,
+        key_mask: Tensor | None = None,
     ) -> dict[int | None, Tensor | None]:
-        """Boolean attention masks [g*n, start+n] (True = attend), one per distinct sliding window."""
+        """Boolean attention masks [g*n, start+n] (True = attend), one per distinct sliding window; with a
+        per-row key_mask they are [B, 1, g*n, start+n]."""
         cfg = self.config
         windows = set(self._windows)
         needs_window = any(w is not None and max_position + 1 > w for w in windows)
-        if n == 1 and not needs_window:
+        if n == 1 and not needs_window and key_mask is None:
             return {w: None for w in windows}  # a single new token sees the whole cache
         dev = self.device
         new = torch.ones(n, n, dtype=torch.bool, device=dev).tril_() if tree_mask is None else tree_mask.to(dev)
@@ -307,10 +311,22 @@ class Transformer(nn.Module):
             mask = base
             if w is not None:
                 # Key positions: committed slots hold positions 0..start-1; new slots hold `positions`.
+                # Left-padded batches (key_mask) shift positions per row, not distances: measure in slots.
                 q_pos = positions.reshape(-1)[-n:].to(dev)
+                if key_mask is not None:
+                    q_pos = torch.arange(start, start + n, device=dev)
                 k_pos = torch.cat([torch.arange(start, device=dev), q_pos])
                 mask = mask & (q_pos[:, None] - k_pos[None, :] < w)
-            masks[w] = expand_mask_for_groups(mask, g)
+            if key_mask is not None:
+                # Padding slots are hidden; each new token still sees itself, so that a padding query never
+                # has an empty (NaN) softmax whose output would reach the cache.
+                itself = torch.zeros_like(mask)
+                itself[:, start:].fill_diagonal_(True)
+                mask = (mask & key_mask[:, None, : start + n].to(dev)) | itself
+                mask = (mask.repeat(1, g, 1) if g > 1 else mask)[:, None]
+            else:
+                mask = expand_mask_for_groups(mask, g)
+            masks[w] = mask
         return masks
 
     def forward(
@@ -320,6 +336,7 @@ class Transformer(nn.Module):
         tree_mask: Tensor | None = None,
         logits: str = "all",
         taps: bool = False,
+        key_mask: Tensor | None = None,
     ) -> ForwardOutput:
         """Runs n new tokens [B, n] on top of the cache and appends their keys and values to it.
 
@@ -327,6 +344,8 @@ class Transformer(nn.Module):
         tree_mask: [n, n] bool, True where new token i may see new token j (default: causal).
         logits: "all", "last", "none", or "hidden" (the last layer's outputs instead: `head` turns them into
         logits later, as offline features do). taps: also return the tapped layers' inputs.
+        key_mask: [B, slots] bool, False on cache slots a row must not see (left padding of batched prompts
+        of different lengths, see generate_batch).
         """
         cache = self.cache
         if cache is None:
@@ -337,11 +356,12 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + n, device=tokens.device)
             max_position = start + n - 1
         else:
-            max_position = int(positions.max())
+            max_position = int(positions.max())  # host positions (the decoding loop's) cost no device sync
+            positions = positions.to(tokens.device, non_blocking=True)
         if max_position >= self.config.context_length:
             raise ValueError(f"position {max_position} is beyond the model's context of {self.config.context_length}")
         rotation = self._rope(positions, max_position)
-        masks = self._masks(start, n, tree_mask, positions, max_position)
+        masks = self._masks(start, n, tree_mask, positions, max_position, key_mask)
         x = self.embed(tokens)
         tapped = []
         for i, layer in enumerate(self.layers):

@@ -2,8 +2,8 @@
 (the EAGLE-3 paper trains on target-generated responses), appending ShareGPT-format JSONL as it goes.
 
 Answers come from the target in process, or from any OpenAI-compatible server (vLLM, SGLang, llama.cpp
-server) with --endpoint, so users with big targets use their own serving stack; requests to a server run
---concurrency at a time. Resumable: conversations already in the output file (by source index) are skipped.
+server) with --endpoint, so users with big targets use their own serving stack. --batch-size conversations go
+together: one batched forward pass in process, that many concurrent requests to a server. Resumable: conversations already in the output file (by source index) are skipped.
 Each assistant turn is regenerated given the conversation so far, earlier turns already regenerated.
 """
 
@@ -18,56 +18,85 @@ from typing import Callable
 
 from tqdm import tqdm
 
-Answer = Callable[[list[dict]], str]  # conversation so far (ending with a user turn) -> assistant text
+# Conversations so far (each ending with a user turn) -> one assistant text per conversation, None where it
+# failed (the conversation fills the context, the server refused): the failure is reported and counted.
+AnswerMany = Callable[[list[list[dict]]], list[str | None]]
 SHAREGPT_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
-def local_answerer(target, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> Answer:
-    from eagle3.generate import generate
+def local_answerer(target, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> AnswerMany:
+    """Answers from the target in process, a batch of conversations per forward pass (generate_batch)."""
+    from eagle3.generate import generate_batch
     from eagle3.sampling import SamplingParams
 
     sampling = SamplingParams(temperature=temperature, seed=seed if temperature > 0 else None)
     templated = bool(getattr(target.tokenizer, "chat_template", None))
 
-    def answer(messages: list[dict]) -> str:
-        ids = target.encode_chat(messages) if templated else target.encode("\n".join(m["content"] for m in messages))
-        budget = min(max_new_tokens, target.context - len(ids))
-        if budget < 1:
-            raise ValueError("the conversation fills the context")
-        return generate(target, ids, budget, sampling).text
+    def answer_many(conversations: list[list[dict]]) -> list[str | None]:
+        prompts = [target.encode_chat(m) if templated else target.encode("\n".join(x["content"] for x in m))
+                   for m in conversations]  # fmt: skip
+        fits = [i for i, p in enumerate(prompts) if len(p) < target.context]
+        for i in set(range(len(prompts))) - set(fits):
+            print(f"skipped: a conversation of {len(prompts[i])} tokens fills the context", file=sys.stderr)
+        results = generate_batch(target, [prompts[i] for i in fits], max_new_tokens, sampling)
+        answers: list[str | None] = [None] * len(prompts)
+        for i, result in zip(fits, results):
+            answers[i] = result.text
+        return answers
 
-    return answer
+    return answer_many
 
 
-def endpoint_answerer(url: str, model: str, max_new_tokens: int, temperature: float = 0.0, timeout: float = 600) -> Answer:
-    """Answers from an OpenAI-compatible /v1/chat/completions endpoint."""
+def endpoint_answerer(url: str, model: str, max_new_tokens: int, temperature: float = 0.0, timeout: float = 600,
+                      concurrency: int = 8) -> AnswerMany:  # fmt: skip
+    """Answers from an OpenAI-compatible /v1/chat/completions endpoint, `concurrency` requests in flight."""
     endpoint = url.rstrip("/")
     if not endpoint.endswith("/chat/completions"):
         endpoint += "/chat/completions" if endpoint.endswith("/v1") else "/v1/chat/completions"
 
-    def answer(messages: list[dict]) -> str:
+    def answer(messages: list[dict]) -> str | None:
         body = json.dumps({"model": model, "messages": messages, "max_tokens": max_new_tokens,
                            "temperature": temperature}).encode()  # fmt: skip
         request = urllib.request.Request(endpoint, body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            reply = json.loads(response.read())
         try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                reply = json.loads(response.read())
             return reply["choices"][0]["message"]["content"]
+        except (OSError, ValueError) as err:
+            print(f"request failed: {err}", file=sys.stderr)
         except (KeyError, IndexError, TypeError):
-            raise ValueError(f"unexpected reply from {endpoint}: {str(reply)[:200]}") from None
+            print(f"unexpected reply from {endpoint}: {str(reply)[:200]}", file=sys.stderr)
+        return None
 
-    return answer
+    def answer_many(conversations: list[list[dict]]) -> list[str | None]:
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            return list(pool.map(answer, conversations))
+
+    return answer_many
 
 
-def regenerate_conversation(messages: list[dict], answer: Answer) -> list[dict]:
-    """The conversation with each assistant turn replaced by answer(conversation so far)."""
-    out: list[dict] = []
-    for message in messages:
-        if message["role"] == "assistant":
-            out.append({"role": "assistant", "content": answer(out)})
-        else:
-            out.append(dict(message))
-    return out
+def regenerate_conversations(batch: list[list[dict]], answer_many: AnswerMany) -> list[list[dict] | None]:
+    """Each conversation with its assistant turns replaced, turn by turn: the k-th answers of the whole batch
+    are asked together, each given its conversation so far (earlier answers already regenerated)."""
+    outs: list[list[dict] | None] = [[] for _ in batch]
+    cursors = [0] * len(batch)
+    while True:
+        waiting = []
+        for i, messages in enumerate(batch):
+            out = outs[i]
+            while out is not None and cursors[i] < len(messages) and messages[cursors[i]]["role"] != "assistant":
+                out.append(dict(messages[cursors[i]]))
+                cursors[i] += 1
+            if out is not None and cursors[i] < len(messages):
+                waiting.append(i)
+        if not waiting:
+            return outs
+        for i, text in zip(waiting, answer_many([outs[i] for i in waiting])):
+            if text is None:
+                outs[i] = None  # failed: the whole conversation is dropped
+            else:
+                outs[i].append({"role": "assistant", "content": text})
+                cursors[i] += 1
 
 
 def done_ids(path: Path) -> set[int]:
@@ -82,36 +111,33 @@ def done_ids(path: Path) -> set[int]:
     return ids
 
 
-def regenerate(conversations: list[list[dict]], answer: Answer, out: Path, concurrency: int = 1,
+def regenerate(conversations: list[list[dict]], answer_many: AnswerMany, out: Path, batch_size: int = 8,
                progress: bool = True) -> dict[str, int]:  # fmt: skip
-    """Appends regenerated conversations to `out` (JSONL, ShareGPT format), skipping those already there."""
+    """Appends regenerated conversations to `out` (JSONL, ShareGPT format), skipping those already there.
+    Conversations go batch_size at a time, similar lengths together (less padding in a local batch)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     skip = done_ids(out)
-    todo = [(i, c) for i, c in enumerate(conversations) if i not in skip]
+    todo = sorted((i for i in range(len(conversations)) if i not in skip),
+                  key=lambda i: sum(len(m["content"]) for m in conversations[i]))  # fmt: skip
     counts = {"done_before": len(skip), "written": 0, "failed": 0}
     # A torn last line (killed mid-write) would glue onto the next record: start on a fresh line.
     if out.is_file() and out.stat().st_size and not out.read_bytes().endswith(b"\n"):
         with out.open("a") as f:
             f.write("\n")
-
-    def work(item: tuple[int, list[dict]]) -> tuple[int, list[dict] | None]:
-        index, messages = item
-        try:
-            return index, regenerate_conversation(messages, answer)
-        except (ValueError, OSError) as err:  # a conversation too long, a server error: count and go on
-            print(f"conversation {index}: {err}", file=sys.stderr)
-            return index, None
-
-    with out.open("a") as f, ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        for index, messages in tqdm(pool.map(work, todo), total=len(todo), desc="regenerate", disable=not progress,
-                                    file=sys.stderr):  # fmt: skip
-            if messages is None:
-                counts["failed"] += 1
-                continue
-            turns = [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in messages]
-            f.write(json.dumps({"source_index": index, "conversations": turns}) + "\n")
+    bar = tqdm(total=len(todo), desc="regenerate", disable=not progress, file=sys.stderr)
+    with out.open("a") as f:
+        for first in range(0, len(todo), max(1, batch_size)):
+            indices = todo[first : first + max(1, batch_size)]
+            for index, messages in zip(indices, regenerate_conversations([conversations[i] for i in indices], answer_many)):
+                if messages is None:
+                    counts["failed"] += 1
+                    continue
+                turns = [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in messages]
+                f.write(json.dumps({"source_index": index, "conversations": turns}) + "\n")
+                counts["written"] += 1
             f.flush()
-            counts["written"] += 1
+            bar.update(len(indices))
+    bar.close()
     return counts
 
 
@@ -125,7 +151,10 @@ def add_regenerate_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--endpoint", default=None, help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name to send to the endpoint (default: --target)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight to the endpoint")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="conversations answered together: one batched forward pass locally, concurrent requests "
+                        "to an endpoint")  # fmt: skip
+    p.add_argument("--concurrency", type=int, default=None, help="alias of --batch-size for endpoints")
 
 
 def regenerate_command(args) -> int:
@@ -135,14 +164,16 @@ def regenerate_command(args) -> int:
         raise ValueError(f"max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sources = [Path(p) for p in args.data] if args.data else default_sources()
     conversations, stats = read_conversations(sources, args.limit)
+    batch_size = args.concurrency or args.batch_size
+    if batch_size < 1:
+        raise ValueError(f"batch-size must be >= 1, got {batch_size}")
     if args.endpoint:
-        answer = endpoint_answerer(args.endpoint, args.model or args.target, args.max_new_tokens, args.temperature)
-        concurrency = args.concurrency
+        answer_many = endpoint_answerer(args.endpoint, args.model or args.target, args.max_new_tokens,
+                                        args.temperature, concurrency=batch_size)  # fmt: skip
     else:
         from eagle3.target import load_target
 
-        answer = local_answerer(load_target(args.target), args.max_new_tokens, args.temperature)
-        concurrency = 1  # one model in process: requests would only queue behind each other
-    counts = regenerate(conversations, answer, Path(args.out), concurrency)
+        answer_many = local_answerer(load_target(args.target), args.max_new_tokens, args.temperature)
+    counts = regenerate(conversations, answer_many, Path(args.out), batch_size)
     print(json.dumps({"read": stats.read, "skipped": stats.skipped, **counts}))
     return 0

@@ -10,17 +10,18 @@ token, sampling in distribution.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
 
+from eagle3.autotree import AutoTree, auto_tree
 from eagle3.drafter import Drafter
 from eagle3.generate import GenerationResult, room_for
 from eagle3.sampling import SamplingParams, make_generator, next_token
 from eagle3.stopping import Stopper, TextStreamer
 from eagle3.target import Target
-from eagle3.tree import TreeSpec, grow_tree
+from eagle3.tree import TreeSpec, grow_tree, root_only
 from eagle3.verify import accept
 
 
@@ -49,8 +50,15 @@ def speculative_generate(
     on_text: Callable[[str], object] | None = None,
     tree: TreeSpec = TreeSpec(),
     method: str = "eagle3",
+    policy: AutoTree | None = None,
 ) -> SpeculativeResult:
+    """Generates like `generate`, a tree per round. With tree.auto, `policy` sizes each round's tree (default:
+    a fresh AutoTree on this machine's cached cost model; pass one to keep its acceptance corrections)."""
     budget = room_for(target, prompt_ids, max_new_tokens)
+    if tree.auto and policy is None:
+        policy = auto_tree(target, drafter, tree)
+    if not tree.auto:
+        policy = None
     model, device = target.model, target.model.device
     stopper = Stopper(target.tokenizer, target.eos_token_ids, budget, tuple(stop_strings), track_text=on_text is not None)
     streamer = TextStreamer(on_text, stop_strings) if on_text else None
@@ -75,14 +83,22 @@ def speculative_generate(
     while not stopper.done:
         if streamer:
             streamer.update(stopper.text())
-        root_logp, root_ids = drafter.catch_up(catch_tokens, catch_features, catch_start, tree.top_k)
-        # Near the end of the context the tree shrinks to what still fits (down to the root alone).
-        room = model.cache.max_len - committed
-        spec = tree if room >= tree.total_tokens else TreeSpec(max(room, 1), tree.depth, tree.top_k)
-        draft_tree = grow_tree(int(catch_tokens[-1]), root_logp, root_ids, drafter.expand, spec)
-        drafter.end_round()
+        if policy is None or policy.should_draft():
+            root_logp, root_ids = drafter.catch_up(catch_tokens, catch_features, catch_start, tree.top_k)
+            # Near the end of the context the tree shrinks to what still fits (down to the root alone).
+            room = model.cache.max_len - committed
+            spec = tree if room >= tree.total_tokens else replace(tree, total_tokens=max(room, 1))
+            if policy is not None:
+                policy.context = committed
+            draft_tree = grow_tree(int(catch_tokens[-1]), root_logp, root_ids, drafter.expand, spec, policy)
+            drafter.end_round()
+            pending = None
+        else:  # a plain step; the draft catches up on these tokens at the next drafted round
+            draft_tree = root_only(int(catch_tokens[-1]))
+            pending = (catch_tokens, catch_features, catch_start)
 
-        positions = committed + draft_tree.depths.to(device)
+        # The tree lives on the host; positions stay there too (the runtime reads their max without a sync).
+        positions = committed + draft_tree.depths
         out = model(draft_tree.tokens.view(1, -1).to(device), positions, draft_tree.mask.to(device), taps=taps)
         path, bonus = accept(draft_tree, out.logits[0], sampling, generator)
         model.cache.compact(committed, path)
@@ -90,10 +106,16 @@ def speculative_generate(
         stopper.extend(new_tokens)
         rounds += 1
         accept_lengths.append(len(path))
+        if policy is not None:
+            policy.observe(draft_tree.depths[1:], draft_tree.scores[1:], len(path) - 1)
 
         catch_tokens = torch.tensor(new_tokens, dtype=torch.long, device=device)
         catch_features = out.taps[0, torch.tensor(path, device=device)] if taps else None
         catch_start = committed
+        if pending is not None:
+            catch_tokens = torch.cat([pending[0], catch_tokens])
+            catch_features = torch.cat([pending[1], catch_features]) if taps else None
+            catch_start = pending[2]
         committed += len(path)
         if committed >= model.cache.max_len:  # no room left for another round (the budget is spent too)
             break

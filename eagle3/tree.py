@@ -15,7 +15,7 @@ of the draft step whose output proposed it (row 0: the root step); expanded fron
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -28,19 +28,29 @@ class TreeSpec:
     total_tokens: int = 60  # tree size including the root (the EAGLE eval scripts' defaults)
     depth: int = 5
     top_k: int = 10
+    auto: bool = False  # sizes are caps; each round's tree is chosen by the cost model (autotree.py)
 
     def __post_init__(self) -> None:
         if self.total_tokens < 1 or self.depth < 1 or self.top_k < 1:
             raise ValueError(f"tree sizes must be >= 1, got total {self.total_tokens}, depth {self.depth}, top-k {self.top_k}")
 
+    @property
+    def label(self) -> str:
+        return "auto" if self.auto else f"{self.total_tokens},{self.depth},{self.top_k}"
+
     @classmethod
     def parse(cls, text: str) -> "TreeSpec":
-        """'TOTAL,DEPTH,TOPK', e.g. '60,5,10'."""
+        """'TOTAL,DEPTH,TOPK', e.g. '60,5,10', or 'auto' (cost-aware, within 64 tokens, depth 8, top-k 8)."""
+        if text.strip().lower() == "auto":
+            return AUTO_TREE
         try:
             total, depth, top_k = (int(x) for x in text.split(","))
         except ValueError:
-            raise ValueError(f"--tree takes TOTAL,DEPTH,TOPK (three integers, e.g. 60,5,10), got {text!r}") from None
+            raise ValueError(f"--tree takes auto or TOTAL,DEPTH,TOPK (three integers, e.g. 60,5,10), got {text!r}") from None
         return cls(total, depth, top_k)
+
+
+AUTO_TREE = TreeSpec(64, 8, 8, auto=True)
 
 
 @dataclass
@@ -57,6 +67,12 @@ class DraftTree:
         return len(self.parents)
 
 
+def root_only(root_token: int) -> DraftTree:
+    """The tree of a plain step: the root alone (verifying it is one ordinary decoding step)."""
+    return DraftTree(torch.tensor([root_token], dtype=torch.long), [-1], torch.zeros(1, dtype=torch.long),
+                     torch.ones(1, 1, dtype=torch.bool), [[]], torch.zeros(1))  # fmt: skip
+
+
 def ancestor_mask(parents: list[int]) -> Tensor:
     """[N, N] bool, True where j is i or an ancestor of i (parents listed before children)."""
     n = len(parents)
@@ -67,9 +83,20 @@ def ancestor_mask(parents: list[int]) -> Tensor:
     return mask
 
 
-def grow_tree(root_token: int, root_logp: Tensor, root_ids: Tensor, expand: Expand, spec: TreeSpec) -> DraftTree:
-    """Builds the draft tree. root_logp / root_ids: the root step's top children (log-probs, target ids)."""
+class SizePolicy(Protocol):
+    def keep(self, scores: Tensor, levels: Tensor, levels_drafted: int) -> tuple[int, bool]: ...
+
+
+def grow_tree(
+    root_token: int, root_logp: Tensor, root_ids: Tensor, expand: Expand, spec: TreeSpec, policy: SizePolicy | None = None
+) -> DraftTree:
+    """Builds the draft tree. root_logp / root_ids: the root step's top children (log-probs, target ids).
+
+    With a policy (autotree.AutoTree), after each level it says how many nodes to keep and whether to draft
+    deeper; spec's sizes are then caps.
+    """
     k = spec.top_k
+    keep = spec.total_tokens - 1
     root_logp, root_ids = root_logp.float().cpu(), root_ids.cpu()  # bookkeeping is small: keep it on the host
     # Candidates (every proposed node), in creation order: cumulative score, token, level, source row.
     scores, tokens = [root_logp[:k].float()], [root_ids[:k]]
@@ -77,8 +104,13 @@ def grow_tree(root_token: int, root_logp: Tensor, root_ids: Tensor, expand: Expa
     frontier = torch.arange(len(scores[0]))  # candidate indices of the current frontier
     row_candidate = [-1]  # candidate expanded by each draft row; row 0 is the root step
     row_mask = torch.ones(1, 1, dtype=torch.bool)  # row i may attend to row j
-    for depth in range(1, spec.depth if spec.total_tokens > 1 else 1):
-        if len(frontier) == 0:  # the drafter had nothing more to propose
+    for depth in range(1, spec.depth + 1):
+        if policy is not None:
+            wanted, deeper = policy.keep(torch.cat(scores), torch.cat(levels), depth)
+            keep = min(wanted, spec.total_tokens - 1)
+            if not deeper:
+                break
+        if depth == spec.depth or keep < 1 or len(frontier) == 0:  # (no frontier: the drafter ran out)
             break
         all_scores, all_tokens, all_sources = torch.cat(scores), torch.cat(tokens), torch.cat(sources)
         old, new = row_mask.shape[0], len(frontier)
@@ -102,7 +134,7 @@ def grow_tree(root_token: int, root_logp: Tensor, root_ids: Tensor, expand: Expa
 
     all_scores, all_tokens = torch.cat(scores), torch.cat(tokens)
     all_levels, all_sources = torch.cat(levels), torch.cat(sources)
-    keep = min(spec.total_tokens - 1, len(all_scores))
+    keep = min(keep, len(all_scores))
     # Stable: on equal scores the earlier candidate (a parent before its child) wins.
     chosen = torch.sort(all_scores, descending=True, stable=True).indices[:keep].sort().values.tolist()
     node_of_candidate = {c: i + 1 for i, c in enumerate(chosen)}

@@ -25,30 +25,32 @@ def data(tmp_path):
     return folder
 
 
-def test_bench_end_to_end(tmp_path, data, capsys):
+def test_bench_end_to_end(tmp_path, data, capsys, monkeypatch):
+    monkeypatch.setenv("EAGLE3_HOME", str(tmp_path / "home"))  # the auto tree's cost model is measured here
     assert main(["draft-init", str(tmp_path / "draft"), "--target", "stories260k"]) == 0
     out = tmp_path / "out"
     code = main(["bench", "--target", "stories260k", "--draft", str(tmp_path / "draft"), "--suites", "mt_bench,gsm8k",
                  "--methods", "vanilla,eagle3,pld,hf,hf-pld", "--max-new-tokens", "24", "--limit", "2",
-                 "--tree", "10,3,3", "--data-dir", str(data), "--out", str(out)])
+                 "--tree", "10,3,3", "auto", "--data-dir", str(data), "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     summary = results["summary"]
-    assert set(summary) == {"vanilla", "eagle3", "pld", "hf", "hf-pld"}
+    eagle3 = ["eagle3 10,3,3", "eagle3 auto"]  # one method per tree
+    assert set(summary) == {"vanilla", *eagle3, "pld", "hf", "hf-pld"}
     for per_suite in summary.values():
         assert set(per_suite) == {"mt_bench", "gsm8k", "all"}
         for suite, entry in per_suite.items():
             assert {"speedup", "speedup_total", "tau", "tokens_per_s", "identical", "n"} <= set(entry)
             assert entry["n"] == (4 if suite == "all" else 2)
             assert entry["tokens_per_s"] > 0 and entry["speedup"] > 0
-    for method in ("vanilla", "eagle3", "pld"):  # ours are lossless, token for token
+    for method in ("vanilla", *eagle3, "pld"):  # ours are lossless, token for token
         assert summary[method]["all"]["identical"] == 4
-    assert summary["eagle3"]["all"]["tau"] >= 1 and summary["vanilla"]["all"]["tau"] is None
+    assert summary["eagle3 10,3,3"]["all"]["tau"] >= 1 and summary["vanilla"]["all"]["tau"] is None
     assert abs(summary["vanilla"]["all"]["speedup"] - 1) < 1e-9
     # MT-bench has two turns; the second follows the method's own first answer.
     rows = [r for r in results["rows"] if r["suite"] == "mt_bench"]
-    assert len(rows) == 2 * 5 and all(len(r["turns"]) == 2 for r in rows)
-    assert (out / "results.md").read_text().count("| eagle3 |") >= 4
+    assert len(rows) == 2 * 6 and all(len(r["turns"]) == 2 for r in rows)
+    assert (out / "results.md").read_text().count("| eagle3 auto |") >= 4
     for png in ("speedup.png", "tau.png", "acceptance.png"):
         assert (out / png).stat().st_size > 1000
     assert "Speed-up over vanilla" in capsys.readouterr().out

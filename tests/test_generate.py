@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eagle3.cli import main
-from eagle3.generate import generate
+from eagle3.generate import generate, generate_batch
 from eagle3.sampling import SamplingParams, probs_from_logits
 from eagle3.stopping import Stopper, TextStreamer
 
@@ -89,6 +89,20 @@ def test_smollm2_chat_greedy_equals_transformers(smollm2, smollm2_path):
     ref = ref[0, len(ids):].tolist()
     assert ours.token_ids == ref
     assert "Paris" in ours.text
+
+
+def test_batched_prompts_of_different_lengths_match_one_at_a_time(stories):
+    prompts = [stories.encode(p) for p in ("Once upon a time, there was a little", "Tom", "The sun was hot and the dog")]
+    assert len({len(p) for p in prompts}) == 3  # left padding differs per row
+    batch = generate_batch(stories, prompts, 40)
+    for prompt, result in zip(prompts, batch):
+        alone = generate(stories, prompt, 40)
+        assert result.token_ids == alone.token_ids and result.finish_reason == alone.finish_reason
+    # A budget the context cuts short for one row only: that row stops at the end of the context.
+    long = list(prompts[0]) * (stories.context // len(prompts[0]))
+    long = long[: stories.context - 5]
+    rows = generate_batch(stories, [long, prompts[1]], 20)
+    assert rows[0].new_tokens == 5 and rows[0].finish_reason == "length" and rows[1].new_tokens == 20
 
 
 def test_sampling_is_reproducible_with_a_seed(stories):

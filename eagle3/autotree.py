@@ -1,0 +1,113 @@
+"""Cost-aware tree sizing (`--tree auto`): each round, the tree that maximizes expected tokens per second.
+
+As in EAGLE-2, the expected number of accepted draft tokens of a tree is the sum over its nodes of the
+probability that the node is accepted, estimated by the node's cumulative draft probability. As in CAST
+("Inference-Cost-Aware Dynamic Tree Construction", 2025), the tree's size and depth are chosen against what
+the round costs on this hardware (cost.py): a round that drafts d levels and verifies n tree tokens yields
+
+    rate(n, d) = (1 + sum of the n - 1 best node estimates) / (draft time(d levels) + verify time(n))
+
+tokens per ms. After each drafted level the best n is recomputed; drafting goes one level deeper only while
+the newest level is part of the best tree (a child never scores above its parent, so once a level adds
+nothing, deeper ones cannot either).
+
+Draft probabilities are miscalibrated (usually optimistic), so estimates are corrected online: per depth, the
+ratio of acceptances observed to acceptances predicted over recent rounds scales that depth's estimates.
+The nodes kept are still the best by draft score, so the kept set always contains every node's parent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from eagle3.cost import CostModel
+
+
+@dataclass
+class AutoTree:
+    cost: CostModel
+    max_tokens: int = 64  # caps, so that a wildly optimistic draft cannot build a huge tree
+    max_depth: int = 8
+    top_k: int = 8
+    decay: float = 0.95  # weight of the past in the per-depth corrections (about 20 rounds of memory)
+    prior_rounds: float = 2.0  # pseudo-rounds of ratio 1 before any observation
+    context: int = 256  # cached tokens, for the verify cost (set per round by the decoding loop)
+    predicted: list[float] = field(default_factory=list)  # per depth (1-based at index d-1), decayed sums
+    observed: list[float] = field(default_factory=list)
+    max_pause: int = 16
+    pause: int = 0  # plain rounds left before drafting again
+    backoff: int = 1  # the next pause's length: doubles while drafting keeps not paying
+
+    def should_draft(self) -> bool:
+        """False for a few rounds after a round whose best tree was the root alone: then even drafting costs
+        more than it can win, so the decoding loop runs plain steps (the draft catches up later, in one step).
+        The pause doubles each time drafting still does not pay, so a hopeless stretch of text costs about
+        what plain decoding costs."""
+        if self.pause > 0:
+            self.pause -= 1
+            return False
+        return True
+
+    def correction(self, depth: int) -> float:
+        """Observed / predicted acceptances at a tree depth (1 = the root's children)."""
+        if depth > len(self.predicted):
+            return 1.0
+        prior = self.prior_rounds
+        return (self.observed[depth - 1] + prior) / (self.predicted[depth - 1] + prior)
+
+    def estimates(self, scores: Tensor, levels: Tensor) -> Tensor:
+        """Corrected acceptance estimates of candidate nodes from cumulative log-probs and depths."""
+        factors = torch.tensor([self.correction(int(d)) for d in range(1, int(levels.max()) + 1)])
+        return (scores.exp() * factors[levels - 1]).clamp_(max=1.0)
+
+    def keep(self, scores: Tensor, levels: Tensor, levels_drafted: int) -> tuple[int, bool]:
+        """(nodes to keep besides the root, whether to draft another level), for the candidates so far after
+        drafting `levels_drafted` levels (the root's children come from the catch-up step: level 1).
+
+        Keep: the best rate with the drafting already done counted whole (it is spent). Deeper: only if the
+        best tree, charging each size just the levels it needs, uses the newest level, and the cap allows.
+        """
+        order = torch.sort(scores, descending=True, stable=True).indices[: self.max_tokens - 1]
+        gains = torch.cat([torch.zeros(1), self.estimates(scores[order], levels[order]).cumsum(0)])
+        level_ms = torch.tensor([0.0] + [self.cost.draft(n) for n in self._level_sizes(levels_drafted)]).cumsum(0)
+        needed = torch.cat([torch.ones(1, dtype=torch.long), levels[order].cummax(0).values])
+        verify_ms = torch.tensor([self.cost.verify(n + 1, self.context) for n in range(len(gains))])
+        best = int(torch.argmax((1.0 + gains) / (level_ms[levels_drafted] + verify_ms)))
+        best_needed = int(torch.argmax((1.0 + gains) / (level_ms[needed] + verify_ms)))
+        deeper = levels_drafted < self.max_depth and bool((levels[order[:best_needed]] == levels_drafted).any())
+        if not deeper:  # the round's final choice
+            if best == 0:
+                self.pause, self.backoff = self.backoff, min(2 * self.backoff, self.max_pause)
+            else:
+                self.backoff = 1
+        return best, deeper
+
+    def _level_sizes(self, levels_drafted: int) -> list[int]:
+        # The catch-up step (one token, usually a few) and then top_k frontier nodes per level.
+        return [1] + [self.top_k] * max(levels_drafted - 1, 0)
+
+    def observe(self, depths: Tensor, scores: Tensor, accepted_depth: int) -> None:
+        """After verification: the verified tree's node depths and draft scores, and how deep the accepted
+        path went (0: no draft token accepted)."""
+        depth_max = int(depths.max()) if len(depths) else 0
+        while len(self.predicted) < depth_max:
+            self.predicted.append(0.0)
+            self.observed.append(0.0)
+        probs = scores.exp()
+        for d in range(1, depth_max + 1):
+            at_d = depths == d
+            self.predicted[d - 1] = self.decay * self.predicted[d - 1] + float(probs[at_d].sum().clamp(max=1.0))
+            self.observed[d - 1] = self.decay * self.observed[d - 1] + float(accepted_depth >= d)
+
+
+def auto_tree(target, drafter, spec) -> AutoTree:
+    """An AutoTree for a target and EAGLE-3 drafter, on this machine's cost model (measured once, cached)."""
+    from eagle3.cost import calibrate
+
+    draft = getattr(drafter, "draft", None)
+    if draft is None:
+        raise ValueError("--tree auto needs an EAGLE-3 draft (its cost is part of the model); give a fixed tree")
+    return AutoTree(calibrate(target, draft), max_tokens=spec.total_tokens, max_depth=spec.depth, top_k=spec.top_k)

@@ -1,0 +1,208 @@
+"""What a speculative round costs on the running hardware: measured, cached, refreshed with `eagle3 calibrate`.
+
+The cost model holds
+- the target's forward latency as a function of the number of new (tree) tokens, at two context lengths
+  (attention grows with the context; between and beyond them it is interpolated linearly);
+- the draft's step latency as a function of the number of tokens in the step (one tree level), including
+  its logits and top-k, as the decoding loop runs them.
+Batch size is 1: speculative decoding here serves one sequence at a time.
+
+Measurements are medians of a few timed calls after a warm-up, and are cached per target, draft shape,
+device, dtype, thread count and torch version under $EAGLE3_HOME/calibration (see autotree.py for their use).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from bisect import bisect_left
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from eagle3.paths import eagle3_home
+
+TREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+DRAFT_SIZES = (1, 2, 4, 8, 16, 32)
+CONTEXTS = (128, 1024)
+
+
+def interpolate(points: dict[int, float], x: float) -> float:
+    """Piecewise-linear through (n, ms) points; linear extrapolation past the ends."""
+    xs = sorted(points)
+    if len(xs) == 1:
+        return points[xs[0]]
+    i = min(max(bisect_left(xs, x), 1), len(xs) - 1)
+    x0, x1 = xs[i - 1], xs[i]
+    y0, y1 = points[x0], points[x1]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+@dataclass
+class CostModel:
+    target_ms: dict[int, dict[int, float]]  # context -> {new tokens -> ms}
+    draft_ms: dict[int, float]  # tokens in one draft step -> ms
+    key: str = ""
+
+    def verify(self, n: int, context: int = 256) -> float:
+        """ms for a target forward of n new tokens after `context` cached ones."""
+        (c0, p0), (c1, p1) = sorted(self.target_ms.items())[:2]
+        y0, y1 = interpolate(p0, n), interpolate(p1, n)
+        return max(0.0, y0 + (y1 - y0) * (context - c0) / (c1 - c0))
+
+    def draft(self, n: int) -> float:
+        """ms for one draft step over n tokens (logits and top-k included)."""
+        return interpolate(self.draft_ms, n)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CostModel":
+        target = {int(c): {int(n): float(ms) for n, ms in p.items()} for c, p in d["target_ms"].items()}
+        return cls(target, {int(n): float(ms) for n, ms in d["draft_ms"].items()}, d.get("key", ""))
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up (allocations, kernel choice)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure_target(model, contexts=CONTEXTS, sizes=TREE_SIZES, repeats: int = 5) -> dict[int, dict[int, float]]:
+    """Target forward latency (ms) for n new tokens under a causal tree mask, after `context` cached tokens."""
+    device = model.device
+    contexts = [min(c, model.config.context_length - max(sizes) - 1) for c in contexts]
+    out: dict[int, dict[int, float]] = {}
+    for context in contexts:
+        model.empty_cache(context + max(sizes))
+        generator = torch.Generator().manual_seed(0)
+        prefix = torch.randint(0, model.config.vocab_size, (1, context), generator=generator).to(device)
+        model(prefix, logits="none")
+        points = {}
+        for n in sizes:
+            tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=generator).to(device)
+            positions = torch.arange(context, context + n, device=device)
+            mask = torch.ones(n, n, dtype=torch.bool).tril_()
+
+            def step(tokens=tokens, positions=positions, mask=mask):
+                model.cache.truncate(context)
+                model(tokens, positions, mask, taps=True)
+
+            points[n] = _median_ms(step, repeats)
+        out[context] = points
+        model.cache.truncate(0)
+    return out
+
+
+@torch.inference_mode()
+def measure_draft(draft, sizes=DRAFT_SIZES, context: int = 256, repeats: int = 7) -> dict[int, float]:
+    """Draft step latency (ms) for n tokens: the layer over its own hidden states, logits and top-k."""
+    from eagle3.drafter import top_children
+
+    cfg, device = draft.config, draft.fc.weight.device
+    draft.setup_cache(context + max(sizes) + 1)
+    generator = torch.Generator().manual_seed(0)
+    taps = torch.randn(1, context, 3 * cfg.target_hidden_size, generator=generator).to(device, draft.fc.weight.dtype)
+    draft(torch.zeros(1, context, dtype=torch.long, device=device), taps, torch.arange(context, device=device))
+    out = {}
+    for n in sizes:
+        tokens = torch.zeros(1, n, dtype=torch.long, device=device)
+        hidden = torch.randn(1, n, cfg.hidden_size, generator=generator).to(device, draft.fc.weight.dtype)
+        positions = torch.full((n,), context, device=device)
+        mask = torch.eye(n, dtype=torch.bool, device=device)
+
+        def step(tokens=tokens, hidden=hidden, positions=positions, mask=mask):
+            draft.cache.truncate(context)
+            h = draft(tokens, hidden, positions, mask, context)
+            top_children(draft.logits(h[0]), 10)
+
+        out[n] = _median_ms(step, repeats)
+    draft.cache.truncate(0)
+    return out
+
+
+def cost_key(target, draft) -> str:
+    """What the timings depend on: the target's and draft's shapes, device, dtype, threads, torch version."""
+    model = target.model
+    parts = {
+        "target": target.name, "target_config": repr(model.config), "draft": repr(draft.config),
+        "device": str(model.device), "device_name": torch.cuda.get_device_name(model.device)
+        if model.device.type == "cuda" else os.uname().machine, "dtype": str(model.dtype),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cost_path(key: str) -> Path:
+    return eagle3_home() / "calibration" / f"{key}.json"
+
+
+def calibrate(target, draft, refresh: bool = False, quiet: bool = False) -> CostModel:
+    """The cached cost model for this target, draft and machine, measured first when missing (or refresh)."""
+    key = cost_key(target, draft)
+    path = cost_path(key)
+    if path.is_file() and not refresh:
+        return CostModel.from_json(json.loads(path.read_text()))
+    if not quiet:
+        print(f"eagle3: measuring forward latencies for the cost model (cached in {path.parent})", file=sys.stderr)
+    model = CostModel(measure_target(target.model), measure_draft(draft), key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(model.to_json(), indent=1))
+    os.replace(tmp, path)
+    return model
+
+
+def format_costs(model: CostModel) -> str:
+    """A readable table: target ms (and ratio to one token) per tree size and context; draft ms per step size."""
+    lines = []
+    for context, points in sorted(model.target_ms.items()):
+        one = points[min(points)]
+        lines.append(f"target forward after {context} tokens:")
+        lines += [f"  {n:3d} new tokens  {ms:8.2f} ms  {ms / one:5.2f}x" for n, ms in sorted(points.items())]
+    lines.append("draft step:")
+    lines += [f"  {n:3d} tokens      {ms:8.2f} ms" for n, ms in sorted(model.draft_ms.items())]
+    return "\n".join(lines)
+
+
+def add_calibrate_parser(sub) -> None:
+    from eagle3.fetch import DEFAULT_TARGET
+
+    p = sub.add_parser("calibrate", help="measure this machine's target and draft latencies for --tree auto")
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--draft", default="default", help="draft folder or 'default' (the shipped draft)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cached", action="store_true", help="show the cached model instead of measuring again")
+
+
+def calibrate_command(args) -> int:
+    from eagle3.drafter import load_drafter
+    from eagle3.fetch import resolve_draft
+    from eagle3.target import load_target
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = load_target(args.target, dtype=args.dtype, device=args.device)
+    draft_path = resolve_draft(args.draft, args.target)
+    if draft_path is None:
+        raise ValueError(f"no draft for {args.target}: pass --draft PATH")
+    drafter = load_drafter(draft_path, target)
+    model = calibrate(target, drafter.draft, refresh=not args.cached)
+    print(format_costs(model))
+    print(f"cached: {cost_path(model.key)}")
+    return 0

@@ -1,0 +1,119 @@
+"""Cost-aware trees: the cost model, the size choice, online corrections, and losslessness with --tree auto."""
+
+import json
+
+import pytest
+import torch
+
+from eagle3.autotree import AutoTree
+from eagle3.cost import CostModel, calibrate, cost_path, interpolate
+from eagle3.draft import new_draft
+from eagle3.drafter import Eagle3Drafter
+from eagle3.generate import generate
+from eagle3.model import load_model
+from eagle3.speculative import speculative_generate
+from eagle3.tree import AUTO_TREE, TreeSpec, grow_tree
+from oracles import TargetOracle
+
+
+def cost_model(verify_slope: float, draft_ms: float = 1.0) -> CostModel:
+    """Target forward: 10 ms for one token plus verify_slope ms per extra token, at any context."""
+    points = {n: 10.0 + verify_slope * (n - 1) for n in (1, 2, 4, 8, 16, 32, 64)}
+    return CostModel({128: points, 1024: points}, {1: draft_ms, 8: draft_ms, 32: draft_ms})
+
+
+def confident_expand(p_top=0.9):
+    """Each node's best child has probability p_top; the others share the rest."""
+
+    def expand(tokens, sources, depth, mask):
+        k = 8
+        probs = torch.tensor([p_top] + [(1 - p_top) / (k - 1)] * (k - 1))
+        return probs.log().expand(len(tokens), k).clone(), torch.arange(k).expand(len(tokens), k).clone()
+
+    return expand
+
+
+def root(p_top=0.9):
+    return torch.tensor([p_top] + [(1 - p_top) / 7] * 7).log(), torch.arange(8)
+
+
+def test_interpolation_and_context():
+    assert interpolate({1: 10.0, 4: 40.0}, 2) == pytest.approx(20.0)
+    assert interpolate({1: 10.0, 4: 40.0}, 8) == pytest.approx(80.0)  # extrapolates linearly
+    model = CostModel({100: {1: 10.0, 8: 20.0}, 1100: {1: 20.0, 8: 40.0}}, {1: 1.0})
+    assert model.verify(8, context=600) == pytest.approx(30.0)
+    assert CostModel.from_json(json.loads(json.dumps(model.to_json()))) == model
+
+
+def test_cheap_verification_grows_big_deep_trees_and_dear_verification_small_ones():
+    free = grow_tree(0, *root(), confident_expand(), AUTO_TREE, AutoTree(cost_model(0.0)))
+    cheap = grow_tree(0, *root(), confident_expand(), AUTO_TREE, AutoTree(cost_model(0.05)))
+    dear = grow_tree(0, *root(), confident_expand(), AUTO_TREE, AutoTree(cost_model(4.0)))
+    assert free.size == AUTO_TREE.total_tokens and int(free.depths.max()) == AUTO_TREE.depth
+    # Cheap: the likely chain to full depth, but siblings of 1.4% are not worth 0.05 ms each.
+    assert cheap.size == AUTO_TREE.depth + 1 and cheap.parents == list(range(-1, AUTO_TREE.depth))
+    assert 2 <= dear.size <= 6 and int(dear.depths.max()) < AUTO_TREE.depth
+    # A hopeless draft is not worth verifying at all: the root alone, like plain decoding.
+    hopeless = grow_tree(0, *root(0.01), confident_expand(0.01), AUTO_TREE, AutoTree(cost_model(5.0)))
+    assert hopeless.size == 1
+
+
+def test_observed_acceptance_corrects_optimistic_estimates():
+    policy = AutoTree(cost_model(1.0))
+    before = grow_tree(0, *root(), confident_expand(), AUTO_TREE, policy)
+    for _ in range(50):  # the draft claims 0.9 at depth 1, but nothing is ever accepted
+        policy.observe(before.depths[1:], before.scores[1:], accepted_depth=0)
+    assert policy.correction(1) < 0.15  # the prior (2 rounds of ratio 1) against ~18 decayed misses
+    after = grow_tree(0, *root(), confident_expand(), AUTO_TREE, policy)
+    assert after.size < before.size
+    for _ in range(200):  # now everything drafted is accepted: estimates recover
+        policy.observe(before.depths[1:], before.scores[1:], accepted_depth=int(before.depths.max()))
+    assert policy.correction(1) > 0.9
+
+
+def test_fixed_caps_hold():
+    tree = grow_tree(0, *root(), confident_expand(), TreeSpec(5, 3, 8, auto=True), AutoTree(cost_model(0.0)))
+    assert tree.size <= 5 and int(tree.depths.max()) <= 3
+
+
+def test_auto_tree_greedy_equals_plain(stories, tmp_path, monkeypatch):
+    monkeypatch.setenv("EAGLE3_HOME", str(tmp_path))
+    drafter = Eagle3Drafter(new_draft(stories.model.config).attach(stories.model.embed.weight))
+    oracle = TargetOracle(load_model(stories.path, device="cpu"))
+    measured = calibrate(stories, drafter.draft)
+    assert cost_path(measured.key).is_file() and calibrate(stories, drafter.draft) == measured  # cached
+    assert all(ms > 0 for points in measured.target_ms.values() for ms in points.values())
+    ids = stories.encode("Once upon a time")
+    plain = generate(stories, ids, 200)
+    spec = speculative_generate(stories, drafter, ids, 200, tree=AUTO_TREE)  # the cached cost model
+    assert spec.token_ids == plain.token_ids
+    # An oracle draft with cheap verification: long accepted runs, still identical.
+    policy = AutoTree(cost_model(0.1))
+    spec = speculative_generate(stories, oracle, ids, 200, tree=AUTO_TREE, policy=policy)
+    assert spec.token_ids == plain.token_ids and spec.tau > 3
+
+
+def test_pauses_drafting_while_it_does_not_pay():
+    policy = AutoTree(cost_model(5.0))
+    pauses = []
+    for _ in range(4):
+        tree = grow_tree(0, *root(0.01), confident_expand(0.01), AUTO_TREE, policy)
+        assert tree.size == 1
+        pauses.append(policy.pause)
+        while not policy.should_draft():
+            pass
+    assert pauses == [1, 2, 4, 8]  # backing off exponentially
+    grow_tree(0, *root(), confident_expand(), AUTO_TREE, policy)  # drafting pays again: the back-off resets
+    assert policy.pause == 0 and policy.backoff == 1
+
+
+def test_plain_rounds_between_drafted_ones_stay_lossless(stories):
+    """A draft that never pays under a steep cost model: most rounds are plain steps, and the draft catches
+    up on several tokens at once when it drafts again; the output is still plain greedy's."""
+    drafter = Eagle3Drafter(new_draft(stories.model.config).attach(stories.model.embed.weight))
+    policy = AutoTree(cost_model(50.0, draft_ms=20.0))
+    ids = stories.encode("Tom had a big red")
+    plain = generate(stories, ids, 150)
+    spec = speculative_generate(stories, drafter, ids, 150, tree=AUTO_TREE, policy=policy)
+    assert spec.token_ids == plain.token_ids
+    assert policy.backoff > 1 and spec.rounds >= len(spec.token_ids) - 1  # mostly one token per round
