@@ -40,6 +40,7 @@ class AutoTree:
     max_pause: int = 16
     pause: int = 0  # plain rounds left before drafting again
     backoff: int = 1  # the next pause's length: doubles while drafting keeps not paying
+    _verify_tables: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     def should_draft(self) -> bool:
         """False for a few rounds after a round whose best tree was the root alone: then even drafting costs
@@ -74,7 +75,7 @@ class AutoTree:
         gains = torch.cat([torch.zeros(1), self.estimates(scores[order], levels[order]).cumsum(0)])
         level_ms = torch.tensor([0.0] + [self.cost.draft(n) for n in self._level_sizes(levels_drafted)]).cumsum(0)
         needed = torch.cat([torch.ones(1, dtype=torch.long), levels[order].cummax(0).values])
-        verify_ms = torch.tensor([self.cost.verify(n + 1, self.context) for n in range(len(gains))])
+        verify_ms = self._verify_ms()[: len(gains)]
         best = int(torch.argmax((1.0 + gains) / (level_ms[levels_drafted] + verify_ms)))
         best_needed = int(torch.argmax((1.0 + gains) / (level_ms[needed] + verify_ms)))
         deeper = levels_drafted < self.max_depth and bool((levels[order[:best_needed]] == levels_drafted).any())
@@ -84,6 +85,14 @@ class AutoTree:
             else:
                 self.backoff = 1
         return best, deeper
+
+    def _verify_ms(self) -> Tensor:
+        """Verify cost of 1..max_tokens tree tokens at the current context (tabled per 64 tokens of context)."""
+        bucket = self.context // 64
+        if bucket not in self._verify_tables:
+            context = bucket * 64 + 32
+            self._verify_tables[bucket] = torch.tensor([self.cost.verify(n, context) for n in range(1, self.max_tokens + 1)])
+        return self._verify_tables[bucket]
 
     def _level_sizes(self, levels_drafted: int) -> list[int]:
         # The catch-up step (one token, usually a few) and then top_k frontier nodes per level.

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eagle3.config import ModelConfig, RopeConfig, _rope_from_hf
-from eagle3.model import KVCache, expand_mask_for_groups, grouped_attention, rope_inv_freq
+from eagle3.model import FEW_ROWS, KVCache, expand_mask_for_groups, grouped_attention, rope_inv_freq
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
 
+def dense(layer: nn.Linear, x: Tensor) -> Tensor:
+    """layer(x); on CPU, 2..64 rows without autograd go as weight @ x.T, which MKL runs several times faster
+    than F.linear for a few rows (see model.linear)."""
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() // x.shape[-1] in FEW_ROWS:
+        y = (layer.weight @ x.reshape(-1, x.shape[-1]).t()).t().contiguous().view(*x.shape[:-1], -1)
+        return y if layer.bias is None else y + layer.bias
+    return layer(x)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: DraftConfig):
         super().__init__()
@@ -117,7 +126,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return dense(self.down_proj, F.silu(dense(self.gate_proj, x)) * dense(self.up_proj, x))
 
 
 class MidLayer(nn.Module):
@@ -213,13 +222,13 @@ class Eagle3Draft(nn.Module):
             raise RuntimeError("call attach(target embeddings) first")
         B, n = tokens.shape
         if hidden.shape[-1] != cfg.hidden_size:
-            hidden = self.fc(hidden)
+            hidden = dense(self.fc, hidden)
         emb = F.embedding(tokens, self.embed_weight)
         x = torch.cat([layer.input_layernorm(emb), layer.hidden_norm(hidden)], dim=-1)
         attn = layer.self_attn
-        q = attn.q_proj(x).view(B, n, cfg.num_heads, cfg.head_dim)
-        k = attn.k_proj(x).view(B, n, cfg.num_kv_heads, cfg.head_dim)
-        v = attn.v_proj(x).view(B, n, cfg.num_kv_heads, cfg.head_dim)
+        q = dense(attn.q_proj, x).view(B, n, cfg.num_heads, cfg.head_dim)
+        k = dense(attn.k_proj, x).view(B, n, cfg.num_kv_heads, cfg.head_dim)
+        v = dense(attn.v_proj, x).view(B, n, cfg.num_kv_heads, cfg.head_dim)
         angles = positions.float()[..., None] * self._inv_freq.to(positions.device)
         emb_angles = torch.cat([angles, angles], dim=-1).view(-1, n, 1, cfg.head_dim)
         cos, sin = emb_angles.cos().to(q.dtype), emb_angles.sin().to(q.dtype)
@@ -228,12 +237,12 @@ class Eagle3Draft(nn.Module):
     def finish(self, hidden: Tensor, attn_out: Tensor) -> Tensor:
         """The layer after attention: residual + o_proj, then + MLP; returns h (pre-norm)."""
         layer = self.midlayer
-        h = hidden + layer.self_attn.o_proj(attn_out)
+        h = hidden + dense(layer.self_attn.o_proj, attn_out)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def logits(self, h: Tensor) -> Tensor:
         """Logits over the draft vocabulary."""
-        return self.lm_head(self.norm(h))
+        return dense(self.lm_head, self.norm(h))
 
 
 def new_draft(target_config: ModelConfig, draft_vocab_size: int | None = None, seed: int = 0, **overrides) -> Eagle3Draft:

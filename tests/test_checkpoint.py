@@ -340,6 +340,17 @@ def test_eagle_speculators_eagle(tmp_path):
     assert canonical(read_draft_config(back)[0]) == canonical(read_draft_config(src)[0])
 
 
+def test_convert_to_half_precision(tmp_path):
+    w = tensors(**DIMS)
+    src = write(tmp_path / "src", official_config(**DIMS), w)
+    half = convert(src, "eagle", tmp_path / "half", dtype=torch.float16)
+    got = load_file(str(half / "model.safetensors"))
+    assert got["fc.weight"].dtype == torch.float16 and got["d2t"].dtype == w["d2t"].dtype  # ids stay integers
+    assert torch.equal(got["fc.weight"], w["fc.weight"].half())
+    assert json.loads((half / "config.json").read_text())["torch_dtype"] == "float16"
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (src / "model.safetensors").stat().st_size
+
+
 def test_speculators_eagle_speculators(tmp_path):
     w = tensors(**DIMS, prefix="layers.0")
     src = write(tmp_path / "src", speculators_config(**DIMS, taps=[2, 4, 6], tokens=3), w)
