@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eagle3.config import ModelConfig, RopeConfig, _rope_from_hf
-from eagle3.model import FEW_ROWS, KVCache, expand_mask_for_groups, grouped_attention, rope_inv_freq
+from eagle3.model import FEW_ROWS, KVCache, few_rows_matmul, expand_mask_for_groups, grouped_attention, rope_inv_freq
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def dense(layer: nn.Linear, x: Tensor) -> Tensor:
     """layer(x); on CPU, 2..64 rows without autograd go as weight @ x.T, which MKL runs several times faster
     than F.linear for a few rows (see model.linear)."""
     if x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() // x.shape[-1] in FEW_ROWS:
-        y = (layer.weight @ x.reshape(-1, x.shape[-1]).t()).t().contiguous().view(*x.shape[:-1], -1)
+        y = few_rows_matmul(x, layer.weight)
         return y if layer.bias is None else y + layer.bias
     return layer(x)
 
