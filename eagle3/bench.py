@@ -39,7 +39,8 @@ class TurnOutput:
     token_ids: list[int]
     text: str
     wall_s: float
-    accept_lengths: list[int] = field(default_factory=list)  # speculative methods only
+    accept_lengths: list[int] = field(default_factory=list)  # speculative methods only, drafted rounds
+    plain_rounds: int = 0  # rounds an auto tree ran without a draft
 
 
 # A method answers a conversation (a list of chat messages ending with a user turn).
@@ -70,7 +71,8 @@ def make_methods(
     def ours(run: Callable[[list[int]], object]) -> Method:
         def answer(messages: list[dict]) -> TurnOutput:
             result = run(encode_messages(target, messages))
-            return TurnOutput(result.token_ids, result.text, result.wall_s, getattr(result, "accept_lengths", []))
+            return TurnOutput(result.token_ids, result.text, result.wall_s, getattr(result, "accept_lengths", []),
+                              getattr(result, "plain_rounds", 0))  # fmt: skip
         return answer
 
     for name in names:
@@ -181,7 +183,8 @@ def acceptance_by_depth(accept_lengths: list[int]) -> list[float]:
 
 
 def summarize(rows: list[dict], methods: list[str], greedy: bool) -> dict:
-    """summary[method][suite] = speedup, speedup_total, tau, tokens_per_s, identical, n, acceptance_by_depth."""
+    """summary[method][suite] = speedup, speedup_total, tau, tokens_per_s, identical, n, acceptance_by_depth,
+    drafted (the share of rounds that ran a draft; auto trees run plain rounds while drafting does not pay)."""
     summary: dict = {}
     suites = sorted({r["suite"] for r in rows}, key=lambda s: [r["suite"] for r in rows].index(s))
     for method in methods:
@@ -202,6 +205,8 @@ def summarize(rows: list[dict], methods: list[str], greedy: bool) -> dict:
             lengths = [n for r in mine for n in r["accept_lengths"]]
             entry["tau"] = sum(lengths) / len(lengths) if lengths else None
             entry["acceptance_by_depth"] = acceptance_by_depth(lengths) if lengths else []
+            plain = sum(r.get("plain_rounds", 0) for r in mine)
+            entry["drafted"] = len(lengths) / (len(lengths) + plain) if lengths else None
             summary[method][suite] = entry
     return summary
 
@@ -229,7 +234,9 @@ def markdown(summary: dict, config: dict) -> str:
     body = table("Speed-up over vanilla (mean of per-question ratios)", "speedup", "{:.2f}x")
     body += table("Speed-up over vanilla (ratio of totals)", "speedup_total", "{:.2f}x")
     body += table("Tokens per second", "tokens_per_s", "{:.1f}")
-    body += table("tau (accepted draft tokens + 1, per round)", "tau", "{:.2f}")
+    body += table("tau (accepted draft tokens + 1, per drafted round)", "tau", "{:.2f}")
+    if any(summary[m]["all"].get("drafted") not in (None, 1.0) for m in methods):
+        body += table("Share of rounds drafted (auto trees skip drafting while it does not pay)", "drafted", "{:.0%}")
     if config["temperature"] == 0:
         body += table("Outputs identical to vanilla (token for token)", "identical", "{}")
     return "\n".join(head + body)
@@ -323,6 +330,7 @@ def run_bench(
                 "new_tokens": sum(len(o.token_ids) for o in outputs), "wall_s": sum(o.wall_s for o in outputs),
                 "token_ids": [t for o in outputs for t in o.token_ids],
                 "accept_lengths": [n for o in outputs for n in o.accept_lengths],
+                "plain_rounds": sum(o.plain_rounds for o in outputs),
                 "turns": [o.text for o in outputs],
             })  # fmt: skip
 

@@ -70,7 +70,10 @@ def _generate(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json()))
     else:
         sys.stdout.write("\n")
-        extra = f", tau {result.tau:.2f} over {result.rounds} rounds" if draft_path is not None else ""
+        extra = ""
+        if draft_path is not None:
+            plain = f" and {result.plain_rounds} plain" if result.plain_rounds else ""
+            extra = f", tau {result.tau:.2f} over {len(result.accept_lengths)} drafted rounds{plain}"
         print(
             f"[{result.method}: {result.new_tokens} tokens in {result.wall_s:.2f}s, {result.tokens_per_s:.1f} tok/s"
             f"{extra}, finish: {result.finish_reason}]",

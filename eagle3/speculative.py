@@ -28,11 +28,13 @@ from eagle3.verify import accept
 @dataclass
 class SpeculativeResult(GenerationResult):
     method: str = "eagle3"
-    rounds: int = 0
-    accept_lengths: list[int] = field(default_factory=list)  # per round: accepted draft tokens + 1
+    rounds: int = 0  # target forward passes after the prefill
+    accept_lengths: list[int] = field(default_factory=list)  # per drafted round: accepted draft tokens + 1
+    plain_rounds: int = 0  # rounds without a draft (auto trees skip drafting while it does not pay)
 
     @property
     def tau(self) -> float:
+        """Mean acceptance length of the drafted rounds (the papers' tau; plain rounds are not counted)."""
         return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 0.0
 
     def to_json(self) -> dict:
@@ -63,7 +65,7 @@ def speculative_generate(
     stopper = Stopper(target.tokenizer, target.eos_token_ids, budget, tuple(stop_strings), track_text=on_text is not None)
     streamer = TextStreamer(on_text, stop_strings) if on_text else None
     generator = make_generator(sampling, device)
-    rounds, accept_lengths = 0, []
+    rounds, accept_lengths, plain_rounds = 0, [], 0
 
     taps = getattr(drafter, "uses_features", True)  # prompt lookup reads no target features: skip the taps
     start = time.perf_counter()
@@ -105,7 +107,10 @@ def speculative_generate(
         new_tokens = draft_tree.tokens[path[1:]].tolist() + [bonus]
         stopper.extend(new_tokens)
         rounds += 1
-        accept_lengths.append(len(path))
+        if pending is None:
+            accept_lengths.append(len(path))
+        else:
+            plain_rounds += 1
         if policy is not None:
             policy.observe(draft_tree.depths[1:], draft_tree.scores[1:], len(path) - 1)
 
@@ -133,4 +138,5 @@ def speculative_generate(
         method=method,
         rounds=rounds,
         accept_lengths=accept_lengths,
+        plain_rounds=plain_rounds,
     )

@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 100
     dtype: str = "float32"  # or bfloat16 (autocast)
+    group_by_length: bool = True  # batches of similar lengths (less padding), in shuffled order
 
 
 RECIPES = {
@@ -82,9 +83,26 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled example order of an epoch, a function of (seed, epoch) only, so resuming can replay it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+def epoch_order(n: int, seed: int, epoch: int, lengths: list[int] | None = None, batch_size: int = 1) -> list[int]:
+    """The shuffled example order of an epoch, a function of (seed, epoch) only, so resuming can replay it.
+
+    With lengths, each run of batch_size examples has similar lengths (padding is wasted compute): windows of
+    64 batches of the shuffled order are sorted by length and cut into batches, and the full batches are
+    shuffled again; the one partial batch, if any, goes last so every other batch stays whole.
+    """
+    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    if lengths is None or batch_size <= 1:
+        return order
+    window = 64 * batch_size
+    batches = []
+    for first in range(0, n, window):
+        chunk = sorted(order[first : first + window], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    partial = [b for b in batches if len(b) < batch_size]
+    full = [b for b in batches if len(b) == batch_size]
+    full = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    return [i for batch in full + partial for i in batch]
 
 
 def distributed_rank_and_world() -> tuple[int, int]:
@@ -167,10 +185,13 @@ def train(
     resume: bool = False,
     progress: bool = True,
     features: FeatureCache | None = None,
+    init: str | Path | None = None,
 ) -> tuple[Eagle3Draft, TrainState]:
     """Trains a draft on tokenized examples; returns it (also saved under out_dir/draft) and the run's state.
 
     With `features` (a cache of these same examples, see features.py) the target's forward pass is skipped.
+    With `init` (a draft checkpoint for this target) training starts from that draft, its vocabulary included,
+    instead of a fresh one: fine-tuning a draft on new data, e.g. the target's regenerated answers.
     """
     from eagle3.checkpoint import save_draft
 
@@ -192,6 +213,11 @@ def train(
         draft = draft.to(device).attach(target.model.embed.weight)
         state = TrainState(**saved["state"])
         torch.set_rng_state(saved["rng"])
+    elif init is not None:
+        from eagle3.checkpoint import load_draft
+
+        draft = load_draft(init, target.model.config, device=device, dtype=torch.float32)
+        draft = draft.attach(target.model.embed.weight)
     else:
         draft = make_draft(target, [examples[i] for i in usable], cfg)
     draft.train()
@@ -213,6 +239,7 @@ def train(
     log_file = (out_dir / "train_log.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress or rank > 0, file=sys.stderr)
     per_epoch = math.ceil(len(usable) / cfg.batch_size)
+    lengths = [len(examples[i].input_ids) for i in usable] if cfg.group_by_length else None
     try:
         while state.step < cfg.steps and stop["signal"] is None:
             start = time.perf_counter()
@@ -223,7 +250,7 @@ def train(
             for _ in range(cfg.grad_accum):
                 if state.batch_index >= per_epoch:
                     state.epoch, state.batch_index = state.epoch + 1, 0
-                order = [usable[i] for i in epoch_order(len(usable), cfg.seed, state.epoch)]
+                order = [usable[i] for i in epoch_order(len(usable), cfg.seed, state.epoch, lengths, cfg.batch_size)]
                 first = state.batch_index * cfg.batch_size
                 chosen = [order[(first + j) % len(order)] for j in range(cfg.batch_size)]  # always full
                 state.batch_index += 1
@@ -314,6 +341,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
     p.add_argument("--out", required=True, help="run folder: train_state.pt, train_log.jsonl, draft/")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--init", default=None,
+                   help="start from this draft checkpoint (weights and vocabulary) instead of a fresh draft")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="use the first N conversations")
     p.add_argument("--eval-conversations", type=int, default=8, help="held out from the data for the tau check")
     p.add_argument("--drop-long", action="store_true", help="drop conversations over max length (default: truncate)")
@@ -358,7 +387,7 @@ def train_command(args) -> int:
         if distributed_rank_and_world()[0] == 0:
             dump_features(target, examples, args.features)
         features = FeatureCache(args.features)
-    draft, state = train(target, examples, args.out, cfg, resume=args.resume, features=features)
+    draft, state = train(target, examples, args.out, cfg, resume=args.resume, features=features, init=args.init)
     if distributed_rank_and_world()[0] != 0:
         return 0
     hours = (time.perf_counter() - start) / 3600
@@ -367,7 +396,8 @@ def train_command(args) -> int:
     summary = {"steps": state.step, "epochs": state.epoch, "examples": len(examples),
                "tokens_per_epoch": sum(len(e.input_ids) for e in examples), "hours_this_run": hours,
                "cpu_hours_this_run": hours * torch.get_num_threads(), "final_loss0": last.get("loss0"),
-               "final_acc0": last.get("acc0"), "tau": tau, "draft": str(Path(args.out) / "draft")}  # fmt: skip
+               "final_acc0": last.get("acc0"), "tau": tau, "draft": str(Path(args.out) / "draft"),
+               "init": args.init}  # fmt: skip
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0

@@ -117,3 +117,4 @@ def test_plain_rounds_between_drafted_ones_stay_lossless(stories):
     spec = speculative_generate(stories, drafter, ids, 150, tree=AUTO_TREE, policy=policy)
     assert spec.token_ids == plain.token_ids
     assert policy.backoff > 1 and spec.rounds >= len(spec.token_ids) - 1  # mostly one token per round
+    assert spec.plain_rounds > spec.rounds / 2 and spec.rounds == spec.plain_rounds + len(spec.accept_lengths)

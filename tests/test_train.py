@@ -10,7 +10,7 @@ from eagle3.drafter import Eagle3Drafter
 from eagle3.generate import generate
 from eagle3.sampling import SamplingParams
 from eagle3.speculative import speculative_generate
-from eagle3.train import TrainConfig, train
+from eagle3.train import TrainConfig, epoch_order, train
 from eagle3.tree import TreeSpec
 
 PROMPTS = ["Once upon a time", "Tom and Lily", "One day, a little", "The cat", "Sara had a", "The sun was",
@@ -165,3 +165,29 @@ def test_offline_features_train_like_online(stories, examples, tmp_path, monkeyp
     offline, _ = train(stories, examples, tmp_path / "offline", cfg, progress=False, features=cache)
     for key, value in online.state_dict().items():
         assert torch.allclose(value, offline.state_dict()[key], atol=1e-5), key
+
+
+def test_init_continues_from_a_saved_draft(stories, examples, tmp_path):
+    cfg = TrainConfig(**{**CFG.__dict__, "steps": 40})
+    first, state = train(stories, examples, tmp_path / "first", cfg, progress=False)
+    more = TrainConfig(**{**CFG.__dict__, "steps": 2, "lr": 1e-9})
+    second, more_state = train(stories, examples, tmp_path / "second", more, init=tmp_path / "first" / "draft",
+                               progress=False)  # fmt: skip
+    assert torch.equal(second.d2t, first.d2t) and torch.equal(second.t2d, first.t2d)
+    fresh_loss = state.log[0]["loss0"]
+    assert more_state.log[0]["loss0"] < 0.8 * fresh_loss, (more_state.log[0]["loss0"], fresh_loss)
+    assert abs(more_state.log[0]["loss0"] - state.log[-1]["loss0"]) < 0.5 * fresh_loss
+
+
+def test_batches_group_similar_lengths_and_cover_the_epoch():
+    lengths = [int(x) for x in torch.randint(10, 500, (1000,), generator=torch.Generator().manual_seed(1))]
+    order = epoch_order(1000, seed=3, epoch=2, lengths=lengths, batch_size=4)
+    assert sorted(order) == list(range(1000))
+    assert order == epoch_order(1000, seed=3, epoch=2, lengths=lengths, batch_size=4)  # resume replays it
+    assert order != epoch_order(1000, seed=3, epoch=3, lengths=lengths, batch_size=4)
+
+    def padding(o):
+        return sum(max(lengths[i] for i in o[j : j + 4]) * 4 - sum(lengths[i] for i in o[j : j + 4])
+                   for j in range(0, len(o), 4))  # fmt: skip
+
+    assert padding(order) < 0.2 * padding(epoch_order(1000, seed=3, epoch=2))
