@@ -500,6 +500,8 @@ def save_draft(
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_weights(tensors, tmp / "model.safetensors")
+        # safetensors creates its file owner-only (0600): give it the mode any file gets here (umask applied).
+        os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
         if out.exists():
             old = out.parent / f".{out.name}.old-{tag}"
             os.replace(out, old)

@@ -286,6 +286,8 @@ def test_round_trip(tmp_path, fmt, dtype):
     names = set(load_file(str(out / "model.safetensors")))
     prefix = "midlayer." if fmt == "eagle" else "layers.0."
     assert names == {prefix + k for k in LAYER_KEYS} | {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"}
+    # The weights are as readable as the config (safetensors alone would create them owner-only).
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
 
 
 def test_round_trip_rope_scaling(tmp_path):
