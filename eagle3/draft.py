@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eagle3.config import ModelConfig, RopeConfig, _rope_from_hf
-from eagle3.model import FEW_ROWS, KVCache, few_rows_matmul, expand_mask_for_groups, grouped_attention, rope_inv_freq
+from eagle3.model import FEW_ROWS, KVCache, expand_mask_for_groups, few_rows_matmul, grouped_attention, rope_inv_freq
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def speculative_generate(
     stopper = Stopper(target.tokenizer, target.eos_token_ids, budget, tuple(stop_strings), track_text=on_text is not None)
     streamer = TextStreamer(on_text, stop_strings) if on_text else None
     generator = make_generator(sampling, device)
-    rounds, accept_lengths, plain_rounds = 0, [], 0
+    accept_lengths, plain_rounds = [], 0
 
     taps = getattr(drafter, "uses_features", True)  # prompt lookup reads no target features: skip the taps
     start = time.perf_counter()
@@ -106,7 +106,6 @@ def speculative_generate(
         model.cache.compact(committed, path)
         new_tokens = draft_tree.tokens[path[1:]].tolist() + [bonus]
         stopper.extend(new_tokens)
-        rounds += 1
         if pending is None:
             accept_lengths.append(len(path))
         else:
@@ -136,7 +135,7 @@ def speculative_generate(
         wall_s=wall_s,
         prefill_s=prefill_s,
         method=method,
-        rounds=rounds,
+        rounds=len(accept_lengths) + plain_rounds,
         accept_lengths=accept_lengths,
         plain_rounds=plain_rounds,
     )

@@ -240,6 +240,7 @@ def train(
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress or rank > 0, file=sys.stderr)
     per_epoch = math.ceil(len(usable) / cfg.batch_size)
     lengths = [len(examples[i].input_ids) for i in usable] if cfg.group_by_length else None
+    order_epoch, order = None, []  # the epoch's order, computed once per epoch
     try:
         while state.step < cfg.steps and stop["signal"] is None:
             start = time.perf_counter()
@@ -250,7 +251,9 @@ def train(
             for _ in range(cfg.grad_accum):
                 if state.batch_index >= per_epoch:
                     state.epoch, state.batch_index = state.epoch + 1, 0
-                order = [usable[i] for i in epoch_order(len(usable), cfg.seed, state.epoch, lengths, cfg.batch_size)]
+                if order_epoch != state.epoch:
+                    order_epoch = state.epoch
+                    order = [usable[i] for i in epoch_order(len(usable), cfg.seed, state.epoch, lengths, cfg.batch_size)]
                 first = state.batch_index * cfg.batch_size
                 chosen = [order[(first + j) % len(order)] for j in range(cfg.batch_size)]  # always full
                 state.batch_index += 1
