@@ -14,6 +14,13 @@ nothing, deeper ones cannot either).
 Draft probabilities are miscalibrated (usually optimistic), so estimates are corrected online: per depth, the
 ratio of acceptances observed to acceptances predicted over recent rounds scales that depth's estimates.
 The nodes kept are still the best by draft score, so the kept set always contains every node's parent.
+
+Costs are corrected online too: the cost model is measured on a quiet machine and leaves out the loop's own
+work (tree bookkeeping, acceptance, the draft's catch-up on several tokens), so the decoding loop reports the
+wall time of each round's two phases, drafting and verifying, and per phase the ratio of observed to predicted
+time scales the predictions. (Plain steps are verify phases too, so their cost is known while drafting.) A round whose best tree, drafting included, is expected to yield fewer tokens per ms than a
+plain step pauses drafting for a while (see should_draft): drafting never pays less than plain decoding on
+average, up to the rounds spent finding that out.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ class AutoTree:
     max_pause: int = 16
     pause: int = 0  # plain rounds left before drafting again
     backoff: int = 1  # the next pause's length: doubles while drafting keeps not paying
+    # Per phase of a round ("draft", "verify"): observed ms, predicted ms, rounds (decayed sums).
+    phase_ms: dict[str, list[float]] = field(default_factory=lambda: {"draft": [0.0] * 3, "verify": [0.0] * 3})
+    predicted_ms: tuple[float, float] = (0.0, 0.0)  # the round under way's (draft, verify) ms, as chosen by keep
     _verify_tables: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     def should_draft(self) -> bool:
@@ -49,8 +59,17 @@ class AutoTree:
         what plain decoding costs."""
         if self.pause > 0:
             self.pause -= 1
+            self.predicted_ms = (0.0, float(self._verify_ms()[0]))
             return False
         return True
+
+    def cost_scale(self, phase: str) -> float:
+        """Observed / predicted time of a round's "draft" or "verify" phase, after prior_rounds of ratio 1."""
+        observed, predicted, rounds = self.phase_ms[phase]
+        if rounds == 0 or predicted == 0:
+            return 1.0
+        prior = self.prior_rounds * predicted / rounds
+        return (observed + prior) / (predicted + prior)
 
     def correction(self, depth: int) -> float:
         """Observed / predicted acceptances at a tree depth (1 = the root's children)."""
@@ -70,17 +89,23 @@ class AutoTree:
 
         Keep: the best rate with the drafting already done counted whole (it is spent). Deeper: only if the
         best tree, charging each size just the levels it needs, uses the newest level, and the cap allows.
+        Once the round's tree is final, drafting pauses if that tree is expected to pay less than a plain step.
         """
         order = torch.sort(scores, descending=True, stable=True).indices[: self.max_tokens - 1]
         gains = torch.cat([torch.zeros(1), self.estimates(scores[order], levels[order]).cumsum(0)])
         level_ms = torch.tensor([0.0] + [self.cost.draft(n) for n in self._level_sizes(levels_drafted)]).cumsum(0)
         needed = torch.cat([torch.ones(1, dtype=torch.long), levels[order].cummax(0).values])
         verify_ms = self._verify_ms()[: len(gains)]
-        best = int(torch.argmax((1.0 + gains) / (level_ms[levels_drafted] + verify_ms)))
-        best_needed = int(torch.argmax((1.0 + gains) / (level_ms[needed] + verify_ms)))
+        draft_scale, verify_scale = self.cost_scale("draft"), self.cost_scale("verify")
+        best = int(torch.argmax((1.0 + gains) / (draft_scale * level_ms[levels_drafted] + verify_scale * verify_ms)))
+        best_needed = int(torch.argmax((1.0 + gains) / (draft_scale * level_ms[needed] + verify_scale * verify_ms)))
         deeper = levels_drafted < self.max_depth and bool((levels[order[:best_needed]] == levels_drafted).any())
+        # The round's phases as the cost model has them (the last call's are the round's), for observe.
+        self.predicted_ms = (float(level_ms[levels_drafted]), float(verify_ms[best]))
         if not deeper:  # the round's final choice
-            if best == 0:
+            drafted_rate = (1.0 + float(gains[best])) / (draft_scale * self.predicted_ms[0] + verify_scale * self.predicted_ms[1])
+            plain_rate = 1.0 / (verify_scale * float(verify_ms[0]))
+            if best == 0 or drafted_rate < plain_rate:
                 self.pause, self.backoff = self.backoff, min(2 * self.backoff, self.max_pause)
             else:
                 self.backoff = 1
@@ -91,16 +116,24 @@ class AutoTree:
         bucket = self.context // 64
         if bucket not in self._verify_tables:
             context = bucket * 64 + 32
-            self._verify_tables[bucket] = torch.tensor([self.cost.verify(n, context) for n in range(1, self.max_tokens + 1)])
+            ms = torch.tensor([self.cost.verify(n, context) for n in range(1, self.max_tokens + 1)])
+            self._verify_tables[bucket] = ms.clamp(min=1e-3)  # (a tiny model can measure 0 ms: rates stay finite)
         return self._verify_tables[bucket]
 
     def _level_sizes(self, levels_drafted: int) -> list[int]:
         # The catch-up step (one token, usually a few) and then top_k frontier nodes per level.
         return [1] + [self.top_k] * max(levels_drafted - 1, 0)
 
-    def observe(self, depths: Tensor, scores: Tensor, accepted_depth: int) -> None:
-        """After verification: the verified tree's node depths and draft scores, and how deep the accepted
-        path went (0: no draft token accepted)."""
+    def observe(self, depths: Tensor, scores: Tensor, accepted_depth: int,
+                phases_ms: tuple[float, float] | None = None) -> None:  # fmt: skip
+        """After verification: the verified tree's node depths and draft scores, how deep the accepted path
+        went (0: no draft token accepted), and if measured the wall time of the round's (draft, verify) phases
+        (a plain step drafts nothing: 0)."""
+        if phases_ms is not None:
+            for phase, observed, predicted in zip(("draft", "verify"), phases_ms, self.predicted_ms):
+                if predicted > 0:
+                    sums = self.phase_ms[phase]
+                    sums[:] = [self.decay * sums[0] + observed, self.decay * sums[1] + predicted, self.decay * sums[2] + 1]
         depth_max = int(depths.max()) if len(depths) else 0
         while len(self.predicted) < depth_max:
             self.predicted.append(0.0)

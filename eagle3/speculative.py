@@ -85,6 +85,7 @@ def speculative_generate(
     while not stopper.done:
         if streamer:
             streamer.update(stopper.text())
+        draft_start = time.perf_counter()
         if policy is None or policy.should_draft():
             root_logp, root_ids = drafter.catch_up(catch_tokens, catch_features, catch_start, tree.top_k)
             # Near the end of the context the tree shrinks to what still fits (down to the root alone).
@@ -100,6 +101,7 @@ def speculative_generate(
             pending = (catch_tokens, catch_features, catch_start)
 
         # The tree lives on the host; positions stay there too (the runtime reads their max without a sync).
+        verify_start = time.perf_counter()
         positions = committed + draft_tree.depths
         out = model(draft_tree.tokens.view(1, -1).to(device), positions, draft_tree.mask.to(device), taps=taps)
         path, bonus = accept(draft_tree, out.logits[0], sampling, generator)
@@ -110,8 +112,9 @@ def speculative_generate(
             accept_lengths.append(len(path))
         else:
             plain_rounds += 1
-        if policy is not None:
-            policy.observe(draft_tree.depths[1:], draft_tree.scores[1:], len(path) - 1)
+        if policy is not None:  # (new_tokens is on the host: the round's work is done, on CUDA too)
+            phases_ms = ((verify_start - draft_start) * 1000, (time.perf_counter() - verify_start) * 1000)
+            policy.observe(draft_tree.depths[1:], draft_tree.scores[1:], len(path) - 1, phases_ms)
 
         catch_tokens = torch.tensor(new_tokens, dtype=torch.long, device=device)
         catch_features = out.taps[0, torch.tensor(path, device=device)] if taps else None

@@ -107,6 +107,28 @@ def test_pauses_drafting_while_it_does_not_pay():
     assert policy.pause == 0 and policy.backoff == 1
 
 
+def test_slow_drafting_observed_pauses_it():
+    """A tree that pays on the cost model's word stops being drafted once drafting is seen to take ten times
+    its predicted time while verification takes what was predicted; it resumes when drafting speeds up."""
+    policy = AutoTree(cost_model(1.0, draft_ms=1.0))
+    tree = grow_tree(0, *root(0.6), confident_expand(0.6), AUTO_TREE, policy)
+    assert tree.size > 1 and policy.pause == 0  # drafting pays as predicted
+    for _ in range(30):
+        if policy.should_draft():
+            tree = grow_tree(0, *root(0.6), confident_expand(0.6), AUTO_TREE, policy)
+            draft_ms, verify_ms = policy.predicted_ms
+            policy.observe(tree.depths[1:], tree.scores[1:], 1, (10 * draft_ms, verify_ms))
+        else:
+            policy.observe(tree.depths[:0], tree.scores[:0], 0, (0.0, policy.predicted_ms[1]))
+    assert policy.cost_scale("draft") > 5 and abs(policy.cost_scale("verify") - 1) < 1e-6
+    assert policy.backoff > 1  # drafting paused, and paused longer each time it was tried again
+    for _ in range(60):  # drafting takes what the cost model says again (tried every round here)
+        policy.pause = 0
+        tree = grow_tree(0, *root(0.6), confident_expand(0.6), AUTO_TREE, policy)
+        policy.observe(tree.depths[1:], tree.scores[1:], 1, policy.predicted_ms)
+    assert policy.cost_scale("draft") < 1.2 and policy.pause == 0 and policy.backoff == 1
+
+
 def test_plain_rounds_between_drafted_ones_stay_lossless(stories):
     """A draft that never pays under a steep cost model: most rounds are plain steps, and the draft catches
     up on several tokens at once when it drafts again; the output is still plain greedy's."""
