@@ -42,6 +42,7 @@ class AutoTree:
     decay: float = 0.95  # weight of the past in the per-depth corrections (about 20 rounds of memory)
     prior_rounds: float = 2.0  # pseudo-rounds of ratio 1 before any observation
     context: int = 256  # cached tokens, for the verify cost (set per round by the decoding loop)
+    catch_up: int = 1  # tokens the draft catches up on this round (set per round too: more after a pause)
     predicted: list[float] = field(default_factory=list)  # per depth (1-based at index d-1), decayed sums
     observed: list[float] = field(default_factory=list)
     max_pause: int = 16
@@ -102,9 +103,10 @@ class AutoTree:
         deeper = levels_drafted < self.max_depth and bool((levels[order[:best_needed]] == levels_drafted).any())
         # The round's phases as the cost model has them (the last call's are the round's), for observe.
         self.predicted_ms = (float(level_ms[levels_drafted]), float(verify_ms[best]))
-        if not deeper:  # the round's final choice
-            drafted_rate = (1.0 + float(gains[best])) / (draft_scale * self.predicted_ms[0] + verify_scale * self.predicted_ms[1])
-            plain_rate = 1.0 / (verify_scale * float(verify_ms[0]))
+        if not deeper:  # the round's final choice: would such rounds pay? (their catch-up is a token or two)
+            steady_draft_ms = self.predicted_ms[0] - self.cost.draft(self.catch_up) + self.cost.draft(1)
+            drafted_ms = draft_scale * steady_draft_ms + verify_scale * self.predicted_ms[1]
+            drafted_rate, plain_rate = (1.0 + float(gains[best])) / drafted_ms, 1.0 / (verify_scale * float(verify_ms[0]))
             if best == 0 or drafted_rate < plain_rate:
                 self.pause, self.backoff = self.backoff, min(2 * self.backoff, self.max_pause)
             else:
@@ -121,8 +123,8 @@ class AutoTree:
         return self._verify_tables[bucket]
 
     def _level_sizes(self, levels_drafted: int) -> list[int]:
-        # The catch-up step (one token, usually a few) and then top_k frontier nodes per level.
-        return [1] + [self.top_k] * max(levels_drafted - 1, 0)
+        # The catch-up step and then top_k frontier nodes per level.
+        return [self.catch_up] + [self.top_k] * max(levels_drafted - 1, 0)
 
     def observe(self, depths: Tensor, scores: Tensor, accepted_depth: int,
                 phases_ms: tuple[float, float] | None = None) -> None:  # fmt: skip

@@ -7,8 +7,10 @@ The cost model holds
   its logits and top-k, as the decoding loop runs them.
 Batch size is 1: speculative decoding here serves one sequence at a time.
 
-Measurements are medians of a few timed calls after a warm-up, and are cached per target, draft shape,
-device, dtype, thread count and torch version under $EAGLE3_HOME/calibration (see autotree.py for their use).
+Measurements are the fastest of a few timed calls after a warm-up (other work on a shared machine only ever
+adds time; the decoding loop corrects the level online, see autotree.py), made monotone: n tokens never cost
+more than the cheapest larger count measured (a smaller tree could be padded to it). They are cached per
+target, draft shape, device, dtype, thread count and torch version under $EAGLE3_HOME/calibration.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import sys
 import time
 from bisect import bisect_left
@@ -68,7 +69,16 @@ class CostModel:
         return cls(target, {int(n): float(ms) for n, ms in d["draft_ms"].items()}, d.get("key", ""))
 
 
-def _median_ms(fn, repeats: int) -> float:
+def monotone(points: dict[int, float]) -> dict[int, float]:
+    """Each point lowered to the cheapest point at or above its size."""
+    out, cheapest = {}, float("inf")
+    for n in sorted(points, reverse=True):
+        cheapest = min(cheapest, points[n])
+        out[n] = cheapest
+    return dict(sorted(out.items()))
+
+
+def _fastest_ms(fn, repeats: int) -> float:
     fn()  # warm-up (allocations, kernel choice)
     times = []
     for _ in range(repeats):
@@ -77,7 +87,7 @@ def _median_ms(fn, repeats: int) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return min(times)
 
 
 @torch.inference_mode()
@@ -101,8 +111,8 @@ def measure_target(model, contexts=CONTEXTS, sizes=TREE_SIZES, repeats: int = 5)
                 model.cache.truncate(context)
                 model(tokens, positions, mask, taps=True)
 
-            points[n] = _median_ms(step, repeats)
-        out[context] = points
+            points[n] = _fastest_ms(step, repeats)
+        out[context] = monotone(points)
         model.cache.truncate(0)
     return out
 
@@ -129,9 +139,9 @@ def measure_draft(draft, sizes=DRAFT_SIZES, context: int = 256, repeats: int = 7
             h = draft(tokens, hidden, positions, mask, context)
             top_children(draft.logits(h[0]), 10)
 
-        out[n] = _median_ms(step, repeats)
+        out[n] = _fastest_ms(step, repeats)
     draft.cache.truncate(0)
-    return out
+    return monotone(out)
 
 
 def cost_key(target, draft) -> str:
@@ -141,7 +151,7 @@ def cost_key(target, draft) -> str:
         "target": target.name, "target_config": repr(model.config), "draft": repr(draft.config),
         "device": str(model.device), "device_name": torch.cuda.get_device_name(model.device)
         if model.device.type == "cuda" else os.uname().machine, "dtype": str(model.dtype),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "method": "fastest, monotone",
     }  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -92,7 +92,7 @@ def speculative_generate(
             room = model.cache.max_len - committed
             spec = tree if room >= tree.total_tokens else replace(tree, total_tokens=max(room, 1))
             if policy is not None:
-                policy.context = committed
+                policy.context, policy.catch_up = committed, len(catch_tokens)
             draft_tree = grow_tree(int(catch_tokens[-1]), root_logp, root_ids, drafter.expand, spec, policy)
             drafter.end_round()
             pending = None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eagle3.autotree import AutoTree
-from eagle3.cost import CostModel, calibrate, cost_path, interpolate
+from eagle3.cost import CostModel, calibrate, cost_path, interpolate, monotone
 from eagle3.draft import new_draft
 from eagle3.drafter import Eagle3Drafter
 from eagle3.generate import generate
@@ -43,6 +43,8 @@ def test_interpolation_and_context():
     model = CostModel({100: {1: 10.0, 8: 20.0}, 1100: {1: 20.0, 8: 40.0}}, {1: 1.0})
     assert model.verify(8, context=600) == pytest.approx(30.0)
     assert CostModel.from_json(json.loads(json.dumps(model.to_json()))) == model
+    # A noisy calibration (2 tokens slower than 4) is made monotone: no size costs more than a larger one.
+    assert monotone({1: 48.0, 2: 122.0, 4: 110.0, 8: 190.0}) == {1: 48.0, 2: 110.0, 4: 110.0, 8: 190.0}
 
 
 def test_cheap_verification_grows_big_deep_trees_and_dear_verification_small_ones():
