@@ -16,11 +16,12 @@ ratio of acceptances observed to acceptances predicted over recent rounds scales
 The nodes kept are still the best by draft score, so the kept set always contains every node's parent.
 
 Costs are corrected online too: the cost model is measured on a quiet machine and leaves out the loop's own
-work (tree bookkeeping, acceptance, the draft's catch-up on several tokens), so the decoding loop reports the
-wall time of each round's two phases, drafting and verifying, and per phase the ratio of observed to predicted
-time scales the predictions. (Plain steps are verify phases too, so their cost is known while drafting.) A round whose best tree, drafting included, is expected to yield fewer tokens per ms than a
-plain step pauses drafting for a while (see should_draft): drafting never pays less than plain decoding on
-average, up to the rounds spent finding that out.
+work (tree bookkeeping, acceptance), so the decoding loop reports the wall time of each round's two phases,
+drafting and verifying, and per phase the ratio of observed to predicted time scales the predictions.
+
+A round whose best tree, drafting included, is expected to yield fewer tokens per ms than a plain step pauses
+drafting for a while (see should_draft), so drafting costs about what plain decoding costs where it does not
+pay, up to the rounds spent finding that out.
 """
 
 from __future__ import annotations
