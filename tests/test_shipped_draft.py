@@ -32,5 +32,5 @@ def test_shipped_draft_is_lossless_and_accepted(smollm2):
     plain = generate(smollm2, ids, 64)
     spec = speculative_generate(smollm2, drafter, ids, 64, tree=TreeSpec(16, 4, 4))
     assert spec.token_ids == plain.token_ids
-    # An untrained draft scores about 1.0; the shipped one (measured 1.42 here) must be clearly accepted.
+    # An untrained draft scores about 1.0; the shipped one (measured 1.43 here) must be clearly accepted.
     assert spec.tau > 1.3
