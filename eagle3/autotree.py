@@ -35,6 +35,27 @@ from eagle3.cost import CostModel
 
 
 @dataclass
+class TimeRatio:
+    """Observed / predicted time of one phase of a round, over recent rounds (decayed sums)."""
+
+    observed: float = 0.0
+    predicted: float = 0.0
+    rounds: float = 0.0
+
+    def add(self, observed_ms: float, predicted_ms: float, decay: float) -> None:
+        self.observed = decay * self.observed + observed_ms
+        self.predicted = decay * self.predicted + predicted_ms
+        self.rounds = decay * self.rounds + 1
+
+    def scale(self, prior_rounds: float) -> float:
+        """The ratio after prior_rounds of ratio 1 (1.0 before any round)."""
+        if self.rounds == 0 or self.predicted == 0:
+            return 1.0
+        prior = prior_rounds * self.predicted / self.rounds
+        return (self.observed + prior) / (self.predicted + prior)
+
+
+@dataclass
 class AutoTree:
     cost: CostModel
     max_tokens: int = 64  # caps, so that a wildly optimistic draft cannot build a huge tree
@@ -49,8 +70,7 @@ class AutoTree:
     max_pause: int = 16
     pause: int = 0  # plain rounds left before drafting again
     backoff: int = 1  # the next pause's length: doubles while drafting keeps not paying
-    # Per phase of a round ("draft", "verify"): observed ms, predicted ms, rounds (decayed sums).
-    phase_ms: dict[str, list[float]] = field(default_factory=lambda: {"draft": [0.0] * 3, "verify": [0.0] * 3})
+    phase_time: dict[str, TimeRatio] = field(default_factory=lambda: {"draft": TimeRatio(), "verify": TimeRatio()})
     predicted_ms: tuple[float, float] = (0.0, 0.0)  # the round under way's (draft, verify) ms, as chosen by keep
     _verify_tables: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
@@ -66,12 +86,8 @@ class AutoTree:
         return True
 
     def cost_scale(self, phase: str) -> float:
-        """Observed / predicted time of a round's "draft" or "verify" phase, after prior_rounds of ratio 1."""
-        observed, predicted, rounds = self.phase_ms[phase]
-        if rounds == 0 or predicted == 0:
-            return 1.0
-        prior = self.prior_rounds * predicted / rounds
-        return (observed + prior) / (predicted + prior)
+        """Observed / predicted time of a round's "draft" or "verify" phase."""
+        return self.phase_time[phase].scale(self.prior_rounds)
 
     def correction(self, depth: int) -> float:
         """Observed / predicted acceptances at a tree depth (1 = the root's children)."""
@@ -135,8 +151,7 @@ class AutoTree:
         if phases_ms is not None:
             for phase, observed, predicted in zip(("draft", "verify"), phases_ms, self.predicted_ms):
                 if predicted > 0:
-                    sums = self.phase_ms[phase]
-                    sums[:] = [self.decay * sums[0] + observed, self.decay * sums[1] + predicted, self.decay * sums[2] + 1]
+                    self.phase_time[phase].add(observed, predicted, self.decay)
         depth_max = int(depths.max()) if len(depths) else 0
         while len(self.predicted) < depth_max:
             self.predicted.append(0.0)
