@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 from torch import Tensor
 
 from eagle3.cost import CostModel
@@ -72,7 +72,7 @@ class AutoTree:
     backoff: int = 1  # the next pause's length: doubles while drafting keeps not paying
     phase_time: dict[str, TimeRatio] = field(default_factory=lambda: {"draft": TimeRatio(), "verify": TimeRatio()})
     predicted_ms: tuple[float, float] = (0.0, 0.0)  # the round under way's (draft, verify) ms, as chosen by keep
-    _verify_tables: dict[int, Tensor] = field(default_factory=dict, repr=False)
+    _verify_tables: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def should_draft(self) -> bool:
         """False for a few rounds after a round whose best tree was the root alone: then even drafting costs
@@ -96,12 +96,12 @@ class AutoTree:
         prior = self.prior_rounds
         return (self.observed[depth - 1] + prior) / (self.predicted[depth - 1] + prior)
 
-    def estimates(self, scores: Tensor, levels: Tensor) -> Tensor:
+    def estimates(self, scores: np.ndarray, levels: np.ndarray) -> np.ndarray:
         """Corrected acceptance estimates of candidate nodes from cumulative log-probs and depths."""
-        factors = torch.tensor([self.correction(int(d)) for d in range(1, int(levels.max()) + 1)])
-        return (scores.exp() * factors[levels - 1]).clamp_(max=1.0)
+        factors = np.array([self.correction(d) for d in range(1, int(levels.max()) + 1)])
+        return np.minimum(np.exp(scores) * factors[levels - 1], 1.0)
 
-    def keep(self, scores: Tensor, levels: Tensor, levels_drafted: int) -> tuple[int, bool]:
+    def keep(self, scores: np.ndarray, levels: np.ndarray, levels_drafted: int) -> tuple[int, bool]:
         """(nodes to keep besides the root, whether to draft another level), for the candidates so far after
         drafting `levels_drafted` levels (the root's children come from the catch-up step: level 1).
 
@@ -109,14 +109,14 @@ class AutoTree:
         best tree, charging each size just the levels it needs, uses the newest level, and the cap allows.
         Once the round's tree is final, drafting pauses if that tree is expected to pay less than a plain step.
         """
-        order = torch.sort(scores, descending=True, stable=True).indices[: self.max_tokens - 1]
-        gains = torch.cat([torch.zeros(1), self.estimates(scores[order], levels[order]).cumsum(0)])
-        level_ms = torch.tensor([0.0] + [self.cost.draft(n) for n in self._level_sizes(levels_drafted)]).cumsum(0)
-        needed = torch.cat([torch.ones(1, dtype=torch.long), levels[order].cummax(0).values])
+        order = np.argsort(-scores, kind="stable")[: self.max_tokens - 1]  # best first; ties: parents first
+        gains = np.concatenate([[0.0], self.estimates(scores[order], levels[order]).cumsum()])
+        level_ms = np.cumsum([0.0] + [self.cost.draft(n) for n in self._level_sizes(levels_drafted)])
+        needed = np.concatenate([[1], np.maximum.accumulate(levels[order])])
         verify_ms = self._verify_ms()[: len(gains)]
         draft_scale, verify_scale = self.cost_scale("draft"), self.cost_scale("verify")
-        best = int(torch.argmax((1.0 + gains) / (draft_scale * level_ms[levels_drafted] + verify_scale * verify_ms)))
-        best_needed = int(torch.argmax((1.0 + gains) / (draft_scale * level_ms[needed] + verify_scale * verify_ms)))
+        best = int(np.argmax((1.0 + gains) / (draft_scale * level_ms[levels_drafted] + verify_scale * verify_ms)))
+        best_needed = int(np.argmax((1.0 + gains) / (draft_scale * level_ms[needed] + verify_scale * verify_ms)))
         deeper = levels_drafted < self.max_depth and bool((levels[order[:best_needed]] == levels_drafted).any())
         # The round's phases as the cost model has them (the last call's are the round's), for observe.
         self.predicted_ms = (float(level_ms[levels_drafted]), float(verify_ms[best]))
@@ -130,13 +130,13 @@ class AutoTree:
                 self.backoff = 1
         return best, deeper
 
-    def _verify_ms(self) -> Tensor:
+    def _verify_ms(self) -> np.ndarray:
         """Verify cost of 1..max_tokens tree tokens at the current context (tabled per 64 tokens of context)."""
         bucket = self.context // 64
         if bucket not in self._verify_tables:
             context = bucket * 64 + 32
-            ms = torch.tensor([self.cost.verify(n, context) for n in range(1, self.max_tokens + 1)])
-            self._verify_tables[bucket] = ms.clamp(min=1e-3)  # (a tiny model can measure 0 ms: rates stay finite)
+            ms = np.array([self.cost.verify(n, context) for n in range(1, self.max_tokens + 1)])
+            self._verify_tables[bucket] = ms.clip(min=1e-3)  # (a tiny model can measure 0 ms: rates stay finite)
         return self._verify_tables[bucket]
 
     def _level_sizes(self, levels_drafted: int) -> list[int]:
@@ -152,14 +152,14 @@ class AutoTree:
             for phase, observed, predicted in zip(("draft", "verify"), phases_ms, self.predicted_ms):
                 if predicted > 0:
                     self.phase_time[phase].add(observed, predicted, self.decay)
+        depths, probs = np.asarray(depths), np.exp(np.asarray(scores, dtype=np.float64))
         depth_max = int(depths.max()) if len(depths) else 0
         while len(self.predicted) < depth_max:
             self.predicted.append(0.0)
             self.observed.append(0.0)
-        probs = scores.exp()
+        per_depth = np.bincount(depths, weights=probs, minlength=depth_max + 1)
         for d in range(1, depth_max + 1):
-            at_d = depths == d
-            self.predicted[d - 1] = self.decay * self.predicted[d - 1] + float(probs[at_d].sum().clamp(max=1.0))
+            self.predicted[d - 1] = self.decay * self.predicted[d - 1] + min(float(per_depth[d]), 1.0)
             self.observed[d - 1] = self.decay * self.observed[d - 1] + float(accepted_depth >= d)
 
 

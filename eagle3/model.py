@@ -108,12 +108,16 @@ class KVCache:
             raise ValueError(f"the KV cache holds {self.max_len} positions; {self.length} are used and {n} more do not fit")
         return self.length
 
-    def compact(self, start: int, keep: Tensor | Sequence[int]) -> None:
-        """Keeps slots start + keep[i] (relative to `start`, increasing), moved to start + i; drops the rest."""
-        keep = torch.as_tensor(keep, dtype=torch.long, device=self.kv.device)
-        n = keep.numel()
-        self.kv[:, :, :, :, start : start + n] = self.kv[:, :, :, :, start + keep]
-        self.length = start + n
+    def compact(self, start: int, keep: Sequence[int]) -> None:
+        """Keeps slots start + keep[i] (relative to `start`, increasing), moved to start + i; drops the rest.
+
+        Slot by slot, and only the slots that move: an accepted path is mostly a prefix of the tree (a plain
+        step's is [0]), and one gather over every layer's cache costs milliseconds on a CPU.
+        """
+        for i, slot in enumerate(keep):
+            if slot != i:  # (keep increases, so a slot is read before any write reaches it)
+                self.kv.select(4, start + i).copy_(self.kv.select(4, start + slot))
+        self.length = start + len(keep)
 
     def truncate(self, length: int) -> None:
         """Forgets every slot from `length` on."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -76,15 +77,15 @@ def root_only(root_token: int) -> DraftTree:
 def ancestor_mask(parents: list[int]) -> Tensor:
     """[N, N] bool, True where j is i or an ancestor of i (parents listed before children)."""
     n = len(parents)
-    mask = torch.eye(n, dtype=torch.bool)
+    mask = np.eye(n, dtype=bool)
     for i, p in enumerate(parents):
         if p >= 0:
             mask[i] |= mask[p]
-    return mask
+    return torch.from_numpy(mask)
 
 
 class SizePolicy(Protocol):
-    def keep(self, scores: Tensor, levels: Tensor, levels_drafted: int) -> tuple[int, bool]: ...
+    def keep(self, scores: np.ndarray, levels: np.ndarray, levels_drafted: int) -> tuple[int, bool]: ...
 
 
 def grow_tree(
@@ -97,60 +98,61 @@ def grow_tree(
     """
     k = spec.top_k
     keep = spec.total_tokens - 1
-    root_logp, root_ids = root_logp.float().cpu(), root_ids.cpu()  # bookkeeping is small: keep it on the host
+    # The bookkeeping is a few hundred numbers: it stays on the host, in numpy, where an op on them costs a
+    # microsecond (a torch op costs ten, and a round runs hundreds of them).
     # Candidates (every proposed node), in creation order: cumulative score, token, level, source row.
-    scores, tokens = [root_logp[:k].float()], [root_ids[:k]]
-    levels, sources = [torch.ones(len(scores[0]), dtype=torch.long)], [torch.zeros(len(scores[0]), dtype=torch.long)]
-    frontier = torch.arange(len(scores[0]))  # candidate indices of the current frontier
+    scores = root_logp[:k].float().cpu().numpy()
+    tokens = root_ids[:k].cpu().numpy()
+    levels, sources = np.ones(len(scores), dtype=np.int64), np.zeros(len(scores), dtype=np.int64)
+    frontier = np.arange(len(scores))  # candidate indices of the current frontier
     row_candidate = [-1]  # candidate expanded by each draft row; row 0 is the root step
-    row_mask = torch.ones(1, 1, dtype=torch.bool)  # row i may attend to row j
+    row_mask = np.ones((1, 1), dtype=bool)  # row i may attend to row j
     for depth in range(1, spec.depth + 1):
         if policy is not None:
-            wanted, deeper = policy.keep(torch.cat(scores), torch.cat(levels), depth)
+            wanted, deeper = policy.keep(scores, levels, depth)
             keep = min(wanted, spec.total_tokens - 1)
             if not deeper:
                 break
         if depth == spec.depth or keep < 1 or len(frontier) == 0:  # (no frontier: the drafter ran out)
             break
-        all_scores, all_tokens, all_sources = torch.cat(scores), torch.cat(tokens), torch.cat(sources)
-        old, new = row_mask.shape[0], len(frontier)
-        grown = torch.zeros(old + new, old + new, dtype=torch.bool)
+        old, new = len(row_mask), len(frontier)
+        grown = np.zeros((old + new, old + new), dtype=bool)
         grown[:old, :old] = row_mask
-        grown[old:, :old] = row_mask[all_sources[frontier]]  # a new row sees its source's ancestry ...
-        grown[old:, old:] = torch.eye(new, dtype=torch.bool)  # ... and itself
+        grown[old:, :old] = row_mask[sources[frontier]]  # a new row sees its source's ancestry ...
+        grown[old:, old:] = np.eye(new, dtype=bool)  # ... and itself
         row_mask = grown
         row_candidate += frontier.tolist()
-        new_rows = torch.arange(old, old + new)
         # Row 0 (the root step) is already committed in the draft cache: masks cover the tree rows only.
-        child_logp, child_ids = expand(all_tokens[frontier], all_sources[frontier], depth, row_mask[old:, 1:])
-        child_logp, child_ids = child_logp.float().cpu(), child_ids.cpu()
-        first = len(all_scores)
-        level_scores = (all_scores[frontier][:, None] + child_logp.float()).reshape(-1)
-        scores.append(level_scores)
-        tokens.append(child_ids.reshape(-1))
-        levels.append(torch.full_like(level_scores, depth + 1, dtype=torch.long))
-        sources.append(new_rows.repeat_interleave(child_logp.shape[1]))
-        frontier = first + torch.topk(level_scores, min(k, level_scores.numel())).indices.sort().values
+        child_logp, child_ids = expand(torch.from_numpy(tokens[frontier]), torch.from_numpy(sources[frontier]),
+                                       depth, torch.from_numpy(np.ascontiguousarray(row_mask[old:, 1:])))  # fmt: skip
+        child_logp, child_ids = child_logp.float().cpu().numpy(), child_ids.cpu().numpy()
+        first = len(scores)
+        level_scores = (scores[frontier][:, None] + child_logp).reshape(-1)
+        scores = np.concatenate([scores, level_scores])
+        tokens = np.concatenate([tokens, child_ids.reshape(-1)])
+        levels = np.concatenate([levels, np.full(len(level_scores), depth + 1, dtype=np.int64)])
+        sources = np.concatenate([sources, np.arange(old, old + new).repeat(child_logp.shape[1])])
+        frontier = first + np.sort(best_first(level_scores)[:k])
 
-    all_scores, all_tokens = torch.cat(scores), torch.cat(tokens)
-    all_levels, all_sources = torch.cat(levels), torch.cat(sources)
-    keep = min(keep, len(all_scores))
-    # Stable: on equal scores the earlier candidate (a parent before its child) wins.
-    chosen = torch.sort(all_scores, descending=True, stable=True).indices[:keep].sort().values.tolist()
-    node_of_candidate = {c: i + 1 for i, c in enumerate(chosen)}
-    parents = [-1]
-    for c in chosen:
-        source = int(all_sources[c])
-        parents.append(0 if source == 0 else node_of_candidate[row_candidate[source]])
-    node_scores = torch.cat([torch.zeros(1), all_scores[chosen]])
+    keep = min(keep, len(scores))
+    chosen = np.sort(best_first(scores)[:keep])
+    node_of_candidate = {c: i + 1 for i, c in enumerate(chosen.tolist())}
+    parents = [-1] + [0 if s == 0 else node_of_candidate[row_candidate[s]] for s in sources[chosen].tolist()]
+    node_scores = np.concatenate([np.zeros(1, dtype=np.float32), scores[chosen]])
+    by_score = node_scores.tolist()
     children: list[list[int]] = [[] for _ in parents]
-    for node in sorted(range(1, len(parents)), key=lambda i: -float(node_scores[i])):
+    for node in sorted(range(1, len(parents)), key=lambda i: -by_score[i]):
         children[parents[node]].append(node)
     return DraftTree(
-        tokens=torch.cat([torch.tensor([root_token], dtype=torch.long), all_tokens[chosen].long().cpu()]),
+        tokens=torch.from_numpy(np.concatenate([[root_token], tokens[chosen]]).astype(np.int64)),
         parents=parents,
-        depths=torch.cat([torch.zeros(1, dtype=torch.long), all_levels[chosen]]),
+        depths=torch.from_numpy(np.concatenate([np.zeros(1, dtype=np.int64), levels[chosen]])),
         mask=ancestor_mask(parents),
         children=children,
-        scores=node_scores,
+        scores=torch.from_numpy(node_scores),
     )
+
+
+def best_first(scores: np.ndarray) -> np.ndarray:
+    """Indices by descending score; on equal scores the earlier candidate (a parent before its child) first."""
+    return np.argsort(-scores, kind="stable")
