@@ -9,15 +9,18 @@ the round costs on this hardware (cost.py): a round that drafts d levels and ver
 
 tokens per ms. After each drafted level the best n is recomputed; drafting goes one level deeper only while
 the newest level is part of the best tree (a child never scores above its parent, so once a level adds
-nothing, deeper ones cannot either).
+nothing, deeper ones cannot either), and then expands only the newest level's nodes in that tree (a draft
+step over 8 nodes costs 1.7x one over a single node on a CPU).
 
 Draft probabilities are miscalibrated (usually optimistic), so estimates are corrected online: per depth, the
 ratio of acceptances observed to acceptances predicted over recent rounds scales that depth's estimates.
 The nodes kept are still the best by draft score, so the kept set always contains every node's parent.
 
-Costs are corrected online too: the cost model is measured on a quiet machine and leaves out the loop's own
-work (tree bookkeeping, acceptance), so the decoding loop reports the wall time of each round's two phases,
-drafting and verifying, and per phase the ratio of observed to predicted time scales the predictions.
+Costs are corrected online too: the cost model is measured once, on a machine whose speed drifts (a shared
+machine's memory bandwidth varies, and two calibrations an hour apart priced 8 tree tokens at 1.6x and 2.7x
+one token), and it leaves out the loop's own work. So the decoding loop reports the wall time of each round's
+two phases, drafting and verifying; the ratio of observed to predicted time scales the draft predictions, and
+the verify predictions per tree size (pooled in buckets, each starting from the ratio over all sizes).
 
 A round whose best tree, drafting included, is expected to yield fewer tokens per ms than a plain step pauses
 drafting for a while (see should_draft), so drafting costs about what plain decoding costs where it does not
@@ -26,6 +29,7 @@ pay, up to the rounds spent finding that out.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,12 +51,21 @@ class TimeRatio:
         self.predicted = decay * self.predicted + predicted_ms
         self.rounds = decay * self.rounds + 1
 
-    def scale(self, prior_rounds: float) -> float:
-        """The ratio after prior_rounds of ratio 1 (1.0 before any round)."""
+    def scale(self, prior_rounds: float, prior_ratio: float = 1.0) -> float:
+        """The ratio after prior_rounds of ratio prior_ratio (prior_ratio before any round)."""
         if self.rounds == 0 or self.predicted == 0:
-            return 1.0
+            return prior_ratio
         prior = prior_rounds * self.predicted / self.rounds
-        return (self.observed + prior) / (self.predicted + prior)
+        return (self.observed + prior * prior_ratio) / (self.predicted + prior)
+
+
+# Tree sizes whose verify times are pooled for the per-size correction (a size counts toward the first bucket
+# at or above it): verification cost is far from linear on a CPU (matrix kernels change with the row count).
+VERIFY_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def verify_bucket(n: int) -> int:
+    return min(bisect_left(VERIFY_BUCKETS, n), len(VERIFY_BUCKETS) - 1)
 
 
 @dataclass
@@ -71,8 +84,14 @@ class AutoTree:
     pause: int = 0  # plain rounds left before drafting again
     backoff: int = 1  # the next pause's length: doubles while drafting keeps not paying
     phase_time: dict[str, TimeRatio] = field(default_factory=lambda: {"draft": TimeRatio(), "verify": TimeRatio()})
+    verify_time: list[TimeRatio] = field(default_factory=lambda: [TimeRatio() for _ in VERIFY_BUCKETS])  # per size
     predicted_ms: tuple[float, float] = (0.0, 0.0)  # the round under way's (draft, verify) ms, as chosen by keep
     _verify_tables: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _bucket_of_size: np.ndarray = field(init=False, repr=False)  # [max_tokens]: size n's bucket at n - 1
+    _level_widths: list[int] = field(default_factory=list, repr=False)  # the round's draft step sizes so far
+
+    def __post_init__(self) -> None:
+        self._bucket_of_size = np.array([verify_bucket(n) for n in range(1, self.max_tokens + 1)])
 
     def should_draft(self) -> bool:
         """False for a few rounds after a round whose best tree was the root alone: then even drafting costs
@@ -89,6 +108,13 @@ class AutoTree:
         """Observed / predicted time of a round's "draft" or "verify" phase."""
         return self.phase_time[phase].scale(self.prior_rounds)
 
+    def verify_scales(self) -> np.ndarray:
+        """Observed / predicted verify time per tree size 1..max_tokens: each size bucket's own ratio, starting
+        from (and pulled toward) the ratio over all sizes until the bucket has been seen a few times."""
+        overall = self.cost_scale("verify")
+        per_bucket = np.array([r.scale(self.prior_rounds, overall) for r in self.verify_time])
+        return per_bucket[self._bucket_of_size]
+
     def correction(self, depth: int) -> float:
         """Observed / predicted acceptances at a tree depth (1 = the root's children)."""
         if depth > len(self.predicted):
@@ -101,34 +127,41 @@ class AutoTree:
         factors = np.array([self.correction(d) for d in range(1, int(levels.max()) + 1)])
         return np.minimum(np.exp(scores) * factors[levels - 1], 1.0)
 
-    def keep(self, scores: np.ndarray, levels: np.ndarray, levels_drafted: int) -> tuple[int, bool]:
-        """(nodes to keep besides the root, whether to draft another level), for the candidates so far after
-        drafting `levels_drafted` levels (the root's children come from the catch-up step: level 1).
+    def keep(self, scores: np.ndarray, levels: np.ndarray, levels_drafted: int) -> tuple[int, int]:
+        """(nodes to keep besides the root, how many of the newest level's best nodes to expand next, 0 for
+        none), for the candidates so far after drafting `levels_drafted` levels (the root's children come
+        from the catch-up step: level 1).
 
-        Keep: the best rate with the drafting already done counted whole (it is spent). Deeper: only if the
-        best tree, charging each size just the levels it needs, uses the newest level, and the cap allows.
+        Keep: the best rate with the drafting already done counted whole (it is spent). Expand: the newest
+        level's nodes in the best tree that charges each size just the levels it needs, if the cap allows.
         Once the round's tree is final, drafting pauses if that tree is expected to pay less than a plain step.
         """
         order = np.argsort(-scores, kind="stable")[: self.max_tokens - 1]  # best first; ties: parents first
         gains = np.concatenate([[0.0], self.estimates(scores[order], levels[order]).cumsum()])
-        level_ms = np.cumsum([0.0] + [self.cost.draft(n) for n in self._level_sizes(levels_drafted)])
+        if levels_drafted == 1:
+            self._level_widths = [self.catch_up]  # tokens per draft step this round
+        level_ms = np.cumsum([0.0] + [self.cost.draft(n) for n in self._level_widths[:levels_drafted]])
         needed = np.concatenate([[1], np.maximum.accumulate(levels[order])])
         verify_ms = self._verify_ms()[: len(gains)]
-        draft_scale, verify_scale = self.cost_scale("draft"), self.cost_scale("verify")
-        best = int(np.argmax((1.0 + gains) / (draft_scale * level_ms[levels_drafted] + verify_scale * verify_ms)))
-        best_needed = int(np.argmax((1.0 + gains) / (draft_scale * level_ms[needed] + verify_scale * verify_ms)))
-        deeper = levels_drafted < self.max_depth and bool((levels[order[:best_needed]] == levels_drafted).any())
+        draft_scale, verify_scaled = self.cost_scale("draft"), verify_ms * self.verify_scales()[: len(gains)]
+        best = int(np.argmax((1.0 + gains) / (draft_scale * level_ms[levels_drafted] + verify_scaled)))
+        best_needed = int(np.argmax((1.0 + gains) / (draft_scale * level_ms[needed] + verify_scaled)))
+        newest_used = int((levels[order[:best_needed]] == levels_drafted).sum())
+        expand = newest_used if levels_drafted < self.max_depth else 0
+        deeper = expand > 0
         # The round's phases as the cost model has them (the last call's are the round's), for observe.
         self.predicted_ms = (float(level_ms[levels_drafted]), float(verify_ms[best]))
         if not deeper:  # the round's final choice: would such rounds pay? (their catch-up is a token or two)
             steady_draft_ms = self.predicted_ms[0] - self.cost.draft(self.catch_up) + self.cost.draft(1)
-            drafted_ms = draft_scale * steady_draft_ms + verify_scale * self.predicted_ms[1]
-            drafted_rate, plain_rate = (1.0 + float(gains[best])) / drafted_ms, 1.0 / (verify_scale * float(verify_ms[0]))
+            drafted_ms = draft_scale * steady_draft_ms + float(verify_scaled[best])
+            drafted_rate, plain_rate = (1.0 + float(gains[best])) / drafted_ms, 1.0 / float(verify_scaled[0])
             if best == 0 or drafted_rate < plain_rate:
                 self.pause, self.backoff = self.backoff, min(2 * self.backoff, self.max_pause)
             else:
                 self.backoff = 1
-        return best, deeper
+        else:
+            self._level_widths.append(expand)
+        return best, expand
 
     def _verify_ms(self) -> np.ndarray:
         """Verify cost of 1..max_tokens tree tokens at the current context (tabled per 64 tokens of context)."""
@@ -139,10 +172,6 @@ class AutoTree:
             self._verify_tables[bucket] = ms.clip(min=1e-3)  # (a tiny model can measure 0 ms: rates stay finite)
         return self._verify_tables[bucket]
 
-    def _level_sizes(self, levels_drafted: int) -> list[int]:
-        # The catch-up step and then top_k frontier nodes per level.
-        return [self.catch_up] + [self.top_k] * max(levels_drafted - 1, 0)
-
     def observe(self, depths: Tensor, scores: Tensor, accepted_depth: int,
                 phases_ms: tuple[float, float] | None = None) -> None:  # fmt: skip
         """After verification: the verified tree's node depths and draft scores, how deep the accepted path
@@ -152,6 +181,8 @@ class AutoTree:
             for phase, observed, predicted in zip(("draft", "verify"), phases_ms, self.predicted_ms):
                 if predicted > 0:
                     self.phase_time[phase].add(observed, predicted, self.decay)
+            if self.predicted_ms[1] > 0:
+                self.verify_time[verify_bucket(len(depths) + 1)].add(phases_ms[1], self.predicted_ms[1], self.decay)
         depths, probs = np.asarray(depths), np.exp(np.asarray(scores, dtype=np.float64))
         depth_max = int(depths.max()) if len(depths) else 0
         while len(self.predicted) < depth_max:

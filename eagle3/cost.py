@@ -7,9 +7,10 @@ The cost model holds
   its logits and top-k, as the decoding loop runs them.
 Batch size is 1: speculative decoding here serves one sequence at a time.
 
-Measurements are the fastest of a few timed calls after a warm-up (other work on a shared machine only ever
-adds time; the decoding loop corrects the level online, see autotree.py), made monotone: n tokens never cost
-more than the cheapest larger count measured (a smaller tree could be padded to it). They are cached per
+Measurements are the median of a few timed calls after a warm-up, the sizes taking turns so that a machine
+whose speed drifts (a shared machine's does) slows them all alike; they are made monotone: n tokens never cost
+more than the cheapest larger count measured (a smaller tree could be padded to it). The decoding loop
+corrects them online for the machine as it runs (see autotree.py). They are cached per
 target, draft shape, device, dtype, thread count and torch version under $EAGLE3_HOME/calibration.
 """
 
@@ -18,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import sys
 import time
 from bisect import bisect_left
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -78,16 +81,19 @@ def monotone(points: dict[int, float]) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
-def _fastest_ms(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, kernel choice)
-    times = []
+def _median_ms(steps: dict[int, Callable[[], object]], repeats: int) -> dict[int, float]:
+    """Median wall time of each step, the steps taking turns (a drifting machine slows them all alike)."""
+    for step in steps.values():
+        step()  # warm-up (allocations, kernel choice)
+    times: dict[int, list[float]] = {n: [] for n in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return min(times)
+        for n, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[n].append((time.perf_counter() - start) * 1000)
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 @torch.inference_mode()
@@ -101,7 +107,7 @@ def measure_target(model, contexts=CONTEXTS, sizes=TREE_SIZES, repeats: int = 5)
         generator = torch.Generator().manual_seed(0)
         prefix = torch.randint(0, model.config.vocab_size, (1, context), generator=generator).to(device)
         model(prefix, logits="none")
-        points = {}
+        steps = {}
         for n in sizes:
             tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=generator).to(device)
             positions = torch.arange(context, context + n, device=device)
@@ -111,7 +117,8 @@ def measure_target(model, contexts=CONTEXTS, sizes=TREE_SIZES, repeats: int = 5)
                 model.cache.truncate(context)
                 model(tokens, positions, mask, taps=True)
 
-            points[n] = _fastest_ms(step, repeats)
+            steps[n] = step
+        points = _median_ms(steps, repeats)
         out[context] = monotone(points)
         model.cache.truncate(0)
     return out
@@ -127,7 +134,7 @@ def measure_draft(draft, sizes=DRAFT_SIZES, context: int = 256, repeats: int = 7
     generator = torch.Generator().manual_seed(0)
     taps = torch.randn(1, context, 3 * cfg.target_hidden_size, generator=generator).to(device, draft.fc.weight.dtype)
     draft(torch.zeros(1, context, dtype=torch.long, device=device), taps, torch.arange(context, device=device))
-    out = {}
+    steps = {}
     for n in sizes:
         tokens = torch.zeros(1, n, dtype=torch.long, device=device)
         hidden = torch.randn(1, n, cfg.hidden_size, generator=generator).to(device, draft.fc.weight.dtype)
@@ -139,7 +146,8 @@ def measure_draft(draft, sizes=DRAFT_SIZES, context: int = 256, repeats: int = 7
             h = draft(tokens, hidden, positions, mask, context)
             top_children(draft.logits(h[0]), 10)
 
-        out[n] = _fastest_ms(step, repeats)
+        steps[n] = step
+    out = _median_ms(steps, repeats)
     draft.cache.truncate(0)
     return monotone(out)
 
@@ -151,7 +159,8 @@ def cost_key(target, draft) -> str:
         "target": target.name, "target_config": repr(model.config), "draft": repr(draft.config),
         "device": str(model.device), "device_name": torch.cuda.get_device_name(model.device)
         if model.device.type == "cuda" else os.uname().machine, "dtype": str(model.dtype),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "method": "fastest, monotone",
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "method": "interleaved median, monotone",
+        "draft_int8": getattr(draft.lm_head, "int8", None) is not None,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -189,6 +198,7 @@ def format_costs(model: CostModel) -> str:
 
 
 def add_calibrate_parser(sub) -> None:
+    from eagle3.drafter import add_draft_int8_argument
     from eagle3.fetch import DEFAULT_TARGET
 
     p = sub.add_parser("calibrate", help="measure this machine's target and draft latencies for --tree auto")
@@ -198,10 +208,11 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cached", action="store_true", help="show the cached model instead of measuring again")
+    add_draft_int8_argument(p)
 
 
 def calibrate_command(args) -> int:
-    from eagle3.drafter import load_drafter
+    from eagle3.drafter import INT8_CHOICES, load_drafter
     from eagle3.fetch import resolve_draft
     from eagle3.target import load_target
 
@@ -211,7 +222,7 @@ def calibrate_command(args) -> int:
     draft_path = resolve_draft(args.draft, args.target)
     if draft_path is None:
         raise ValueError(f"no draft for {args.target}: pass --draft PATH")
-    drafter = load_drafter(draft_path, target)
+    drafter = load_drafter(draft_path, target, INT8_CHOICES[args.draft_int8])
     model = calibrate(target, drafter.draft, refresh=not args.cached)
     print(format_costs(model))
     print(f"cached: {cost_path(model.key)}")

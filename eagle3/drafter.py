@@ -87,10 +87,22 @@ class Eagle3Drafter:
         self.rows = []
 
 
-def load_drafter(path: str | Path, target: Target) -> Eagle3Drafter:
-    """An EAGLE-3 drafter from a checkpoint folder, checked against and attached to the target."""
+def load_drafter(path: str | Path, target: Target, int8: bool | None = None) -> Eagle3Drafter:
+    """An EAGLE-3 drafter from a checkpoint folder, checked against and attached to the target. int8: run the
+    draft's lm_head in int8 (draft.quantize_int8); default: wherever it is supported (float32 on CPU)."""
     from eagle3.checkpoint import load_draft
+    from eagle3.draft import int8_supported, quantize_int8
 
     model = target.model
     draft = load_draft(path, model.config, device=model.device, dtype=model.dtype)
+    if int8 or (int8 is None and int8_supported(model.device, model.dtype)):
+        quantize_int8(draft)
     return Eagle3Drafter(draft.attach(model.embed.weight))
+
+
+INT8_CHOICES = {"auto": None, "on": True, "off": False}  # the CLI's --draft-int8, as load_drafter's int8
+
+
+def add_draft_int8_argument(parser) -> None:
+    parser.add_argument("--draft-int8", choices=tuple(INT8_CHOICES), default="auto",
+                        help="the draft's lm_head in int8: auto (default: where supported, float32 on CPU), on or off")  # fmt: skip

@@ -85,7 +85,7 @@ def ancestor_mask(parents: list[int]) -> Tensor:
 
 
 class SizePolicy(Protocol):
-    def keep(self, scores: np.ndarray, levels: np.ndarray, levels_drafted: int) -> tuple[int, bool]: ...
+    def keep(self, scores: np.ndarray, levels: np.ndarray, levels_drafted: int) -> tuple[int, int]: ...
 
 
 def grow_tree(
@@ -93,8 +93,8 @@ def grow_tree(
 ) -> DraftTree:
     """Builds the draft tree. root_logp / root_ids: the root step's top children (log-probs, target ids).
 
-    With a policy (autotree.AutoTree), after each level it says how many nodes to keep and whether to draft
-    deeper; spec's sizes are then caps.
+    With a policy (autotree.AutoTree), after each level it says how many nodes to keep and how many of the
+    newest level's best nodes to expand (0: stop); spec's sizes are then caps.
     """
     k = spec.top_k
     keep = spec.total_tokens - 1
@@ -109,10 +109,11 @@ def grow_tree(
     row_mask = np.ones((1, 1), dtype=bool)  # row i may attend to row j
     for depth in range(1, spec.depth + 1):
         if policy is not None:
-            wanted, deeper = policy.keep(scores, levels, depth)
+            wanted, expand_count = policy.keep(scores, levels, depth)
             keep = min(wanted, spec.total_tokens - 1)
-            if not deeper:
+            if expand_count < 1:
                 break
+            frontier = np.sort(frontier[best_first(scores[frontier])[:expand_count]])
         if depth == spec.depth or keep < 1 or len(frontier) == 0:  # (no frontier: the drafter ran out)
             break
         old, new = len(row_mask), len(frontier)

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from eagle3.draft import new_draft
+from eagle3.draft import new_draft, quantize_int8
 from eagle3.drafter import Eagle3Drafter
 from eagle3.generate import generate
 from eagle3.model import load_model
@@ -91,6 +91,25 @@ def test_greedy_untrained_draft_equals_plain(stories, untrained, tree):
         spec = speculative_generate(stories, untrained, ids, 300, tree=tree)
         assert spec.token_ids == plain.token_ids
         assert sum(spec.accept_lengths) + 1 >= len(spec.token_ids)
+
+
+def test_int8_draft_head_is_close_and_lossless(stories):
+    """quantize_int8 packs the lm_head: logits within a few percent of float, training still sees the float
+    weights, and greedy speculation with the int8 draft still equals plain greedy."""
+    draft = new_draft(stories.model.config, seed=3).attach(stories.model.embed.weight)
+    h = torch.randn(7, draft.config.hidden_size)
+    with torch.inference_mode():
+        exact = draft.logits(h)
+        quantize_int8(draft)
+        assert draft.lm_head.int8 is not None
+        approx = draft.logits(h)
+    assert not torch.equal(approx, exact) and (approx - exact).abs().max() < 0.05 * exact.abs().max()
+    with torch.enable_grad():  # training ignores the packed copy: gradients reach the float weights
+        draft.logits(h).sum().backward()
+    assert draft.lm_head.weight.grad is not None
+    ids = stories.encode(PROMPTS[1])
+    plain = generate(stories, ids, 200)
+    assert speculative_generate(stories, Eagle3Drafter(draft), ids, 200, tree=TreeSpec(20, 4, 4)).token_ids == plain.token_ids
 
 
 @pytest.mark.parametrize("tree", TREES[:3], ids=str)
