@@ -20,7 +20,8 @@ Costs are corrected online too: the cost model is measured once, on a machine wh
 machine's memory bandwidth varies, and two calibrations an hour apart priced 8 tree tokens at 1.6x and 2.7x
 one token), and it leaves out the loop's own work. So the decoding loop reports the wall time of each round's
 two phases, drafting and verifying; the ratio of observed to predicted time scales the draft predictions, and
-the verify predictions per tree size (pooled in buckets, each starting from the ratio over all sizes).
+the verify predictions per tree size (pooled in buckets, each starting from the ratio over all sizes, capped
+at 1 so that sizes not yet seen get tried when the ones seen are slow).
 
 A round whose best tree, drafting included, is expected to yield fewer tokens per ms than a plain step pauses
 drafting for a while (see should_draft), so drafting costs about what plain decoding costs where it does not
@@ -110,9 +111,11 @@ class AutoTree:
 
     def verify_scales(self) -> np.ndarray:
         """Observed / predicted verify time per tree size 1..max_tokens: each size bucket's own ratio, starting
-        from (and pulled toward) the ratio over all sizes until the bucket has been seen a few times."""
-        overall = self.cost_scale("verify")
-        per_bucket = np.array([r.scale(self.prior_rounds, overall) for r in self.verify_time])
+        from (and pulled toward) the ratio over all sizes until the bucket has been seen a few times; but never
+        from above 1 (a size not yet seen is assumed no slower than calibrated, so that it gets tried when the
+        sizes seen so far are slow, and then priced as seen)."""
+        prior = min(self.cost_scale("verify"), 1.0)
+        per_bucket = np.array([r.scale(self.prior_rounds, prior) for r in self.verify_time])
         return per_bucket[self._bucket_of_size]
 
     def correction(self, depth: int) -> float:

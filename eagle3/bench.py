@@ -343,7 +343,8 @@ def run_bench(
 
     summary = summarize(rows, methods, sampling.greedy)
     config = {
-        "target": target.name, "draft": str(draft) if draft else None, "draft_int8": draft_int8, "tree": " ".join(t.label for t in trees),
+        "target": target.name, "draft": str(draft) if draft else None, "draft_int8": draft_int8,
+        "tree": " ".join(t.label for t in trees),
         "suites": suites, "methods": methods, "max_new_tokens": max_new_tokens, "limit": limit, "skipped": skipped,
         "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
         "threads": torch.get_num_threads(), "device": str(target.model.device), "dtype": str(target.model.dtype),

@@ -10,8 +10,8 @@ Batch size is 1: speculative decoding here serves one sequence at a time.
 Measurements are the median of a few timed calls after a warm-up, the sizes taking turns so that a machine
 whose speed drifts (a shared machine's does) slows them all alike; they are made monotone: n tokens never cost
 more than the cheapest larger count measured (a smaller tree could be padded to it). The decoding loop
-corrects them online for the machine as it runs (see autotree.py). They are cached per
-target, draft shape, device, dtype, thread count and torch version under $EAGLE3_HOME/calibration.
+corrects them online for the machine as it runs (see autotree.py). They are cached per target, draft shape
+and precision, device, dtype, thread count and torch version under $EAGLE3_HOME/calibration.
 """
 
 from __future__ import annotations

@@ -131,6 +131,26 @@ def test_slow_drafting_observed_pauses_it():
     assert policy.cost_scale("draft") < 1.2 and policy.pause == 0 and policy.backoff == 1
 
 
+def test_verify_cost_is_learned_per_tree_size():
+    """The cost model prices every tree size alike, but trees of more than 4 tokens are seen to verify 4x
+    slower than predicted (as multi-row kernels can on a CPU): the policy tries smaller sizes in turn and
+    settles on trees of at most 4 tokens, whose ratio stays near 1."""
+    policy = AutoTree(cost_model(0.0))
+    tree = grow_tree(0, *root(), confident_expand(), AUTO_TREE, policy)
+    assert tree.size == AUTO_TREE.total_tokens
+    sizes = []
+    for _ in range(80):
+        policy.pause = 0
+        tree = grow_tree(0, *root(), confident_expand(), AUTO_TREE, policy)
+        draft_ms, verify_ms = policy.predicted_ms
+        slow = 4.0 if tree.size > 4 else 1.0
+        policy.observe(tree.depths[1:], tree.scores[1:], int(tree.depths.max()), (draft_ms, slow * verify_ms))
+        sizes.append(tree.size)
+    assert max(sizes[-20:]) <= 4
+    # Each bigger size was tried once, seen slow (pulled toward 1 by the prior: 2.0 after one 4x round), left.
+    assert abs(policy.verify_scales()[sizes[-1] - 1] - 1) < 0.15 and policy.verify_scales()[-1] > 1.5
+
+
 def test_plain_rounds_between_drafted_ones_stay_lossless(stories):
     """A draft that never pays under a steep cost model: most rounds are plain steps, and the draft catches
     up on several tokens at once when it drafts again; the output is still plain greedy's."""
