@@ -10,7 +10,7 @@ the round costs on this hardware (cost.py): a round that drafts d levels and ver
 tokens per ms. After each drafted level the best n is recomputed; drafting goes one level deeper only while
 the newest level is part of the best tree (a child never scores above its parent, so once a level adds
 nothing, deeper ones cannot either), and then expands only the newest level's nodes in that tree (a draft
-step over 8 nodes costs 1.7x one over a single node on a CPU).
+step over 8 nodes costs 1.5-1.7x one over a single node on this CPU).
 
 Draft probabilities are miscalibrated (usually optimistic), so estimates are corrected online: per depth, the
 ratio of acceptances observed to acceptances predicted over recent rounds scales that depth's estimates.
