@@ -37,6 +37,7 @@ import numpy as np
 from torch import Tensor
 
 from eagle3.cost import CostModel
+from eagle3.tree import best_first
 
 
 @dataclass
@@ -89,7 +90,6 @@ class AutoTree:
     predicted_ms: tuple[float, float] = (0.0, 0.0)  # the round under way's (draft, verify) ms, as chosen by keep
     _verify_tables: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     _bucket_of_size: np.ndarray = field(init=False, repr=False)  # [max_tokens]: size n's bucket at n - 1
-    _level_widths: list[int] = field(default_factory=list, repr=False)  # the round's draft step sizes so far
 
     def __post_init__(self) -> None:
         self._bucket_of_size = np.array([verify_bucket(n) for n in range(1, self.max_tokens + 1)])
@@ -130,20 +130,19 @@ class AutoTree:
         factors = np.array([self.correction(d) for d in range(1, int(levels.max()) + 1)])
         return np.minimum(np.exp(scores) * factors[levels - 1], 1.0)
 
-    def keep(self, scores: np.ndarray, levels: np.ndarray, levels_drafted: int) -> tuple[int, int]:
+    def keep(self, scores: np.ndarray, levels: np.ndarray, expanded: list[int]) -> tuple[int, int]:
         """(nodes to keep besides the root, how many of the newest level's best nodes to expand next, 0 for
-        none), for the candidates so far after drafting `levels_drafted` levels (the root's children come
-        from the catch-up step: level 1).
+        none), for the candidates so far; `expanded` holds the node count of each tree level drafted so far
+        (the root's children, level 1, come from the catch-up step, so len(expanded) + 1 levels are drafted).
 
         Keep: the best rate with the drafting already done counted whole (it is spent). Expand: the newest
         level's nodes in the best tree that charges each size just the levels it needs, if the cap allows.
         Once the round's tree is final, drafting pauses if that tree is expected to pay less than a plain step.
         """
-        order = np.argsort(-scores, kind="stable")[: self.max_tokens - 1]  # best first; ties: parents first
+        levels_drafted = len(expanded) + 1
+        order = best_first(scores)[: self.max_tokens - 1]
         gains = np.concatenate([[0.0], self.estimates(scores[order], levels[order]).cumsum()])
-        if levels_drafted == 1:
-            self._level_widths = [self.catch_up]  # tokens per draft step this round
-        level_ms = np.cumsum([0.0] + [self.cost.draft(n) for n in self._level_widths[:levels_drafted]])
+        level_ms = np.cumsum([0.0] + [self.cost.draft(n) for n in [self.catch_up, *expanded]])
         needed = np.concatenate([[1], np.maximum.accumulate(levels[order])])
         verify_ms = self._verify_ms()[: len(gains)]
         draft_scale, verify_scaled = self.cost_scale("draft"), verify_ms * self.verify_scales()[: len(gains)]
@@ -151,10 +150,9 @@ class AutoTree:
         best_needed = int(np.argmax((1.0 + gains) / (draft_scale * level_ms[needed] + verify_scaled)))
         newest_used = int((levels[order[:best_needed]] == levels_drafted).sum())
         expand = newest_used if levels_drafted < self.max_depth else 0
-        deeper = expand > 0
         # The round's phases as the cost model has them (the last call's are the round's), for observe.
         self.predicted_ms = (float(level_ms[levels_drafted]), float(verify_ms[best]))
-        if not deeper:  # the round's final choice: would such rounds pay? (their catch-up is a token or two)
+        if expand == 0:  # the round's final choice: would such rounds pay? (their catch-up is a token or two)
             steady_draft_ms = self.predicted_ms[0] - self.cost.draft(self.catch_up) + self.cost.draft(1)
             drafted_ms = draft_scale * steady_draft_ms + float(verify_scaled[best])
             drafted_rate, plain_rate = (1.0 + float(gains[best])) / drafted_ms, 1.0 / float(verify_scaled[0])
@@ -162,8 +160,6 @@ class AutoTree:
                 self.pause, self.backoff = self.backoff, min(2 * self.backoff, self.max_pause)
             else:
                 self.backoff = 1
-        else:
-            self._level_widths.append(expand)
         return best, expand
 
     def _verify_ms(self) -> np.ndarray:

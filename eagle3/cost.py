@@ -86,12 +86,12 @@ def _median_ms(steps: dict[int, Callable[[], object]], repeats: int) -> dict[int
     for step in steps.values():
         step()  # warm-up (allocations, kernel choice)
     times: dict[int, list[float]] = {n: [] for n in steps}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(repeats):
         for n, step in steps.items():
             start = time.perf_counter()
             step()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            sync()
             times[n].append((time.perf_counter() - start) * 1000)
     return {n: statistics.median(t) for n, t in times.items()}
 

@@ -85,7 +85,7 @@ def ancestor_mask(parents: list[int]) -> Tensor:
 
 
 class SizePolicy(Protocol):
-    def keep(self, scores: np.ndarray, levels: np.ndarray, levels_drafted: int) -> tuple[int, int]: ...
+    def keep(self, scores: np.ndarray, levels: np.ndarray, expanded: list[int]) -> tuple[int, int]: ...
 
 
 def grow_tree(
@@ -94,7 +94,8 @@ def grow_tree(
     """Builds the draft tree. root_logp / root_ids: the root step's top children (log-probs, target ids).
 
     With a policy (autotree.AutoTree), after each level it says how many nodes to keep and how many of the
-    newest level's best nodes to expand (0: stop); spec's sizes are then caps.
+    newest level's best nodes to expand (0: stop), knowing how many were expanded at each level so far;
+    spec's sizes are then caps.
     """
     k = spec.top_k
     keep = spec.total_tokens - 1
@@ -107,9 +108,10 @@ def grow_tree(
     frontier = np.arange(len(scores))  # candidate indices of the current frontier
     row_candidate = [-1]  # candidate expanded by each draft row; row 0 is the root step
     row_mask = np.ones((1, 1), dtype=bool)  # row i may attend to row j
+    expanded: list[int] = []  # frontier nodes expanded per level (the draft step sizes after the root step)
     for depth in range(1, spec.depth + 1):
         if policy is not None:
-            wanted, expand_count = policy.keep(scores, levels, depth)
+            wanted, expand_count = policy.keep(scores, levels, expanded)
             keep = min(wanted, spec.total_tokens - 1)
             if expand_count < 1:
                 break
@@ -123,6 +125,7 @@ def grow_tree(
         grown[old:, old:] = np.eye(new, dtype=bool)  # ... and itself
         row_mask = grown
         row_candidate += frontier.tolist()
+        expanded.append(new)
         # Row 0 (the root step) is already committed in the draft cache: masks cover the tree rows only.
         child_logp, child_ids = expand(torch.from_numpy(tokens[frontier]), torch.from_numpy(sources[frontier]),
                                        depth, torch.from_numpy(np.ascontiguousarray(row_mask[old:, 1:])))  # fmt: skip
