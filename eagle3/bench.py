@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from eagle3.draft import int8_supported
-from eagle3.drafter import INT8_CHOICES, add_draft_int8_argument
+from eagle3.drafter import DEFAULT_PROMPT_WINDOW, add_drafter_arguments, drafter_options
 from eagle3.generate import generate
 from eagle3.pld import PromptLookupDrafter
 from eagle3.sampling import SamplingParams
@@ -66,6 +66,7 @@ def make_methods(
     assistant: str | None,
     pld_tokens: int,
     draft_int8: bool | None = None,
+    draft_window: int | None = DEFAULT_PROMPT_WINDOW,
 ) -> dict[str, Method]:
     """One callable per method, all with the same budget, stop tokens and sampling parameters. With several
     trees, eagle3 becomes one method per tree, labelled "eagle3 TREE" (see method_labels)."""
@@ -87,7 +88,7 @@ def make_methods(
             from eagle3.autotree import auto_tree
             from eagle3.drafter import load_drafter
 
-            drafter = load_drafter(draft_path, target, draft_int8)
+            drafter = load_drafter(draft_path, target, draft_int8, draft_window)
             for tree, label in zip(trees, eagle3_labels(trees)):
                 # One policy per tree for the whole run, so its acceptance corrections carry over questions.
                 policy = auto_tree(target, drafter, tree) if tree.auto else None
@@ -214,6 +215,10 @@ def summarize(rows: list[dict], methods: list[str], greedy: bool) -> dict:
     return summary
 
 
+def _window_note(window: int | None) -> str:
+    return f", draft prompt window {window}" if window else ""
+
+
 def markdown(summary: dict, config: dict) -> str:
     methods = list(summary)
     suites = list(next(iter(summary.values())))
@@ -230,7 +235,8 @@ def markdown(summary: dict, config: dict) -> str:
 
     head = [
         f"# eagle3 bench: {config['target']}", "",
-        f"draft `{config['draft']}`{' (lm_head int8)' if config.get('draft_int8') else ''}, tree {config['tree']}, "
+        f"draft `{config['draft']}`{' (lm_head int8)' if config.get('draft_int8') else ''}"
+        f"{_window_note(config.get('draft_window', 0))}, tree {config['tree']}, "
         f"temperature {config['temperature']}, "
         f"max_new_tokens {config['max_new_tokens']}, {config['threads']} threads, {config['device']}, "
         f"{config['date']}", "",
@@ -304,6 +310,7 @@ def run_bench(
     data: str | None = None,
     pld_tokens: int = 10,
     draft_int8: bool | None = None,
+    draft_window: int | None = DEFAULT_PROMPT_WINDOW,
 ) -> dict:
     if "vanilla" not in methods:
         methods = ["vanilla", *methods]  # the baseline for speed-ups and identical-output counts
@@ -321,7 +328,8 @@ def run_bench(
     trees = [trees] if isinstance(trees, TreeSpec) else list(trees)
     if draft_int8 is None:
         draft_int8 = int8_supported(target.model.device, target.model.dtype)
-    runners = make_methods(target, methods, max_new_tokens, sampling, trees, draft, assistant, pld_tokens, draft_int8)
+    runners = make_methods(target, methods, max_new_tokens, sampling, trees, draft, assistant, pld_tokens, draft_int8,
+                           draft_window)  # fmt: skip
     methods = method_labels(methods, trees)
     warm = [{"role": "user", "content": questions[0].turns[0]}]
     for runner in runners.values():  # warm-up: first calls pay for allocations and kernel choice
@@ -344,6 +352,7 @@ def run_bench(
     summary = summarize(rows, methods, sampling.greedy)
     config = {
         "target": target.name, "draft": str(draft) if draft else None, "draft_int8": draft_int8,
+        "draft_window": draft_window,
         "tree": " ".join(t.label for t in trees),
         "suites": suites, "methods": methods, "max_new_tokens": max_new_tokens, "limit": limit, "skipped": skipped,
         "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
@@ -370,7 +379,7 @@ def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark eagle3 against plain decoding and other methods")
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--draft", default="default", help="EAGLE-3 draft folder for method eagle3 (default: the shipped one)")
-    add_draft_int8_argument(p)
+    add_drafter_arguments(p)
     p.add_argument("--suites", default="mt_bench", help="comma-separated: " + ", ".join(
         ["mt_bench", "humaneval", "gsm8k", "alpaca", "cnn_dm", "natural_questions", "spec_bench"]))  # fmt: skip
     p.add_argument("--methods", default="vanilla,eagle3", help="comma-separated: " + ", ".join(METHODS))
@@ -392,6 +401,11 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (results.json, results.md, *.png)")
 
 
+def _draft_options(args) -> dict:
+    options = drafter_options(args)
+    return {"draft_int8": options["int8"], "draft_window": options["prompt_window"]}
+
+
 def bench_command(args) -> int:
     from eagle3.fetch import resolve_draft
     from eagle3.target import load_target
@@ -411,5 +425,5 @@ def bench_command(args) -> int:
     draft = resolve_draft(args.draft, args.target)
     target = load_target(args.target, dtype=args.dtype, device=args.device)
     run_bench(target, suites, methods, Path(args.out), args.max_new_tokens, args.limit, sampling, trees, draft,
-              args.assistant, args.data_dir, args.pld_tokens, INT8_CHOICES[args.draft_int8])  # fmt: skip
+              args.assistant, args.data_dir, args.pld_tokens, **_draft_options(args))  # fmt: skip
     return 0

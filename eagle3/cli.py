@@ -9,7 +9,7 @@ import sys
 from eagle3.bench import add_bench_parser, bench_command
 from eagle3.checkpoint import CLI_COMMANDS, add_cli_parsers
 from eagle3.cost import add_calibrate_parser, calibrate_command
-from eagle3.drafter import add_draft_int8_argument
+from eagle3.drafter import add_drafter_arguments
 from eagle3.fetch import DEFAULT_TARGET, PRESETS, ModelNotFound
 from eagle3.regenerate import add_regenerate_parser, regenerate_command
 from eagle3.train import add_train_parser, train_command
@@ -37,13 +37,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tree", default="auto",
                    help="draft tree: auto (sized each round for this machine's measured costs, the default) or "
                         "TOTAL,DEPTH,TOPK (e.g. 60,5,10, the EAGLE eval scripts' GPU values)")  # fmt: skip
-    add_draft_int8_argument(p)
+    add_drafter_arguments(p)
 
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from eagle3.drafter import INT8_CHOICES, load_drafter
+    from eagle3.drafter import drafter_options, load_drafter
     from eagle3.fetch import resolve_draft
     from eagle3.generate import generate
     from eagle3.sampling import SamplingParams
@@ -65,7 +65,7 @@ def _generate(args: argparse.Namespace) -> int:
     if draft_path is None:
         result = generate(target, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream)
     else:
-        drafter = load_drafter(draft_path, target, INT8_CHOICES[args.draft_int8])
+        drafter = load_drafter(draft_path, target, **drafter_options(args))
         result = speculative_generate(
             target, drafter, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream, tree=tree
         )

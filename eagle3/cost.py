@@ -198,7 +198,7 @@ def format_costs(model: CostModel) -> str:
 
 
 def add_calibrate_parser(sub) -> None:
-    from eagle3.drafter import add_draft_int8_argument
+    from eagle3.drafter import add_drafter_arguments
     from eagle3.fetch import DEFAULT_TARGET
 
     p = sub.add_parser("calibrate", help="measure this machine's target and draft latencies for --tree auto")
@@ -208,11 +208,11 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cached", action="store_true", help="show the cached model instead of measuring again")
-    add_draft_int8_argument(p)
+    add_drafter_arguments(p, window=False)  # (the window changes no latency measured here)
 
 
 def calibrate_command(args) -> int:
-    from eagle3.drafter import INT8_CHOICES, load_drafter
+    from eagle3.drafter import drafter_options, load_drafter
     from eagle3.fetch import resolve_draft
     from eagle3.target import load_target
 
@@ -222,7 +222,7 @@ def calibrate_command(args) -> int:
     draft_path = resolve_draft(args.draft, args.target)
     if draft_path is None:
         raise ValueError(f"no draft for {args.target}: pass --draft PATH")
-    drafter = load_drafter(draft_path, target, INT8_CHOICES[args.draft_int8])
+    drafter = load_drafter(draft_path, target, **drafter_options(args))
     model = calibrate(target, drafter.draft, refresh=not args.cached)
     print(format_costs(model))
     print(f"cached: {cost_path(model.key)}")

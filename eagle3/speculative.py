@@ -75,30 +75,35 @@ def speculative_generate(
     out = model(prompt, logits="last", taps=taps)
     root = next_token(out.logits[:, -1], sampling, generator)
     prefill_s = time.perf_counter() - start
-    stopper.extend([root.item()])
+    root_token = root.item()
+    stopper.extend([root_token])
     drafter.reset(prompt_ids, max_len + tree.depth * tree.top_k)  # room for the tree's draft rows too
-    # The drafter pairs the feature of position t with token t + 1.
-    catch_tokens = torch.cat([prompt[0, 1:], root.view(1)])
-    catch_features, catch_start = out.taps[0] if taps else None, 0
+    # What the draft has not seen yet, as chunks concatenated only when it drafts (plain steps append a token
+    # each: no copy of the prompt's features per round). The drafter pairs the feature of position t with
+    # token t + 1.
+    catch_tokens = [prompt[0, 1:], root.view(1)]
+    catch_features, catch_start = [out.taps[0]] if taps else None, 0
     committed = len(prompt_ids)  # tokens in the target's cache; the root comes next
 
     while not stopper.done:
         if streamer:
             streamer.update(stopper.text())
         draft_start = time.perf_counter()
-        if policy is None or policy.should_draft():
-            root_logp, root_ids = drafter.catch_up(catch_tokens, catch_features, catch_start, tree.top_k)
+        drafted = policy is None or policy.should_draft()
+        if drafted:
+            tokens = torch.cat(catch_tokens)
+            features = torch.cat(catch_features) if taps else None
+            root_logp, root_ids = drafter.catch_up(tokens, features, catch_start, tree.top_k)
             # Near the end of the context the tree shrinks to what still fits (down to the root alone).
             room = model.cache.max_len - committed
             spec = tree if room >= tree.total_tokens else replace(tree, total_tokens=max(room, 1))
             if policy is not None:
-                policy.context, policy.catch_up = committed, len(catch_tokens)
-            draft_tree = grow_tree(int(catch_tokens[-1]), root_logp, root_ids, drafter.expand, spec, policy)
+                # (a drafter may read less than it is given: the EAGLE-3 drafter's prompt window)
+                policy.context, policy.catch_up = committed, getattr(drafter, "caught_up", len(tokens))
+            draft_tree = grow_tree(root_token, root_logp, root_ids, drafter.expand, spec, policy)
             drafter.end_round()
-            pending = None
         else:  # a plain step; the draft catches up on these tokens at the next drafted round
-            draft_tree = root_only(int(catch_tokens[-1]))
-            pending = (catch_tokens, catch_features, catch_start)
+            draft_tree = root_only(root_token)
 
         # The tree lives on the host; positions stay there too (the runtime reads their max without a sync).
         verify_start = time.perf_counter()
@@ -108,7 +113,7 @@ def speculative_generate(
         model.cache.compact(committed, path)
         new_tokens = draft_tree.tokens[path[1:]].tolist() + [bonus]
         stopper.extend(new_tokens)
-        if pending is None:
+        if drafted:
             accept_lengths.append(len(path))
         else:
             plain_rounds += 1
@@ -116,13 +121,14 @@ def speculative_generate(
             phases_ms = ((verify_start - draft_start) * 1000, (time.perf_counter() - verify_start) * 1000)
             policy.observe(draft_tree.depths[1:], draft_tree.scores[1:], len(path) - 1, phases_ms)
 
-        catch_tokens = torch.tensor(new_tokens, dtype=torch.long, device=device)
-        catch_features = out.taps[0, torch.tensor(path, device=device)] if taps else None
-        catch_start = committed
-        if pending is not None:
-            catch_tokens = torch.cat([pending[0], catch_tokens])
-            catch_features = torch.cat([pending[1], catch_features]) if taps else None
-            catch_start = pending[2]
+        new_catch = torch.tensor(new_tokens, dtype=torch.long, device=device)
+        new_features = out.taps[0, torch.tensor(path, device=device)] if taps else None
+        if drafted:  # the draft is level with the committed tokens: start afresh
+            catch_tokens, catch_features, catch_start = [], [] if taps else None, committed
+        catch_tokens.append(new_catch)
+        if taps:
+            catch_features.append(new_features)
+        root_token = new_tokens[-1]
         committed += len(path)
         if committed >= model.cache.max_len:  # no room left for another round (the budget is spent too)
             break

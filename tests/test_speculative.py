@@ -112,6 +112,46 @@ def test_int8_draft_head_is_close_and_lossless(stories):
     assert speculative_generate(stories, Eagle3Drafter(draft), ids, 200, tree=TreeSpec(20, 4, 4)).token_ids == plain.token_ids
 
 
+def test_prompt_window_reads_the_prompt_end_at_its_own_positions(stories):
+    """A drafter that reads only a prompt's last W tokens proposes what a drafter given just those W tokens
+    from position 0 proposes (attention sees relative positions only), in its later catch-ups and tree levels
+    too: its positions, cache slots and tree masks stay in step."""
+    draft = new_draft(stories.model.config, seed=5).attach(stories.model.embed.weight)
+    gen = torch.Generator().manual_seed(0)
+    prompt, window, spec = 20, 6, TreeSpec(10, 3, 3)
+    tokens = torch.randint(0, 512, (prompt + 3,), generator=gen)
+    features = torch.randn(prompt + 3, 3 * stories.model.config.hidden_size, generator=gen)
+
+    def rounds(drafter, tokens, features, first):
+        drafter.reset([], 64)
+        trees = []
+        with torch.inference_mode():
+            for chunk in (slice(0, first), slice(first, None)):
+                logp, ids = drafter.catch_up(tokens[chunk], features[chunk], drafter.committed, spec.top_k)
+                trees.append(grow_tree(int(tokens[chunk][-1]), logp, ids, drafter.expand, spec))
+                drafter.end_round()
+        return trees
+
+    windowed = Eagle3Drafter(draft, prompt_window=window)
+    got = rounds(windowed, tokens, features, prompt)
+    assert (windowed.offset, windowed.committed, draft.cache.length) == (prompt - window, prompt + 3, window + 3)
+    want = rounds(Eagle3Drafter(draft), tokens[prompt - window :], features[prompt - window :], window)
+    for a, b in zip(got, want):
+        assert a.tokens.tolist() == b.tokens.tolist() and a.parents == b.parents
+        assert torch.allclose(torch.as_tensor(a.scores), torch.as_tensor(b.scores), atol=1e-4)
+    whole = rounds(Eagle3Drafter(draft), tokens, features, prompt)  # the start of the prompt does matter here
+    assert any(not torch.allclose(torch.as_tensor(a.scores), torch.as_tensor(b.scores), atol=1e-4) for a, b in zip(got, whole))
+
+
+@pytest.mark.parametrize("tree", TREES[1:3], ids=str)
+def test_greedy_with_a_prompt_window_equals_plain(stories, untrained, tree):
+    ids = stories.encode("Once upon a time, there was a little girl named Lily. She loved to play outside")
+    plain = generate(stories, ids, 200)
+    drafter = Eagle3Drafter(untrained.draft, prompt_window=5)
+    spec = speculative_generate(stories, drafter, ids, 200, tree=tree)
+    assert len(ids) > 5 and drafter.offset == len(ids) - 5 and spec.token_ids == plain.token_ids
+
+
 @pytest.mark.parametrize("tree", TREES[:3], ids=str)
 def test_greedy_oracle_draft_equals_plain_with_long_accepts(stories, oracle, tree):
     ids = stories.encode(PROMPTS[0])
@@ -189,8 +229,12 @@ def test_cli_generate_with_a_draft(capsys, tmp_path):
     assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
     assert spec["rounds"] == len(spec["accept_lengths"]) + spec["plain_rounds"]
     assert spec["tau"] == sum(spec["accept_lengths"]) / len(spec["accept_lengths"])
+    assert main(common + ["--draft", str(tmp_path / "draft"), "--tree", "10,3,3", "--draft-window", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"] == plain["token_ids"]
     assert main(common + ["--draft", str(tmp_path / "draft"), "--tree", "10,3"]) == 2
     assert "TOTAL,DEPTH,TOPK" in capsys.readouterr().err
+    assert main(common + ["--draft", str(tmp_path / "draft"), "--draft-window", "-1"]) == 2
+    assert "--draft-window" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_draft_for_another_target(capsys, tmp_path, smollm2_path):
