@@ -23,6 +23,7 @@ from eagle3.target import Target
 
 class Drafter(Protocol):
     uses_features: bool  # whether catch_up needs the target's taps (optional attribute, default True)
+    caught_up: int  # tokens the last catch_up read, if fewer than given (optional attribute)
 
     def reset(self, prompt_ids: Sequence[int], max_len: int) -> None: ...
 
@@ -41,7 +42,7 @@ def top_children(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 class Eagle3Drafter:
     """Proposes with an EAGLE-3 head: fed the target's true features for committed tokens, and its own
-    outputs inside the tree."""
+    outputs inside the tree. With a prompt_window, it reads only that many of a prompt's last tokens."""
 
     uses_features = True
 
@@ -60,9 +61,14 @@ class Eagle3Drafter:
         self.draft.cache.truncate(0)
         self.offset = self.committed = 0
 
+    @property
+    def slots(self) -> int:
+        """Draft cache slots holding committed positions."""
+        return self.committed - self.offset
+
     def catch_up(self, tokens: Tensor, features: Tensor, start: int, top_k: int) -> tuple[Tensor, Tensor]:
         draft = self.draft
-        draft.cache.truncate(self.committed - self.offset)
+        draft.cache.truncate(self.slots)
         if start != self.committed:
             raise RuntimeError(f"draft out of step: it holds {self.committed} positions, asked to continue at {start}")
         n = tokens.shape[-1]
@@ -85,13 +91,13 @@ class Eagle3Drafter:
         hidden = torch.cat(self.rows)[source_rows.to(device)]
         # The root sits at draft position committed - 1; a node at depth d (d >= 1) at committed - 1 + d.
         positions = torch.full((len(tokens),), self.committed - 1 + depth, device=device)
-        h = draft(tokens.view(1, -1).to(device), hidden.unsqueeze(0), positions, mask.to(device), self.committed - self.offset)
+        h = draft(tokens.view(1, -1).to(device), hidden.unsqueeze(0), positions, mask.to(device), self.slots)
         self.rows.append(h[0])
         logp, ids = top_children(draft.logits(h[0]), self.top_k)
         return logp, draft.to_target_ids(ids)
 
     def end_round(self) -> None:
-        self.draft.cache.truncate(self.committed - self.offset)
+        self.draft.cache.truncate(self.slots)
         self.rows = []
 
 
@@ -112,7 +118,7 @@ def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
     from eagle3.draft import int8_supported, quantize_int8
 
     if prompt_window is not None and prompt_window < 1:
-        raise ValueError(f"the draft's prompt window must be at least 1 token (or None for the whole prompt), got {prompt_window}")
+        raise ValueError(f"the draft's prompt window must be at least 1 token (None: the whole prompt), got {prompt_window}")
     model = target.model
     draft = load_draft(path, model.config, device=model.device, dtype=model.dtype)
     if int8 or (int8 is None and int8_supported(model.device, model.dtype)):
