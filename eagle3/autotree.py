@@ -74,8 +74,7 @@ def verify_bucket(n: int) -> int:
 class AutoTree:
     cost: CostModel
     max_tokens: int = 64  # caps, so that a wildly optimistic draft cannot build a huge tree
-    max_depth: int = 8
-    top_k: int = 8
+    max_depth: int = 8  # (the tree's top-k cap is the TreeSpec's, applied by grow_tree)
     decay: float = 0.95  # weight of the past in the per-depth corrections (about 20 rounds of memory)
     prior_rounds: float = 2.0  # pseudo-rounds of ratio 1 before any observation
     context: int = 256  # cached tokens, for the verify cost (set per round by the decoding loop)
@@ -200,4 +199,4 @@ def auto_tree(target, drafter, spec) -> AutoTree:
     draft = getattr(drafter, "draft", None)
     if draft is None:
         raise ValueError("--tree auto needs an EAGLE-3 draft (its cost is part of the model); give a fixed tree")
-    return AutoTree(calibrate(target, draft), max_tokens=spec.total_tokens, max_depth=spec.depth, top_k=spec.top_k)
+    return AutoTree(calibrate(target, draft), max_tokens=spec.total_tokens, max_depth=spec.depth)
