@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from eagle3 import options
 from eagle3.bench import add_bench_parser, bench_command
 from eagle3.checkpoint import CLI_COMMANDS, add_cli_parsers
 from eagle3.cost import add_calibrate_parser, calibrate_command
@@ -17,47 +19,39 @@ from eagle3.train import add_train_parser, train_command
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt")
-    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("prompt", type=options.text, help="the prompt text")
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"preset ({', '.join(PRESETS)}), local folder or hub id")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], metavar="STRING", help="stop string (repeatable)")
+    p.add_argument("--max-new-tokens", type=options.count, default=256)
+    p.add_argument("--temperature", type=options.temperature, default=0.0,
+                   help=f"0 is greedy (default); else {options.MIN_TEMPERATURE:g} to {options.MAX_TEMPERATURE:g}")
+    p.add_argument("--top-p", type=options.top_p, default=1.0)
+    p.add_argument("--top-k", type=options.top_k, default=0, help="0 disables top-k")
+    p.add_argument("--seed", type=options.seed, default=None)
+    p.add_argument("--stop", action="append", type=options.text, default=[], metavar="STRING",
+                   help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--system", type=options.text, default=None, help="system message (with --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line instead of streaming")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    options.add_runtime_arguments(p)
     p.add_argument("--draft", default="default",
                    help="EAGLE-3 draft folder (official or speculators layout), 'default' (the shipped draft for "
                         "the target, if any) or 'none' (plain decoding)")  # fmt: skip
-    p.add_argument("--tree", default="auto",
+    p.add_argument("--tree", type=options.tree, default="auto",
                    help="draft tree: auto (sized each round for this machine's measured costs, the default) or "
                         "TOTAL,DEPTH,TOPK (e.g. 60,5,10, the EAGLE eval scripts' GPU values)")  # fmt: skip
     add_drafter_arguments(p)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-
     from eagle3.drafter import drafter_options, load_drafter
     from eagle3.fetch import resolve_draft
     from eagle3.generate import generate
     from eagle3.sampling import SamplingParams
     from eagle3.speculative import speculative_generate
     from eagle3.target import load_target
-    from eagle3.tree import TreeSpec
 
-    # Validate cheap things before loading a model.
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tree = TreeSpec.parse(args.tree)
+    options.apply_threads(args)
     target = load_target(args.target, dtype=args.dtype, device=args.device)
     draft_path = resolve_draft(args.draft, args.target)
     prompt_ids = target.encode(args.prompt, chat=args.chat, system=args.system)
@@ -67,7 +61,7 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         drafter = load_drafter(draft_path, target, **drafter_options(args))
         result = speculative_generate(
-            target, drafter, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream, tree=tree
+            target, drafter, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream, tree=args.tree
         )
     if args.json:
         print(json.dumps(result.to_json()))
@@ -92,8 +86,17 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: --flag: what is wrong`, exit code 2 (no usage dump)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("eagle3").strip()
+        hint = f" (see eagle3 {command} --help)" if command else " (see eagle3 --help)"
+        self.exit(2, f"error: {message.removeprefix('argument ')}{hint}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eagle3", description="Lossless speculative decoding with EAGLE-3.")
+    parser = Parser(prog="eagle3", description="Lossless speculative decoding with EAGLE-3.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fetch", help="materialize a model and print its local folder (last line)")
     p.add_argument("name", help=f"preset ({', '.join(PRESETS)}), local folder or hub id")
@@ -110,13 +113,28 @@ COMMANDS = {"fetch": _fetch, "generate": _generate, "bench": bench_command, "tra
             "regenerate": regenerate_command, "calibrate": calibrate_command, **CLI_COMMANDS}
 
 
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line."""
+    return " | ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a bad option (2, already reported)
+        return int(exit_.code or 0)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, ModelNotFound) as err:
-        # Known user-facing failures (bad input, missing model, file or data): one clear line, no traceback.
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, ModelNotFound) as err:
+        # Known user-facing failures (bad input, missing or corrupt model, file or data): one line, no traceback.
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # the message says how to resume, where there is something to resume
+        print(f"interrupted{': ' + one_line(err) if str(err) else ''}", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug: still one line, the traceback on request
+        if os.environ.get("EAGLE3_DEBUG"):
+            raise
+        print(f"error: internal error, {type(err).__name__}: {one_line(err)} (a bug in eagle3; rerun with "
+              "EAGLE3_DEBUG=1 for the traceback)", file=sys.stderr)  # fmt: skip
+        return 1

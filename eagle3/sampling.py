@@ -6,10 +6,15 @@ one thing everywhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+MIN_TEMPERATURE = 1e-3  # below it (but above 0) softmax(logits / T) can overflow: 0 is greedy
+MAX_TEMPERATURE = 100.0  # far past uniform already
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -20,12 +25,15 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        t = self.temperature
+        if not (t == 0 or (math.isfinite(t) and MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {t}")
+        if not 0 < self.top_p <= 1:  # (NaN fails this too)
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
 
     @property
     def greedy(self) -> bool:

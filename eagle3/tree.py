@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 Expand = Callable[[Tensor, Tensor, int, Tensor], tuple[Tensor, Tensor]]
+MAX_TREE = (1024, 64, 64)  # caps on total tokens, depth and top-k: a verification is one forward pass
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,11 @@ class TreeSpec:
     auto: bool = False  # sizes are caps; each round's tree is chosen by the cost model (autotree.py)
 
     def __post_init__(self) -> None:
-        if self.total_tokens < 1 or self.depth < 1 or self.top_k < 1:
-            raise ValueError(f"tree sizes must be >= 1, got total {self.total_tokens}, depth {self.depth}, top-k {self.top_k}")
+        sizes = (self.total_tokens, self.depth, self.top_k)
+        if not all(1 <= s <= cap for s, cap in zip(sizes, MAX_TREE)):
+            raise ValueError(f"tree sizes must be in [1, {MAX_TREE[0]}] tokens, [1, {MAX_TREE[1]}] levels and [1, "
+                             f"{MAX_TREE[2]}] children, got total {self.total_tokens}, depth {self.depth}, "
+                             f"top-k {self.top_k}")  # fmt: skip
 
     @property
     def label(self) -> str:
@@ -47,7 +51,7 @@ class TreeSpec:
         try:
             total, depth, top_k = (int(x) for x in text.split(","))
         except ValueError:
-            raise ValueError(f"--tree takes auto or TOTAL,DEPTH,TOPK (three integers, e.g. 60,5,10), got {text!r}") from None
+            raise ValueError(f"a tree is auto or TOTAL,DEPTH,TOPK (three integers, e.g. 60,5,10), got {text!r}") from None
         return cls(total, depth, top_k)
 
 
