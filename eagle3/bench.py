@@ -1,39 +1,68 @@
 """`eagle3 bench`: eagle3 against plain decoding and the methods users would pick instead, side by side.
 
 Every method decodes the same chat-templated prompts with the same token budget, stop tokens and threads.
-After a warm-up, the methods take turns per question in an order that rotates with the question, so machine
-noise hits all alike. MT-bench's second turn follows each method's own first answer.
+After a warm-up, the methods take turns per question in an order that rotates with the question's index in the
+run (so a resumed run keeps it), and machine noise hits all alike. MT-bench's second turn follows each method's
+own first answer.
 
-Metrics per method and suite: tokens/s; speed-up over `vanilla` as the mean of per-question ratios (as
-EAGLE's speed.py) and as the ratio of totals; tau (mean accepted draft tokens + 1 per round); acceptance rate
+Metrics per method and suite: tokens/s; speed-up over `vanilla` from per-question ratios (the method's tokens/s
+over vanilla's on the same question) as their median (`speedup_median`, the headline: one disturbed question
+cannot move it), their geometric mean (`speedup_geomean`), their mean (`speedup`, as EAGLE's speed.py) and as
+the ratio of totals (`speedup_total`); tau (mean accepted draft tokens + 1 per drafted round); acceptance rate
 by tree depth; at temperature 0, how many questions' outputs equal vanilla's token for token.
+
+Noise: a question whose ratio lies far from the method's other questions' (`outliers`) is re-run once, all
+methods in its usual order, after the main pass. The re-run's rows replace the first ones (marked `rerun`, the
+first time kept as `first_wall_s`); a question still far out after it is kept as measured and listed as flagged.
+
+Nothing lost: OUT/run.json holds the run's configuration, written before the first question, and OUT/rows.jsonl
+each finished question's rows, appended as it goes. `resume` continues a stopped run after checking that its
+configuration is this one; results.json, results.md and the plots are written at the end, atomically. An auto
+tree's policy starts afresh in a resumed run: outputs are the same, tree sizes (so tau and times) may differ.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean, median
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
+from eagle3 import options
 from eagle3.draft import int8_supported
 from eagle3.drafter import DEFAULT_PROMPT_WINDOW, add_drafter_arguments, drafter_options
+from eagle3.files import atomic_path, read_text, write_text
 from eagle3.generate import generate
 from eagle3.pld import PromptLookupDrafter
 from eagle3.sampling import SamplingParams
 from eagle3.speculative import speculative_generate
-from eagle3.suites import Question, data_dir, load_suite, parse_suites
+from eagle3.suites import Question, data_dir, parse_suites, read_suite
 from eagle3.target import Target
-from eagle3.tree import TreeSpec
+from eagle3.tree import AUTO_TREE, TreeSpec
 
 METHODS = ("vanilla", "eagle3", "pld", "hf", "hf-pld", "hf-assisted")
 LOSSLESS = set(METHODS)  # every method here is lossless: greedy outputs must equal vanilla's
+
+PLOTS = ("speedup.png", "tau.png", "acceptance.png")
+BENCH_FILES = ("run.json", "rows.jsonl", "results.json", "results.md", *PLOTS)  # all that bench writes in OUT
+RUN_FILES = ("run.json", "rows.jsonl", "results.json")  # any of them: OUT holds a bench run
+# What makes a run the same run, so that --resume never mixes rows of different ones. The rest of the
+# configuration (date, torch version, skipped questions) is recorded, not compared.
+RUN_KEYS = ("target", "draft", "draft_int8", "draft_window", "tree", "suites", "methods", "max_new_tokens",
+            "limit", "temperature", "top_p", "top_k", "seed", "pld_tokens", "assistant", "data", "dtype", "device",
+            "threads")  # fmt: skip
+
+OUTLIER_MADS = 5.0  # robust standard deviations (1.4826 MAD) from the median log ratio: see outliers
+OUTLIER_MIN_RATIO = 1.5  # never flag a question within this factor of the method's median ratio
 
 
 @dataclass
@@ -186,23 +215,86 @@ def acceptance_by_depth(accept_lengths: list[int]) -> list[float]:
         depth += 1
 
 
+def question_label(suite: str, question_id: str) -> str:
+    return f"{suite}/{question_id}"
+
+
+def question_ratios(rows: list[dict], method: str) -> dict[tuple[str, str], float]:
+    """Per question (suite, question_id): the method's tokens/s over vanilla's on it, where both produced
+    tokens in a measured time."""
+    base = {(r["suite"], r["question_id"]): r for r in rows if r["method"] == "vanilla"}
+    ratios = {}
+    for r in rows:
+        key = (r["suite"], r["question_id"])
+        b = base.get(key)
+        measured = b is not None and min(r["new_tokens"], r["wall_s"], b["new_tokens"], b["wall_s"]) > 0
+        if r["method"] == method and measured:
+            ratios[key] = (r["new_tokens"] / r["wall_s"]) / (b["new_tokens"] / b["wall_s"])
+    return ratios
+
+
+def speedups(ratios: list[float]) -> dict:
+    """The per-question ratios' mean (`speedup`), median and geometric mean; None without any."""
+    if not ratios:
+        return {"speedup": None, "speedup_median": None, "speedup_geomean": None}
+    return {"speedup": fmean(ratios), "speedup_median": median(ratios),
+            "speedup_geomean": math.exp(fmean(math.log(r) for r in ratios))}  # fmt: skip
+
+
+def outliers(rows: list[dict], methods: list[str]) -> dict[str, dict[str, float]]:
+    """Questions ("suite/question_id", in run order) whose time lies far outside the others', each with its
+    ratio to vanilla for the methods that flag it.
+
+    The rule, per method other than vanilla, on the logs of its per-question ratios r: a question is an outlier
+    when |log r - median| > max(5 * 1.4826 * MAD, log 1.5), MAD being the median of |log r - median| over the
+    method's questions (in all suites).
+    - Logs: ratios are multiplicative, so twice as fast and twice as slow lie equally far from the centre.
+    - Median and MAD rather than mean and standard deviation: one wild time (a 69 s question among 6 s ones)
+      inflates the standard deviation enough to hide itself, and drags the mean; the median and the MAD hardly
+      move. 1.4826 MAD estimates the standard deviation of normal noise, so 5 of them flag plain noise about
+      once in a million questions, and a hiccup that multiplies a time several-fold stands far beyond.
+    - The floor, a factor of 1.5 from the median: when times are tight (MAD near 0, e.g. all ratios within a few
+      percent) the scaled MAD alone would flag tiny differences; within 1.5x of a method's typical ratio nothing
+      is flagged, while a hiccup that matters (a question taking several times its time) still is.
+    - Fewer than 3 questions: none can stand out from "the others".
+    A flag costs one re-run and drops nothing: a question that is genuinely different (a repetitive answer where
+    prompt lookup shines) measures the same again and stays, listed as flagged.
+    """
+    found: dict[tuple[str, str], dict[str, float]] = {}
+    for method in methods:
+        if method == "vanilla":
+            continue
+        ratios = question_ratios(rows, method)
+        if len(ratios) < 3:
+            continue
+        logs = {key: math.log(r) for key, r in ratios.items()}
+        centre = median(logs.values())
+        spread = 1.4826 * median(abs(x - centre) for x in logs.values())
+        limit = max(OUTLIER_MADS * spread, math.log(OUTLIER_MIN_RATIO))
+        for key, x in logs.items():
+            if abs(x - centre) > limit:
+                found.setdefault(key, {})[method] = ratios[key]
+    order = dict.fromkeys((r["suite"], r["question_id"]) for r in rows)
+    return {question_label(*key): found[key] for key in order if key in found}
+
+
 def summarize(rows: list[dict], methods: list[str], greedy: bool) -> dict:
-    """summary[method][suite] = speedup, speedup_total, tau, tokens_per_s, identical, n, acceptance_by_depth,
-    drafted (the share of rounds that ran a draft; auto trees run plain rounds while drafting does not pay)."""
+    """summary[method][suite] = speedup (mean of per-question ratios), speedup_median, speedup_geomean,
+    speedup_total (ratio of totals), tau, tokens_per_s, identical, n, acceptance_by_depth, drafted (the share of
+    rounds that ran a draft; auto trees run plain rounds while drafting does not pay)."""
     summary: dict = {}
-    suites = sorted({r["suite"] for r in rows}, key=lambda s: [r["suite"] for r in rows].index(s))
+    suites = list(dict.fromkeys(r["suite"] for r in rows))
+    base = {(r["suite"], r["question_id"]): r for r in rows if r["method"] == "vanilla"}
     for method in methods:
         summary[method] = {}
+        ratios = question_ratios(rows, method)
         for suite in suites + ["all"]:
             mine = [r for r in rows if r["method"] == method and (suite == "all" or r["suite"] == suite)]
-            base = {(r["suite"], r["question_id"]): r for r in rows if r["method"] == "vanilla"}
             tokens, wall = sum(r["new_tokens"] for r in mine), sum(r["wall_s"] for r in mine)
             entry: dict = {"n": len(mine), "tokens_per_s": tokens / wall if wall else 0.0}
             pairs = [(r, base[(r["suite"], r["question_id"])]) for r in mine if (r["suite"], r["question_id"]) in base]
             if pairs:
-                ratios = [(r["new_tokens"] / r["wall_s"]) / (b["new_tokens"] / b["wall_s"]) for r, b in pairs
-                          if r["wall_s"] > 0 and b["wall_s"] > 0 and b["new_tokens"] > 0]  # fmt: skip
-                entry["speedup"] = sum(ratios) / len(ratios) if ratios else None
+                entry.update(speedups([v for (s, _), v in ratios.items() if suite in ("all", s)]))
                 base_tokens, base_wall = sum(b["new_tokens"] for _, b in pairs), sum(b["wall_s"] for _, b in pairs)
                 entry["speedup_total"] = entry["tokens_per_s"] / (base_tokens / base_wall) if base_wall else None
                 entry["identical"] = sum(r["token_ids"] == b["token_ids"] for r, b in pairs) if greedy else None
@@ -219,37 +311,61 @@ def _window_note(window: int | None) -> str:
     return f", draft prompt window {window}" if window else ""
 
 
-def markdown(summary: dict, config: dict) -> str:
+def _outlier_lines(reruns: list[str], flagged: dict[str, dict[str, float]]) -> list[str]:
+    rule = "ratio to vanilla lay far from the method's other questions' ratios (bench.outliers)"
+    if not reruns and not flagged:
+        return ["### Outliers", "", f"None: no question's {rule}.", ""]
+    described = [f"{q} ({', '.join(f'{m} {r:.2f}x' for m, r in by.items())})" for q, by in flagged.items()]
+    return ["### Outliers", "", f"Questions whose {rule} were re-run once, all methods; the re-run's rows replace "
+            "the first.", "", f"- re-run: {', '.join(reruns) or 'none'}",
+            f"- still outliers (kept as measured, flagged): {', '.join(described) or 'none'}", ""]  # fmt: skip
+
+
+def markdown(summary: dict, config: dict, reruns: list[str] | None = None, flagged: dict | None = None) -> str:
     methods = list(summary)
     suites = list(next(iter(summary.values())))
 
-    def table(title: str, key: str, fmt: str) -> list[str]:
+    def table(title: str, cell: Callable[[dict], str]) -> list[str]:
         lines = [f"### {title}", "", "| method | " + " | ".join(suites) + " |", "|---" * (len(suites) + 1) + "|"]
-        for m in methods:
-            cells = []
-            for s in suites:
-                v = summary[m][s].get(key)
-                cells.append("-" if v is None else (f"{v}/{summary[m][s]['n']}" if key == "identical" else fmt.format(v)))
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += [f"| {m} | " + " | ".join(cell(summary[m][s]) for s in suites) + " |" for m in methods]
         return lines + [""]
 
+    def number(key: str, fmt: str) -> Callable[[dict], str]:
+        return lambda entry: "-" if entry.get(key) is None else fmt.format(entry[key])
+
+    def other_speedups(entry: dict) -> str:
+        values = [entry.get(k) for k in ("speedup", "speedup_geomean", "speedup_total")]
+        return "-" if None in values else " / ".join(f"{v:.2f}" for v in values) + "x"
+
+    malformed = config.get("malformed_rows") or {}
     head = [
         f"# eagle3 bench: {config['target']}", "",
         f"draft `{config['draft']}`{' (lm_head int8)' if config.get('draft_int8') else ''}"
         f"{_window_note(config.get('draft_window', 0))}, tree {config['tree']}, "
         f"temperature {config['temperature']}, "
         f"max_new_tokens {config['max_new_tokens']}, {config['threads']} threads, {config['device']}, "
-        f"{config['date']}", "",
+        f"{config['date']}{' (resumed)' if config.get('resumed') else ''}", "",
     ]  # fmt: skip
-    body = table("Speed-up over vanilla (mean of per-question ratios)", "speedup", "{:.2f}x")
-    body += table("Speed-up over vanilla (ratio of totals)", "speedup_total", "{:.2f}x")
-    body += table("Tokens per second", "tokens_per_s", "{:.1f}")
-    body += table("tau (accepted draft tokens + 1, per drafted round)", "tau", "{:.2f}")
+    if malformed:
+        head += ["Malformed suite rows skipped: " + ", ".join(f"{s} {n}" for s, n in malformed.items()), ""]
+    body = table("Speed-up over vanilla (median of per-question ratios)", number("speedup_median", "{:.2f}x"))
+    body += table("Speed-up over vanilla: mean / geometric mean of per-question ratios / ratio of totals",
+                  other_speedups)  # fmt: skip
+    body += table("Tokens per second", number("tokens_per_s", "{:.1f}"))
+    body += table("tau (accepted draft tokens + 1, per drafted round)", number("tau", "{:.2f}"))
     if any(summary[m]["all"].get("drafted") not in (None, 1.0) for m in methods):
-        body += table("Share of rounds drafted (auto trees skip drafting while it does not pay)", "drafted", "{:.0%}")
+        body += table("Share of rounds drafted (auto trees skip drafting while it does not pay)",
+                      number("drafted", "{:.0%}"))  # fmt: skip
     if config["temperature"] == 0:
-        body += table("Outputs identical to vanilla (token for token)", "identical", "{}")
+        body += table("Outputs identical to vanilla (token for token)",
+                      lambda e: "-" if e.get("identical") is None else f"{e['identical']}/{e['n']}")  # fmt: skip
+    body += _outlier_lines(reruns or [], flagged or {})
     return "\n".join(head + body)
+
+
+def _save_figure(fig, path: Path) -> None:
+    with atomic_path(path) as temp:
+        fig.savefig(temp, dpi=110, format="png")  # the temp name has no .png to infer the format from
 
 
 def plots(summary: dict, out: Path) -> list[Path]:
@@ -261,7 +377,8 @@ def plots(summary: dict, out: Path) -> list[Path]:
     methods = list(summary)
     suites = [s for s in next(iter(summary.values())) if s != "all"]
     written = []
-    for key, title, name in [("speedup", "speed-up over vanilla", "speedup.png"), ("tau", "tau", "tau.png")]:
+    for key, title, name in [("speedup_median", "speed-up over vanilla (median of per-question ratios)", "speedup.png"),
+                             ("tau", "tau", "tau.png")]:  # fmt: skip
         shown = [m for m in methods if any(summary[m][s].get(key) is not None for s in suites)]
         if not shown:
             continue
@@ -271,12 +388,12 @@ def plots(summary: dict, out: Path) -> list[Path]:
             values = [summary[m][s].get(key) or 0 for s in suites]
             ax.bar([x + i * width for x in range(len(suites))], values, width, label=m)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(suites))], suites, rotation=30, ha="right")
-        if key == "speedup":
+        if key == "speedup_median":
             ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_title(title)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        _save_figure(fig, out / name)
         plt.close(fig)
         written.append(out / name)
     curves = {m: summary[m]["all"]["acceptance_by_depth"] for m in methods if summary[m]["all"]["acceptance_by_depth"]}
@@ -290,10 +407,143 @@ def plots(summary: dict, out: Path) -> list[Path]:
         ax.legend()
         ax.set_title("acceptance by depth (all suites)")
         fig.tight_layout()
-        fig.savefig(out / "acceptance.png", dpi=110)
+        _save_figure(fig, out / "acceptance.png")
         plt.close(fig)
         written.append(out / "acceptance.png")
     return written
+
+
+def holds_run(out: Path) -> bool:
+    return any((out / name).exists() for name in RUN_FILES)
+
+
+def check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuses what would mix or lose runs: both flags, an OUT that is a file, an OUT holding a run without one
+    of the flags."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; bench writes a folder there")
+    if not (resume or overwrite) and holds_run(out):
+        raise ValueError(f"{out} holds a bench run; pass --resume to continue it or --overwrite to start over")
+
+
+def clear_out(out: Path) -> None:
+    """Removes what bench writes in OUT (BENCH_FILES), nothing else."""
+    for name in BENCH_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def read_records(path: Path) -> dict[int, dict]:
+    """rows.jsonl's records (one per finished question: its index, suite, question_id, rerun and rows) by
+    question index. A later record of a question (its re-run) replaces the earlier one; a line that does not
+    parse (the torn last line of a killed run) is ignored."""
+    records: dict[int, dict] = {}
+    if not path.is_file():
+        return records
+    for line in read_text(path)[0].split("\n"):
+        try:
+            record = json.loads(line)
+            records[int(record["index"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return dict(sorted(records.items()))
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Appends one question's record to rows.jsonl, on disk before the next question starts."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _end_torn_line(path: Path) -> None:
+    # A torn last line (killed mid-write) would glue onto the next record: start on a fresh line.
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+def resumed_records(out: Path, config: dict, questions: list[Question]) -> dict[int, dict]:
+    """The finished questions of the run in OUT, after checking that it is this run: the same configuration
+    (RUN_KEYS) and the same questions at the indices it finished. Nothing there: no records."""
+    run_path, rows_path = out / "run.json", out / "rows.jsonl"
+    if not run_path.is_file():
+        if holds_run(out):
+            raise ValueError(f"{out} holds bench results without run.json (an older eagle3 bench, which cannot be "
+                             "resumed); pass --overwrite to start over")  # fmt: skip
+        print(f"nothing to resume in {out}: starting a new run", file=sys.stderr)
+        return {}
+    try:
+        stored = json.loads(read_text(run_path)[0])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{run_path} is not valid JSON ({err}); pass --overwrite to start over") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{run_path} is not a bench configuration; pass --overwrite to start over")
+    differ = [k for k in RUN_KEYS if stored.get(k) != config[k]]
+    if differ:
+        shown = ", ".join(f"{k} ({stored.get(k)!r} there, {config[k]!r} now)" for k in differ)
+        raise ValueError(f"--resume: {run_path} is another run, its {shown} differ; rerun with the same options, "
+                         "or pass --overwrite to start over")  # fmt: skip
+    records = read_records(rows_path)
+    for index, record in records.items():
+        now = question_label(questions[index].suite, questions[index].question_id) if index < len(questions) else "none"
+        then = question_label(record.get("suite"), record.get("question_id"))
+        if then != now:
+            raise ValueError(f"--resume: {rows_path} holds {then} as question {index}, the suites now give {now}: "
+                             "the data changed since the run began; pass --overwrite to start over")  # fmt: skip
+    return records
+
+
+def run_question(runners: dict[str, Method], methods: list[str], question: Question, index: int) -> list[dict]:
+    """All methods' rows for one question, in an order that rotates with the question's index in the run."""
+    shift = index % len(methods)
+    rows = []
+    for name in methods[shift:] + methods[:shift]:
+        outputs = answer_question(runners[name], question)
+        rows.append({
+            "suite": question.suite, "question_id": question.question_id, "method": name,
+            "new_tokens": sum(len(o.token_ids) for o in outputs), "wall_s": sum(o.wall_s for o in outputs),
+            "token_ids": [t for o in outputs for t in o.token_ids],
+            "accept_lengths": [n for o in outputs for n in o.accept_lengths],
+            "plain_rounds": sum(o.plain_rounds for o in outputs),
+            "turns": [o.text for o in outputs], "rerun": False,
+        })  # fmt: skip
+    return rows
+
+
+def _record(index: int, question: Question, rows: list[dict], rerun: bool = False) -> dict:
+    return {"index": index, "suite": question.suite, "question_id": question.question_id, "rerun": rerun, "rows": rows}
+
+
+def _rerun_rows(first: list[dict], again: list[dict]) -> list[dict]:
+    """The re-run's rows, marked, each keeping its method's first time."""
+    first_wall = {r["method"]: r.get("first_wall_s", r["wall_s"]) for r in first}
+    return [{**r, "rerun": True, "first_wall_s": first_wall[r["method"]]} for r in again]
+
+
+def _first_pass(rows: list[dict]) -> list[dict]:
+    """The rows as the main pass timed them (re-run rows with their first time), so that which questions are
+    re-run does not depend on whether re-running was interrupted and resumed."""
+    return [{**r, "wall_s": r["first_wall_s"]} if "first_wall_s" in r else r for r in rows]
+
+
+def _all_rows(records: dict[int, dict]) -> list[dict]:
+    return [r for index in sorted(records) for r in records[index]["rows"]]
+
+
+def _fitting(target: Target, questions: list[Question], max_new_tokens: int) -> tuple[list[Question], list[str]]:
+    """The questions that fit the context, and the labels of those that do not (reported on stderr)."""
+    fits = [q for q in questions if fits_context(target, q, max_new_tokens)]
+    skipped = [question_label(q.suite, q.question_id) for q in questions if q not in fits]
+    if skipped:
+        print(f"skipping {len(skipped)} question(s) longer than {target.name}'s context of {target.context} tokens "
+              f"with {max_new_tokens} new tokens per turn: {', '.join(skipped[:10])}"
+              + (" ..." if len(skipped) > 10 else ""), file=sys.stderr)  # fmt: skip
+    return fits, skipped
 
 
 def run_bench(
@@ -311,99 +561,130 @@ def run_bench(
     pld_tokens: int = 10,
     draft_int8: bool | None = None,
     draft_window: int | None = DEFAULT_PROMPT_WINDOW,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-    if "vanilla" not in methods:
-        methods = ["vanilla", *methods]  # the baseline for speed-ups and identical-output counts
-    folder = data_dir(data)
-    questions = [q for name in suites for q in load_suite(name, folder, limit)]
-    fits = [q for q in questions if fits_context(target, q, max_new_tokens)]
-    skipped = [f"{q.suite}/{q.question_id}" for q in questions if q not in fits]
-    if skipped:
-        print(f"skipping {len(skipped)} question(s) longer than {target.name}'s context of {target.context} tokens "
-              f"with {max_new_tokens} new tokens per turn: {', '.join(skipped[:10])}"
-              + (" ..." if len(skipped) > 10 else ""), file=sys.stderr)  # fmt: skip
-    questions = fits
-    if not questions:
-        raise ValueError("no questions to run (none fits the context)")
-    trees = [trees] if isinstance(trees, TreeSpec) else list(trees)
+    """Benchmarks the methods into OUT and returns results.json's content. resume: continue the run in OUT
+    (refused if its configuration differs); overwrite: remove what bench wrote in OUT and start over; neither:
+    OUT must not hold a run."""
+    out = Path(out)
+    check_out(out, resume, overwrite)
+    names = list(dict.fromkeys(["vanilla", *methods]))  # vanilla: the baseline for speed-ups and identical outputs
+    trees = list(dict.fromkeys([trees] if isinstance(trees, TreeSpec) else trees))
     if draft_int8 is None:
         draft_int8 = int8_supported(target.model.device, target.model.dtype)
-    runners = make_methods(target, methods, max_new_tokens, sampling, trees, draft, assistant, pld_tokens, draft_int8,
-                           draft_window)  # fmt: skip
-    methods = method_labels(methods, trees)
-    warm = [{"role": "user", "content": questions[0].turns[0]}]
-    for runner in runners.values():  # warm-up: first calls pay for allocations and kernel choice
-        runner(warm)
-
-    rows = []
-    for i, q in enumerate(tqdm(questions, desc="questions", file=sys.stderr)):
-        order = methods[i % len(methods):] + methods[: i % len(methods)]
-        for name in order:
-            outputs = answer_question(runners[name], q)
-            rows.append({
-                "suite": q.suite, "question_id": q.question_id, "method": name,
-                "new_tokens": sum(len(o.token_ids) for o in outputs), "wall_s": sum(o.wall_s for o in outputs),
-                "token_ids": [t for o in outputs for t in o.token_ids],
-                "accept_lengths": [n for o in outputs for n in o.accept_lengths],
-                "plain_rounds": sum(o.plain_rounds for o in outputs),
-                "turns": [o.text for o in outputs],
-            })  # fmt: skip
-
-    summary = summarize(rows, methods, sampling.greedy)
-    config = {
+    labels = method_labels(names, trees)
+    folder = data_dir(data)
+    files = [read_suite(name, folder, limit) for name in suites]
+    questions, skipped = _fitting(target, [q for f in files for q in f.questions], max_new_tokens)
+    if not questions:
+        raise ValueError("no questions to run (none fits the context)")
+    config = json.loads(json.dumps({
         "target": target.name, "draft": str(draft) if draft else None, "draft_int8": draft_int8,
-        "draft_window": draft_window,
-        "tree": " ".join(t.label for t in trees),
-        "suites": suites, "methods": methods, "max_new_tokens": max_new_tokens, "limit": limit, "skipped": skipped,
-        "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
-        "threads": torch.get_num_threads(), "device": str(target.model.device), "dtype": str(target.model.dtype),
+        "draft_window": draft_window, "tree": " ".join(t.label for t in trees), "suites": suites, "methods": labels,
+        "max_new_tokens": max_new_tokens, "limit": limit, "temperature": sampling.temperature,
+        "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed, "pld_tokens": pld_tokens,
+        "assistant": assistant, "data": str(folder.resolve()), "dtype": str(target.model.dtype),
+        "device": str(target.model.device), "threads": torch.get_num_threads(),
+        "skipped": skipped,
+        "malformed_rows": {f.path.stem: f.malformed for f in files if f.malformed},
+        "undecodable_bytes": {f.path.stem: f.replaced for f in files if f.replaced},
         "torch": torch.__version__, "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
-    }  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"config": config, "summary": summary, "rows": rows}, indent=1))
-    report = markdown(summary, config)
-    (out / "results.md").write_text(report)
+    }))  # fmt: skip
+    continuing = resume and (out / "run.json").is_file()
+    records = resumed_records(out, config, questions) if resume else {}
+
+    def ready_methods() -> dict[str, Method]:
+        runners = make_methods(target, names, max_new_tokens, sampling, trees, draft, assistant, pld_tokens,
+                               draft_int8, draft_window)  # fmt: skip
+        warm = [{"role": "user", "content": questions[0].turns[0]}]
+        for runner in runners.values():  # warm-up: first calls pay for allocations and kernel choice
+            runner(warm)
+        return runners
+
+    todo = [i for i in range(len(questions)) if i not in records]
+    runners = ready_methods() if todo else None  # before run.json: a method that cannot start leaves no run behind
+    rows_path = out / "rows.jsonl"
+    if continuing:
+        _end_torn_line(rows_path)
+    else:
+        if overwrite:
+            clear_out(out)
+        write_text(out / "run.json", json.dumps(config, indent=1))
+    try:
+        bar = tqdm(todo, desc="questions", file=sys.stderr, total=len(questions), initial=len(questions) - len(todo))
+        for i in bar:
+            records[i] = _record(i, questions[i], run_question(runners, labels, questions[i], i))
+            append_record(rows_path, records[i])
+        first = outliers(_first_pass(_all_rows(records)), labels)
+        again = [i for i, r in sorted(records.items())
+                 if question_label(r["suite"], r["question_id"]) in first and not r["rerun"]]  # fmt: skip
+        if again and runners is None:
+            runners = ready_methods()
+        for i in tqdm(again, desc="re-running outliers", file=sys.stderr):
+            rows = _rerun_rows(records[i]["rows"], run_question(runners, labels, questions[i], i))
+            records[i] = _record(i, questions[i], rows, rerun=True)
+            append_record(rows_path, records[i])
+    except KeyboardInterrupt:
+        phase = " and while re-running outliers" if len(records) == len(questions) else ""
+        raise KeyboardInterrupt(f"bench stopped after {len(records)} of {len(questions)} questions{phase}, kept in "
+                                f"{rows_path}; rerun the same command with --resume to continue") from None
+
+    rows = _all_rows(records)
+    reruns = [question_label(r["suite"], r["question_id"]) for _, r in sorted(records.items()) if r["rerun"]]
+    flagged = outliers(rows, labels)
+    summary = summarize(rows, labels, sampling.greedy)
+    config["resumed"] = continuing
+    results = {"config": config, "summary": summary, "reruns": reruns, "flagged": flagged, "rows": rows}
+    write_text(out / "results.json", json.dumps(results, indent=1))
+    report = markdown(summary, config, reruns, flagged)
+    write_text(out / "results.md", report)
     plots(summary, out)
     print(report)
     if sampling.greedy:
-        for m in methods:
+        for m in labels:
             bad = summary[m]["all"].get("identical")
             if m.split()[0] in LOSSLESS and bad is not None and bad != summary[m]["all"]["n"]:
                 print(f"WARNING: {m} differs from vanilla on {summary[m]['all']['n'] - bad} of "
                       f"{summary[m]['all']['n']} questions at temperature 0: a lossless method must not",
                       file=sys.stderr)  # fmt: skip
-    return {"config": config, "summary": summary, "rows": rows}
+    return results
 
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark eagle3 against plain decoding and other methods")
     p.add_argument("--target", default="smollm2-135m")
-    p.add_argument("--draft", default="default", help="EAGLE-3 draft folder for method eagle3 (default: the shipped one)")
+    p.add_argument("--draft", default="default",
+                   help="EAGLE-3 draft folder for method eagle3 (default: the shipped one; none: no draft)")
     add_drafter_arguments(p)
     p.add_argument("--suites", default="mt_bench", help="comma-separated: " + ", ".join(
         ["mt_bench", "humaneval", "gsm8k", "alpaca", "cnn_dm", "natural_questions", "spec_bench"]))  # fmt: skip
     p.add_argument("--methods", default="vanilla,eagle3", help="comma-separated: " + ", ".join(METHODS))
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--limit", type=int, default=None, help="questions per suite (Spec-Bench: per category)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tree", nargs="+", default=["auto"],
+    p.add_argument("--max-new-tokens", type=options.count, default=256, help="per turn")
+    p.add_argument("--limit", type=options.count, default=None, help="questions per suite (Spec-Bench: per category)")
+    p.add_argument("--temperature", type=options.temperature, default=0.0,
+                   help=f"0 is greedy (default); else {options.MIN_TEMPERATURE:g} to {options.MAX_TEMPERATURE:g}")
+    p.add_argument("--top-p", type=options.top_p, default=1.0)
+    p.add_argument("--top-k", type=options.top_k, default=0, help="0 disables top-k")
+    p.add_argument("--seed", type=options.seed, default=0)
+    p.add_argument("--tree", type=options.tree, nargs="+", default=[AUTO_TREE],
                    help="eagle3's tree: auto (cost-aware, the default) or TOTAL,DEPTH,TOPK; several trees make one "
                         "eagle3 method each, side by side")  # fmt: skip
-    p.add_argument("--pld-tokens", type=int, default=10, help="tokens proposed by pld and hf-pld")
+    p.add_argument("--pld-tokens", type=options.integer(1, 64), default=10, help="tokens proposed by pld and hf-pld")
     p.add_argument("--assistant", default=None, help="assistant model for hf-assisted")
     p.add_argument("--data-dir", default=None, help="benchmark JSONL folder (default $EAGLE3_DATA or ../shared/data/eval)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", required=True, help="output folder (results.json, results.md, *.png)")
+    options.add_runtime_arguments(p)
+    p.add_argument("--out", required=True,
+                   help="output folder: run.json and rows.jsonl as it goes, then results.json, results.md, *.png")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --out (the same options), skipping its finished questions")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run (removes only the files bench writes)")
 
 
 def _draft_options(args) -> dict:
-    options = drafter_options(args)
-    return {"draft_int8": options["int8"], "draft_window": options["prompt_window"]}
+    chosen = drafter_options(args)
+    return {"draft_int8": chosen["int8"], "draft_window": chosen["prompt_window"]}
 
 
 def bench_command(args) -> int:
@@ -416,14 +697,17 @@ def bench_command(args) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    trees = [TreeSpec.parse(t) for t in args.tree]
+    out = Path(args.out)
+    check_out(out, args.resume, args.overwrite)  # before anything is loaded
     data_dir(args.data_dir)  # fail on missing data before loading models
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    draft_options = _draft_options(args)
     draft = resolve_draft(args.draft, args.target)
+    if "eagle3" in methods and draft is None:
+        shipped = " (no draft is shipped for this target)" if args.draft == "default" else ""
+        raise ValueError(f"method eagle3 needs a draft: pass --draft PATH{shipped}")
+    options.apply_threads(args)
     target = load_target(args.target, dtype=args.dtype, device=args.device)
-    run_bench(target, suites, methods, Path(args.out), args.max_new_tokens, args.limit, sampling, trees, draft,
-              args.assistant, args.data_dir, args.pld_tokens, **_draft_options(args))  # fmt: skip
+    run_bench(target, suites, methods, out, args.max_new_tokens, args.limit, sampling, args.tree, draft,
+              args.assistant, args.data_dir, args.pld_tokens, **draft_options, resume=args.resume,
+              overwrite=args.overwrite)  # fmt: skip
     return 0

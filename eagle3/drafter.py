@@ -1,6 +1,8 @@
 """Drafters: what proposes tree nodes to the decoding loop.
 
 A drafter follows the committed sequence and proposes children for tree nodes:
+- `tap_layers`: the target layers whose inputs it reads as features (an EAGLE-3 head's, from its config;
+  empty for a drafter that reads none, so the target skips the taps);
 - `reset(prompt_ids, max_len)` at the start of a generation;
 - `catch_up(tokens, features, start)` with the newly committed tokens and the target's true features at the
   positions before them (position start + i pairs feature i with token i), returning the root's top children;
@@ -17,12 +19,13 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
+from eagle3 import options
 from eagle3.draft import Eagle3Draft
 from eagle3.target import Target
 
 
 class Drafter(Protocol):
-    uses_features: bool  # whether catch_up needs the target's taps (optional attribute, default True)
+    tap_layers: tuple[int, ...]  # target layers whose inputs catch_up reads as features (empty: none)
     caught_up: int  # tokens the last catch_up read, if fewer than given (optional attribute)
 
     def reset(self, prompt_ids: Sequence[int], max_len: int) -> None: ...
@@ -41,13 +44,16 @@ def top_children(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 class Eagle3Drafter:
-    """Proposes with an EAGLE-3 head: fed the target's true features for committed tokens, and its own
-    outputs inside the tree. With a prompt_window, it reads only that many of a prompt's last tokens."""
-
-    uses_features = True
+    """Proposes with an EAGLE-3 head: fed the target's true features (of the layers its config names) for
+    committed tokens, and its own outputs inside the tree. With a prompt_window, it reads only that many of a
+    prompt's last tokens."""
 
     def __init__(self, draft: Eagle3Draft, prompt_window: int | None = None):
+        if draft.config.tap_layers is None:
+            raise ValueError("the draft's config names no tap layers: load it with its target's config "
+                             "(checkpoint.load_draft(path, target_config)), which fills in the target's defaults")  # fmt: skip
         self.draft = draft
+        self.tap_layers = tuple(draft.config.tap_layers)
         self.prompt_window = prompt_window
         self.top_k = 10
         self.offset = 0  # prompt positions the draft skipped (see prompt_window): cache slot s holds offset + s
@@ -101,19 +107,18 @@ class Eagle3Drafter:
         self.rows = []
 
 
-# Prompt tokens the EAGLE-3 draft reads at the first catch-up (the rest of the prompt it never sees): its cost
-# grows with the prompt (0.1 ms a token here, 105 ms for a 1000-token prompt, 2 plain steps) while the shipped
-# draft, trained on up to 512 tokens, proposed no worse from a prompt's end: on 16 long ShareGPT prompts
-# (650-1930 tokens, outside its training mix), tau with an 8,4,4 tree was 1.84 reading whole prompts, 1.87
-# reading the last 512, 256, 128 or 64.
+# Prompt tokens the EAGLE-3 draft reads at the first catch-up (the rest of the prompt it never sees): the
+# catch-up's cost grows with the prompt, while a draft proposes no worse from a prompt's end (measurements:
+# docs/design/draft-prompt-window.md).
 DEFAULT_PROMPT_WINDOW = 256
 
 
 def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
                  prompt_window: int | None = DEFAULT_PROMPT_WINDOW) -> Eagle3Drafter:  # fmt: skip
-    """An EAGLE-3 drafter from a checkpoint folder, checked against and attached to the target. int8: run the
-    draft's lm_head in int8 (draft.quantize_int8); default: wherever it is supported (float32 on CPU).
-    prompt_window: how many of a prompt's last tokens the draft reads (None: all)."""
+    """An EAGLE-3 drafter from a checkpoint folder, checked against and attached to the target; it taps the
+    target layers its config names (the target's defaults when it names none). int8: run the draft's lm_head
+    in int8 (draft.quantize_int8); default: wherever it is supported (float32 on CPU). prompt_window: how many
+    of a prompt's last tokens the draft reads (None: all)."""
     from eagle3.checkpoint import load_draft
     from eagle3.draft import int8_supported, quantize_int8
 
@@ -134,7 +139,7 @@ def add_drafter_arguments(parser, window: bool = True) -> None:
     parser.add_argument("--draft-int8", choices=tuple(INT8_CHOICES), default="auto",
                         help="the draft's lm_head in int8: auto (default: where supported, float32 on CPU), on or off")
     if window:
-        parser.add_argument("--draft-window", type=int, default=DEFAULT_PROMPT_WINDOW,
+        parser.add_argument("--draft-window", type=options.nonnegative, default=DEFAULT_PROMPT_WINDOW,
                             help=f"prompt tokens the draft reads, from the end (default {DEFAULT_PROMPT_WINDOW}; 0: "
                                  "the whole prompt). Only the draft's proposals depend on it, never the output")  # fmt: skip
 
@@ -142,6 +147,4 @@ def add_drafter_arguments(parser, window: bool = True) -> None:
 def drafter_options(args) -> dict:
     """load_drafter's keyword arguments from add_drafter_arguments' options."""
     window = getattr(args, "draft_window", DEFAULT_PROMPT_WINDOW)
-    if window < 0:
-        raise ValueError(f"--draft-window must be >= 0 (0: the whole prompt), got {window}")
     return {"int8": INT8_CHOICES[args.draft_int8], "prompt_window": window or None}

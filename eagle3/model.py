@@ -258,7 +258,7 @@ class Block(nn.Module):
 
 class ForwardOutput(NamedTuple):
     logits: Tensor | None  # [B, n, vocab] ("all"), [B, 1, vocab] ("last") or None ("none", "hidden")
-    taps: Tensor | None  # [B, n, len(tap_layers) * hidden]: the tapped layers' inputs, concatenated
+    taps: Tensor | None  # [B, n, len(taps) * hidden]: the tapped layers' inputs, concatenated in layer order
     hidden: Tensor | None = None  # [B, n, hidden]: the last layer's output before the final norm ("hidden")
 
 
@@ -270,7 +270,6 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.lm_head_weight = _param(cfg.hidden_size, cfg.vocab_size)  # [in, out], final norm folded in
         self.lm_head_weight_t: Tensor | None = None  # [out, in] copy for 2..64 rows (add_few_row_copies)
-        self.tap_layers: tuple[int, ...] = cfg.default_tap_layers if cfg.num_layers >= 3 else ()
         self.cache: KVCache | None = None
         self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         self._windows = cfg.sliding_windows or (None,) * cfg.num_layers
@@ -282,12 +281,6 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head_weight.dtype
-
-    def set_tap_layers(self, layers: Sequence[int]) -> None:
-        layers = tuple(int(i) for i in layers)
-        if any(not 0 <= i < self.config.num_layers for i in layers):
-            raise ValueError(f"tap layers {layers} must be decoder layer indices in [0, {self.config.num_layers})")
-        self.tap_layers = layers
 
     def setup_cache(self, max_len: int, batch_size: int = 1, padded: bool = False) -> KVCache:
         """(Re)allocates the KV cache; max_len is capped by the model's context, unless the rows are left-padded
@@ -361,7 +354,7 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         tree_mask: Tensor | None = None,
         logits: str = "all",
-        taps: bool = False,
+        taps: Sequence[int] = (),
         key_mask: Tensor | None = None,
     ) -> ForwardOutput:
         """Runs n new tokens [B, n] on top of the cache and appends their keys and values to it.
@@ -369,7 +362,8 @@ class Transformer(nn.Module):
         positions: [n] or [B, n] position ids (default: cache.length + arange(n)).
         tree_mask: [n, n] bool, True where new token i may see new token j (default: causal).
         logits: "all", "last", "none", or "hidden" (the last layer's outputs instead: `head` turns them into
-        logits later, as offline features do). taps: also return the tapped layers' inputs.
+        logits later, as offline features do). taps: decoder layers whose inputs to return as well (a draft's
+        tap layers; 0 is the token embeddings), concatenated in layer order as SGLang and vLLM do; () for none.
         key_mask: [B, slots] bool, False on cache slots a row must not see (left padding of batched prompts
         of different lengths, see generate_batch).
         """
@@ -388,14 +382,16 @@ class Transformer(nn.Module):
             raise ValueError(f"position {max_position} is beyond the model's context of {self.config.context_length}")
         rotation = self._rope(positions, max_position)
         masks = self._masks(start, n, tree_mask, positions, max_position, key_mask)
+        if any(not 0 <= i < self.config.num_layers for i in taps):
+            raise ValueError(f"tap layers {tuple(taps)} must be decoder layer indices in [0, {self.config.num_layers})")
         x = self.embed(tokens)
         tapped = []
         for i, layer in enumerate(self.layers):
-            if taps and i in self.tap_layers:
+            if i in taps:
                 tapped.append(x)
             x = layer(x, rotation, cache.kv[i], start, masks[self._windows[i]])
         cache.length = start + n
-        out_taps = torch.cat(tapped, dim=-1) if taps else None
+        out_taps = torch.cat(tapped, dim=-1) if tapped else None
         if logits == "hidden":
             return ForwardOutput(None, out_taps, x)
         out_logits = None
@@ -420,22 +416,103 @@ class Transformer(nn.Module):
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def read_state_dict(folder: str | Path) -> dict[str, Tensor]:
-    """HF weights of a folder: model.safetensors, sharded safetensors, or pytorch_model.bin (weights only)."""
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's configuration and weights (a strided sample of every tensor: cheap, and any
+    two checkpoints worth telling apart differ there), for caches that must not outlive their target."""
+    import hashlib
+
+    digest = hashlib.sha256(repr(getattr(model, "config", None)).encode())
+    digest.update(str(next(model.parameters()).dtype).encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class CorruptWeights(ValueError):
+    """A weights file that cannot be read: truncated, not what its name says, or pointing outside its folder."""
+
+
+def read_weights_file(path: Path) -> dict[str, Tensor]:
+    """One safetensors file or a weights-only torch checkpoint, with a one-line error naming a bad file."""
     from safetensors.torch import load_file
 
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"weights file {path} is missing") from None
+    except Exception as err:  # safetensors and torch.load raise their own types for truncated or foreign bytes
+        raise CorruptWeights(f"weights file {path} is unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise CorruptWeights(f"weights file {path} does not hold a dictionary of named tensors")
+    return state
+
+
+def read_state_dict(folder: str | Path) -> dict[str, Tensor]:
+    """HF weights of a folder: model.safetensors, sharded safetensors, or pytorch_model.bin (weights only).
+    A shard index may only name files inside the folder."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
+        return read_weights_file(folder / "model.safetensors")
     if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CorruptWeights(f"{index} is not a safetensors shard index ({type(err).__name__}: {err})") from None
         state: dict[str, Tensor] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(folder / shard))
+        for shard in shards:
+            if not isinstance(shard, str) or Path(shard).is_absolute() or ".." in Path(shard).parts:
+                raise CorruptWeights(f"{index} names the shard {shard!r}, outside {folder}")
+            state.update(read_weights_file(folder / shard))
         return state
     if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return read_weights_file(folder / "pytorch_model.bin")
     raise FileNotFoundError(f"no weights in {folder} (looked for model.safetensors, its index, pytorch_model.bin)")
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every HF weight a Llama-family checkpoint of this config holds (names without "model.";
+    lm_head.weight may be absent when tied)."""
+    H, I, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (V, H), "norm.weight": (H,), "lm_head.weight": (V, H)}
+    for i in range(cfg.num_layers):
+        a, m = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        shapes.update({f"layers.{i}.input_layernorm.weight": (H,), f"layers.{i}.post_attention_layernorm.weight": (H,),
+                       a + "q_proj.weight": (q, H), a + "k_proj.weight": (kv, H), a + "v_proj.weight": (kv, H),
+                       a + "o_proj.weight": (H, q), m + "gate_proj.weight": (I, H), m + "up_proj.weight": (I, H),
+                       m + "down_proj.weight": (H, I)})  # fmt: skip
+        if cfg.qkv_bias:
+            shapes.update({a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)})
+        if cfg.o_bias:
+            shapes[a + "o_proj.bias"] = (H,)
+        if cfg.mlp_bias:
+            shapes.update({m + "gate_proj.bias": (I,), m + "up_proj.bias": (I,), m + "down_proj.bias": (H,)})
+        if cfg.qk_norm:
+            shapes.update({a + "q_norm.weight": (hd,), a + "k_norm.weight": (hd,)})
+    return shapes
+
+
+def check_hf_weights(hf: dict[str, Tensor], cfg: ModelConfig, where: str) -> None:
+    """Every weight the config implies is present, floating point, and of the implied shape."""
+    found = {k.removeprefix("model."): v for k, v in hf.items()}
+    for name, shape in hf_shapes(cfg).items():
+        if name not in found:
+            if name == "lm_head.weight":
+                continue  # a tied head
+            raise CorruptWeights(f"{where} lacks the weight {name!r} (expected shape {shape} from config.json)")
+        tensor = found[name]
+        if tuple(tensor.shape) != shape:
+            raise CorruptWeights(f"weight {name!r} in {where} has shape {tuple(tensor.shape)}, config.json implies {shape}")
+        if not tensor.dtype.is_floating_point:
+            raise CorruptWeights(f"weight {name!r} in {where} has dtype {tensor.dtype}, expected a floating point type")
 
 
 def convert_hf_state_dict(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
@@ -487,7 +564,9 @@ def load_model(
     """Loads a Llama-family HF checkpoint folder into the native runtime (weights only, safely)."""
     cfg = load_config(folder)
     device = torch.device(device) if device is not None else default_device()
-    state = convert_hf_state_dict(read_state_dict(folder), cfg)
+    hf = read_state_dict(folder)
+    check_hf_weights(hf, cfg, str(folder))
+    state = convert_hf_state_dict(hf, cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
     state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}

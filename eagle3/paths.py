@@ -17,18 +17,26 @@ def eagle3_home() -> Path:
     return Path(os.environ.get("EAGLE3_HOME", Path.home() / ".cache" / "eagle3")).expanduser()
 
 
+def source_checkout() -> Path | None:
+    """The source checkout eagle3 runs from, or None for an installed (non-editable) package."""
+    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "eagle3").is_dir() else None
+
+
 def shared_dir() -> Path:
-    """The shared data folder: $EAGLE3_SHARED, else ../shared beside the repository, else ../shared from the cwd."""
+    """The shared data folder: $EAGLE3_SHARED, else ../shared beside the source checkout, else a clear error."""
     env = os.environ.get("EAGLE3_SHARED")
-    candidates = [Path(env)] if env else [REPO_ROOT.parent / "shared", Path.cwd().parent / "shared"]
-    for path in candidates:
+    if env:
+        path = Path(env).expanduser()
         if path.is_dir():
             return path.resolve()
-    raise MissingSharedData(
-        "the shared data folder was not found (looked at: "
-        + ", ".join(str(p) for p in candidates)
-        + "); place it beside the repository as ../shared or set EAGLE3_SHARED"
-    )
+        raise MissingSharedData(f"EAGLE3_SHARED={env} is not a folder; point it at the shared data folder")
+    checkout = source_checkout()
+    if checkout is not None and (checkout.parent / "shared").is_dir():
+        return (checkout.parent / "shared").resolve()
+    where = f"../shared beside the checkout ({checkout.parent / 'shared'}) is absent" if checkout else (
+        "eagle3 is installed as a package, with no checkout beside it")  # fmt: skip
+    raise MissingSharedData(f"the shared data folder was not found: EAGLE3_SHARED is not set and {where}; set "
+                            "EAGLE3_SHARED to the folder")  # fmt: skip
 
 
 def shared_path(relative: str) -> Path:

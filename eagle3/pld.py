@@ -25,7 +25,7 @@ def lookup(history: Sequence[int], max_ngram: int, num_tokens: int, min_ngram: i
 class PromptLookupDrafter:
     """Drafter protocol (see drafter.py) over n-gram matches in the token history."""
 
-    uses_features = False  # the decoding loop need not tap the target for it
+    tap_layers = ()  # it reads no target features: the decoding loop skips the taps
 
     def __init__(self, num_tokens: int = 10, max_ngram: int = 3):
         self.num_tokens, self.max_ngram = num_tokens, max_ngram

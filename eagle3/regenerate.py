@@ -13,10 +13,14 @@ import json
 import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
+
+from eagle3 import options
+from eagle3.files import read_text
 
 # Conversations so far (each ending with a user turn) -> one assistant text per conversation, None where it
 # failed (the conversation fills the context, the server refused): the failure is reported and counted.
@@ -103,7 +107,7 @@ def done_ids(path: Path) -> set[int]:
     """Source indices already written (a torn last line from an interrupted run is ignored)."""
     ids = set()
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in read_text(path)[0].splitlines():
             try:
                 ids.add(int(json.loads(line)["source_index"]))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
@@ -125,7 +129,7 @@ def regenerate(conversations: list[list[dict]], answer_many: AnswerMany, out: Pa
         with out.open("a") as f:
             f.write("\n")
     bar = tqdm(total=len(todo), desc="regenerate", disable=not progress, file=sys.stderr)
-    with out.open("a") as f:
+    with out.open("a") as f, _resume_hint(out, counts):
         for first in range(0, len(todo), max(1, batch_size)):
             indices = todo[first : first + max(1, batch_size)]
             for index, messages in zip(indices, regenerate_conversations([conversations[i] for i in indices], answer_many)):
@@ -141,32 +145,42 @@ def regenerate(conversations: list[list[dict]], answer_many: AnswerMany, out: Pa
     return counts
 
 
+@contextmanager
+def _resume_hint(out: Path, counts: dict[str, int]):
+    """An interrupt says what is kept and how to continue."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"regenerate stopped after {counts['written']} more conversations, kept in {out}; "
+                                "rerun the same command to continue") from None  # fmt: skip
+
+
 def add_regenerate_parser(sub) -> None:
     p = sub.add_parser("regenerate", help="replace assistant turns of training data with the target's own answers")
     p.add_argument("--target", default="smollm2-135m", help="answers come from this model (unless --endpoint)")
     p.add_argument("--data", nargs="*", default=None, help="conversation files (default: as `eagle3 train`)")
     p.add_argument("--out", required=True, help="JSONL output (appended; rerun to resume)")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--limit", type=options.count, default=None)
+    p.add_argument("--max-new-tokens", type=options.count, default=512)
+    p.add_argument("--temperature", type=options.temperature, default=0.0)
     p.add_argument("--endpoint", default=None, help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name to send to the endpoint (default: --target)")
-    p.add_argument("--batch-size", type=int, default=8,
+    p.add_argument("--batch-size", type=options.integer(1, 4096), default=8,
                    help="conversations answered together: one batched forward pass locally, concurrent requests "
                         "to an endpoint")  # fmt: skip
-    p.add_argument("--concurrency", type=int, default=None, help="alias of --batch-size for endpoints")
+    p.add_argument("--concurrency", type=options.integer(1, 4096), default=None,
+                   help="alias of --batch-size for endpoints")  # fmt: skip
 
 
 def regenerate_command(args) -> int:
     from eagle3.data import default_sources, read_conversations
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; regenerate appends to a JSONL file")
     sources = [Path(p) for p in args.data] if args.data else default_sources()
     conversations, stats = read_conversations(sources, args.limit)
     batch_size = args.concurrency or args.batch_size
-    if batch_size < 1:
-        raise ValueError(f"batch-size must be >= 1, got {batch_size}")
     if args.endpoint:
         answer_many = endpoint_answerer(args.endpoint, args.model or args.target, args.max_new_tokens,
                                         args.temperature, concurrency=batch_size)  # fmt: skip
@@ -174,6 +188,6 @@ def regenerate_command(args) -> int:
         from eagle3.target import load_target
 
         answer_many = local_answerer(load_target(args.target), args.max_new_tokens, args.temperature)
-    counts = regenerate(conversations, answer_many, Path(args.out), batch_size)
-    print(json.dumps({"read": stats.read, "skipped": stats.skipped, **counts}))
+    counts = regenerate(conversations, answer_many, out, batch_size)
+    print(json.dumps({"read": stats.read, "skipped": stats.skipped, "replaced_bytes": stats.replaced, **counts}))
     return 0

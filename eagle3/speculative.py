@@ -67,7 +67,7 @@ def speculative_generate(
     generator = make_generator(sampling, device)
     accept_lengths, plain_rounds = [], 0
 
-    taps = getattr(drafter, "uses_features", True)  # prompt lookup reads no target features: skip the taps
+    taps = drafter.tap_layers  # the layers this drafter reads (none for prompt lookup: no taps at all)
     start = time.perf_counter()
     max_len = min(len(prompt_ids) + budget + tree.total_tokens, target.context)
     model.empty_cache(max_len)

@@ -9,6 +9,7 @@ import torch
 
 from eagle3.fetch import DEFAULT_TARGET, resolve_model
 from eagle3.model import Transformer, load_model
+from eagle3.paths import eagle3_home
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -66,9 +67,24 @@ def load_target(
             raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     path = resolve_model(name_or_path)
-    model = load_model(path, dtype=dtype, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    hint = _rebuild_hint(path)
+    try:
+        model = load_model(path, dtype=dtype, device=device)
+    except (ValueError, OSError) as err:
+        if not hint:
+            raise
+        raise ValueError(f"{err}{hint}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # transformers raises many types for a broken tokenizer folder
+        raise ValueError(f"could not load the tokenizer in {path} ({type(err).__name__}: {err}){hint}") from None
     eos = set(model.config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
     return Target(name=name_or_path, path=path, model=model, tokenizer=tokenizer, eos_token_ids=frozenset(eos))
+
+
+def _rebuild_hint(path: Path) -> str:
+    """For a model eagle3 built in its cache: how to have it built again."""
+    models = eagle3_home() / "models"
+    return f"; delete {path} to have eagle3 build it again" if models in path.resolve().parents else ""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -25,9 +26,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eagle3.data import Example
+from eagle3 import options
+from eagle3.checkpoint import check_fits
+from eagle3.data import Example, examples_fingerprint
 from eagle3.draft import DraftConfig, Eagle3Draft, new_draft
 from eagle3.features import FeatureCache
+from eagle3.files import atomic_path, write_text
 from eagle3.target import Target
 from eagle3.ttt import teacher_from_logits, ttt_forward, ttt_loss, ttt_masks
 from eagle3.vocab import build_vocab_map, count_tokens
@@ -50,15 +54,21 @@ class TrainConfig:
     save_every: int = 100
     dtype: str = "float32"  # or bfloat16 (autocast)
     group_by_length: bool = True  # batches of similar lengths (less padding), in shuffled order
+    tap_layers: tuple[int, ...] | None = None  # target layers a fresh draft reads (None: the target's defaults)
+
+
+# What may differ when a run is resumed: a run can be extended (the schedule then follows the new step count)
+# and checkpointed more or less often; anything else would not continue the same run.
+RESUMABLE_CHANGES = ("steps", "save_every")
+RUN_FILES = ("train_state.pt", "train_log.jsonl", "summary.json", "draft")  # what a run writes in its folder
 
 
 RECIPES = {
     # The EAGLE-3 paper's settings.
     "paper": TrainConfig(lr=5e-5, ttt_steps=7, draft_vocab_size=32000, max_length=2048),
-    # For a ~100M target on 2 CPU cores in about two hours: SmolLM2-135M runs about 13 s per step of 4 x 512
-    # tokens here (the target's forward is most of it), so 600 steps see about 1.2M tokens; fewer unrolled
-    # steps, a small draft vocabulary and a higher learning rate suit that budget. PROVISIONAL: not yet tuned
-    # by a full run.
+    # For a ~100M target on a few CPU cores in a couple of hours (600 steps of 4 x 512 tokens): fewer unrolled
+    # steps, a small draft vocabulary and a higher learning rate suit that budget. What it cost and gave for
+    # the shipped SmolLM2 draft: eagle3/drafts/smollm2-135m/README.md.
     "cpu": TrainConfig(steps=600, batch_size=4, lr=5e-4, warmup=30, ttt_steps=4, draft_vocab_size=8192,
                        max_length=512, save_every=50),  # fmt: skip
 }
@@ -125,6 +135,14 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def barrier() -> None:
+    """Waits for every data-parallel rank (a no-op in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < cfg.warmup:
@@ -134,11 +152,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def target_features(target: Target, ids: torch.Tensor, t2d: torch.Tensor):
-    """The frozen target's taps [B, L, 3H] and its teacher distribution over the draft vocabulary."""
+def target_features(target: Target, ids: torch.Tensor, t2d: torch.Tensor, taps: tuple[int, ...]):
+    """The frozen target's taps [B, L, 3H] of the draft's layers and its teacher distribution over the draft
+    vocabulary."""
     model = target.model
     model.empty_cache(ids.shape[1], batch_size=ids.shape[0])  # reused across steps
-    out = model(ids.to(model.device), taps=True)
+    out = model(ids.to(model.device), taps=taps)
     return out.taps, teacher_from_logits(out.logits, t2d.to(model.device))
 
 
@@ -159,22 +178,92 @@ def make_draft(target: Target, examples: list[Example], cfg: TrainConfig) -> Eag
     """A fresh draft whose vocabulary is the most frequent trained-on target tokens of the data."""
     vocab = target.model.config.vocab_size
     counts = sum(count_tokens(e.input_ids, e.loss_mask, vocab) for e in examples)
-    draft = new_draft(target.model.config, min(cfg.draft_vocab_size, vocab), seed=cfg.seed)
+    taps = {"tap_layers": tuple(cfg.tap_layers)} if cfg.tap_layers else {}
+    draft = new_draft(target.model.config, min(cfg.draft_vocab_size, vocab), seed=cfg.seed, **taps)
+    check_fits(draft.config, target.model.config)
     d2t, t2d = build_vocab_map(counts, draft.config.draft_vocab_size)
     draft.d2t.copy_(d2t)
     draft.t2d.copy_(t2d)
     return draft.to(target.model.device).attach(target.model.embed.weight)
 
 
-def save_state(path: Path, draft: Eagle3Draft, optimizer, state: TrainState, cfg: TrainConfig) -> None:
-    """Everything resume needs, written atomically (temp file, then rename)."""
+def save_state(path: Path, draft: Eagle3Draft, optimizer, state: TrainState, cfg: TrainConfig, data: str) -> None:
+    """Everything resume needs, written atomically; `data` is the training data's fingerprint."""
     payload = {
         "draft": draft.state_dict(), "optimizer": optimizer.state_dict(), "state": asdict(state),
-        "config": asdict(cfg), "draft_config": asdict(draft.config), "rng": torch.get_rng_state(),
+        "config": asdict(cfg), "draft_config": asdict(draft.config), "rng": torch.get_rng_state(), "data": data,
     }  # fmt: skip
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as temp:
+        torch.save(payload, temp)
+
+
+def load_state(path: Path) -> dict:
+    """A run's train_state.pt (weights only), or a one-line error saying why it cannot be resumed from."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in ("draft", "optimizer", "state", "config", "draft_config", "rng") if k not in saved]
+    except Exception as err:  # torch.load fails in many ways on a truncated or foreign file
+        raise ValueError(f"{path} is unreadable ({type(err).__name__}): the run cannot be resumed from it; "
+                         "start over with --overwrite, or restore the file") from None  # fmt: skip
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a training state this version can resume")
+    return saved
+
+
+def config_from_saved(saved: dict) -> TrainConfig:
+    """The TrainConfig a run was started with, from its loaded train_state.pt."""
+    fields = {k: v for k, v in saved["config"].items() if k in TrainConfig.__dataclass_fields__}
+    if fields.get("tap_layers") is not None:
+        fields["tap_layers"] = tuple(fields["tap_layers"])
+    return TrainConfig(**fields)
+
+
+def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Checks the run folder against --resume / --overwrite: a folder holding a run is continued (resume) or
+    started over (overwrite: only the run's own files are removed), never silently written over."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a run folder")
+    present = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if resume:
+        if not (out_dir / "train_state.pt").is_file():
+            raise ValueError(f"nothing to resume in {out_dir}: it holds no train_state.pt")
+    elif present and not overwrite:
+        raise ValueError(f"{out_dir} holds a training run ({', '.join(present)}); pass --resume to continue it or "
+                         "--overwrite to start over")  # fmt: skip
+    elif present:
+        for name in present:
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def check_resumable(saved: dict, cfg: TrainConfig, data: str, path: Path) -> None:
+    """A resumed run must continue with the same settings (but those in RESUMABLE_CHANGES) and data."""
+    before, now = asdict(config_from_saved(saved)), asdict(cfg)
+    changed = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
+    if changed:
+        pairs = ", ".join(f"{k} {before.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"the run in {path.parent} was started with other settings ({pairs}); resume it with its "
+                         "own, or start another run")  # fmt: skip
+    if saved.get("data") is not None and saved["data"] != data:
+        raise ValueError(f"the run in {path.parent} was trained on other data (a different set of examples or "
+                         "order); resume it on the same --data, --limit and settings")  # fmt: skip
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drops log rows after the checkpoint being resumed from (steps done after it are done again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line
+    write_text(path, "".join(row + "\n" for row in kept))
 
 
 def train(
@@ -186,8 +275,12 @@ def train(
     progress: bool = True,
     features: FeatureCache | None = None,
     init: str | Path | None = None,
+    overwrite: bool = False,
 ) -> tuple[Eagle3Draft, TrainState]:
     """Trains a draft on tokenized examples; returns it (also saved under out_dir/draft) and the run's state.
+
+    A folder that holds a run is continued with `resume` (the same settings but RESUMABLE_CHANGES, the same
+    data) or started over with `overwrite`; otherwise it is refused.
 
     With `features` (a cache of these same examples, see features.py) the target's forward pass is skipped.
     With `init` (a draft checkpoint for this target) training starts from that draft, its vocabulary included,
@@ -196,23 +289,29 @@ def train(
     from eagle3.checkpoint import save_draft
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "train_state.pt"
+    rank, world = distributed_rank_and_world()
+    if rank == 0:  # (the others follow rank 0's folder)
+        prepare_run_folder(out_dir, resume, overwrite)
     if features is not None and len(features) != len(examples):
         raise ValueError(f"the feature cache holds {len(features)} examples, the data {len(examples)}")
     usable = [i for i, e in enumerate(examples) if int(e.loss_mask[2:].sum()) > 0]  # something to predict
     if not usable:
         raise ValueError("no training example has trained-on tokens")
+    data = examples_fingerprint(examples)
     torch.manual_seed(cfg.seed)
     device = target.model.device
     state = TrainState()
-    if resume and state_path.is_file():
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+    if resume:
+        saved = load_state(state_path)
+        check_resumable(saved, cfg, data, state_path)
         draft = Eagle3Draft(DraftConfig.from_dict(saved["draft_config"]))
         draft.load_state_dict(saved["draft"])
         draft = draft.to(device).attach(target.model.embed.weight)
         state = TrainState(**saved["state"])
         torch.set_rng_state(saved["rng"])
+        if rank == 0:
+            truncate_log(out_dir / "train_log.jsonl", state.step)
     elif init is not None:
         from eagle3.checkpoint import load_draft
 
@@ -220,9 +319,13 @@ def train(
         draft = draft.attach(target.model.embed.weight)
     else:
         draft = make_draft(target, [examples[i] for i in usable], cfg)
+    taps = tuple(draft.config.tap_layers)
+    if features is not None and tuple(features.tap_layers) != taps:
+        raise ValueError(f"the feature cache in {features.folder} holds the target's layers {list(features.tap_layers)}, "
+                         f"the draft reads {list(taps)}; use a cache made for this draft")  # fmt: skip
     draft.train()
     optimizer = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    if resume and state_path.is_file():
+    if resume:
         optimizer.load_state_dict(saved["optimizer"])
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype in ("bfloat16", "bf16"))
@@ -232,7 +335,6 @@ def train(
     def on_signal(signum, frame):  # finish the current step, checkpoint, then leave
         stop["signal"] = signum
 
-    rank, world = distributed_rank_and_world()
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {world} processes")
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -260,14 +362,14 @@ def train(
                 mine = chosen[rank::world]  # this rank's share of the global micro-batch
                 ids, loss_mask = collate([examples[i] for i in mine], pad)
                 if features is None:
-                    taps, teacher = target_features(target, ids, draft.t2d)
+                    features_in, teacher = target_features(target, ids, draft.t2d, taps)
                 else:
-                    taps, teacher = cached_features(target, [features[i] for i in mine], ids.shape[1], draft.t2d)
+                    features_in, teacher = cached_features(target, [features[i] for i in mine], ids.shape[1], draft.t2d)
                 loss_mask = loss_mask.to(device)
                 # Normalize by the whole micro-batch's counts, so the ranks' losses sum to its loss.
                 norms = all_reduce_sum(torch.stack([m.sum() for m in ttt_masks(teacher, loss_mask, cfg.ttt_steps)]).float())
                 with autocast:
-                    logits = ttt_forward(draft, ids.to(device), taps, cfg.ttt_steps)
+                    logits = ttt_forward(draft, ids.to(device), features_in, cfg.ttt_steps)
                     result = ttt_loss(logits, teacher, loss_mask, cfg.decay, normalizers=norms)
                 (result.total / cfg.grad_accum).backward()
                 loss_sum = loss_sum + all_reduce_sum(result.per_step) / cfg.grad_accum
@@ -293,7 +395,7 @@ def train(
                 log_file.write(json.dumps(row) + "\n")
                 log_file.flush()
                 if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["signal"] is not None:
-                    save_state(state_path, draft, optimizer, state, cfg)
+                    save_state(state_path, draft, optimizer, state, cfg, data)
     finally:
         bar.close()
         log_file.close()
@@ -301,7 +403,7 @@ def train(
             signal.signal(s, h)
     draft.eval()
     if rank == 0:  # also when stopped early: the draft so far is usable as it is
-        save_draft(draft, out_dir / "draft", verifier=str(target.name))
+        save_draft(draft, out_dir / "draft", verifier=str(target.name), overwrite=True)  # the run's own
     if stop["signal"] is not None:
         raise KeyboardInterrupt(f"training stopped by signal {stop['signal']} at step {state.step}; "
                                 f"resume with --resume from {out_dir}")  # fmt: skip
@@ -335,42 +437,93 @@ def evaluate_tau(target: Target, draft: Eagle3Draft, conversations: list[list[di
     return {name: sum(v) / len(v) if v else float("nan") for name, v in lengths.items()}
 
 
+def tap_layers_option(text: str) -> tuple[int, ...]:
+    """--tap-layers: three comma-separated target layer indices (layer inputs, as vLLM counts them)."""
+    import argparse
+
+    try:
+        taps = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes three comma-separated layer indices (e.g. 2,15,27), got {text!r}") from None
+    if len(taps) != 3 or len(set(taps)) != 3 or min(taps) < 0:
+        raise argparse.ArgumentTypeError(f"takes three distinct layer indices >= 0 (e.g. 2,15,27), got {text!r}")
+    return taps
+
+
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train an EAGLE-3 draft for a target with training-time test")
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--data", nargs="*", default=None,
                    help="ShareGPT / OpenAI-messages JSON or JSONL files (default: ShareGPT from PyPI and "
                         "../shared/data/train)")  # fmt: skip
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
-    p.add_argument("--out", required=True, help="run folder: train_state.pt, train_log.jsonl, draft/")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="settings to start from (default: cpu; a resumed run keeps its own)")  # fmt: skip
+    p.add_argument("--out", required=True, help="run folder: train_state.pt, train_log.jsonl, draft/, summary.json")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run (its run files are removed; others are kept)")  # fmt: skip
     p.add_argument("--init", default=None,
                    help="start from this draft checkpoint (weights and vocabulary) instead of a fresh draft")  # fmt: skip
-    p.add_argument("--limit", type=int, default=None, help="use the first N conversations")
-    p.add_argument("--eval-conversations", type=int, default=8, help="held out from the data for the tau check")
+    p.add_argument("--limit", type=options.count, default=None, help="use the first N conversations")
+    p.add_argument("--eval-conversations", type=options.nonnegative, default=8,
+                   help="held out from the data for the tau check")  # fmt: skip
     p.add_argument("--drop-long", action="store_true", help="drop conversations over max length (default: truncate)")
-    for name, kind in [("steps", int), ("batch-size", int), ("grad-accum", int), ("lr", float), ("warmup", int),
-                       ("ttt-steps", int), ("draft-vocab-size", int), ("max-length", int), ("seed", int),
-                       ("save-every", int)]:  # fmt: skip
+    for name, kind in [("steps", options.count), ("batch-size", options.integer(1, 65536)),
+                       ("grad-accum", options.integer(1, 65536)), ("lr", options.real(0.0, 10.0, open_below=True)),
+                       ("warmup", options.nonnegative), ("ttt-steps", options.integer(1, 64)),
+                       ("draft-vocab-size", options.count), ("max-length", options.integer(2, options.BIG)),
+                       ("seed", options.seed), ("save-every", options.count)]:  # fmt: skip
         p.add_argument(f"--{name}", type=kind, default=None, help="overrides the recipe")
+    p.add_argument("--tap-layers", type=tap_layers_option, default=None,
+                   help="the target layers a fresh draft reads, e.g. 2,15,27 (default: the target's EAGLE-3 "
+                        "defaults)")  # fmt: skip
     p.add_argument("--features", default=None,
                    help="offline feature cache folder: filled first (or completed) from the data, then trained on "
                         "without running the target")  # fmt: skip
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (autocast)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "bf16"), default=None,
+                   help="float32 or bfloat16 (autocast) for the draft's training")  # fmt: skip
+    p.add_argument("--threads", type=options.threads, default=None)
+    p.add_argument("--device", type=options.device, default=None)
+
+
+def base_config(args) -> TrainConfig:
+    """The run's settings: a resumed run's own (read from its state), else the recipe's; then the options given."""
+    from dataclasses import replace
+
+    state_path = Path(args.out) / "train_state.pt"
+    if args.resume and state_path.is_file():
+        if args.recipe is not None:
+            raise ValueError("--recipe starts a run; a resumed run keeps its own settings (drop --recipe)")
+        base = config_from_saved(load_state(state_path))
+    else:
+        base = RECIPES[args.recipe or "cpu"]
+    overrides = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if getattr(args, k, None) is not None}
+    return replace(base, **overrides)
+
+
+def draft_tap_layers(target: Target, cfg: TrainConfig, args) -> tuple[int, ...]:
+    """The target layers the trained draft reads: a resumed run's, an --init draft's, or the configured ones."""
+    from eagle3.checkpoint import read_draft_config
+
+    state_path = Path(args.out) / "train_state.pt"
+    if args.resume and state_path.is_file():
+        taps = load_state(state_path)["draft_config"].get("tap_layers")
+    elif args.init:
+        taps = read_draft_config(args.init)[0].tap_layers
+    else:
+        taps = cfg.tap_layers
+    return tuple(taps) if taps else tuple(target.model.config.default_tap_layers)
 
 
 def train_command(args) -> int:
-    from dataclasses import replace
-
     from eagle3.data import build_examples, default_sources, read_conversations
     from eagle3.target import load_target
 
-    overrides = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if getattr(args, k, None) is not None}
-    cfg = replace(RECIPES[args.recipe], **overrides)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    rank = distributed_rank_and_world()[0]
+    if rank == 0:  # before the slow part: a folder holding a run is refused (or cleared) now
+        prepare_run_folder(Path(args.out), args.resume, args.overwrite)
+    cfg = base_config(args)
+    options.apply_threads(args)
     sources = [Path(p) for p in args.data] if args.data else default_sources()
     conversations, stats = read_conversations(sources, args.limit)
     held_out = conversations[-args.eval_conversations :] if args.eval_conversations else []
@@ -380,18 +533,22 @@ def train_command(args) -> int:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
     target = load_target(args.target, device=device)
     examples, counts = build_examples(target.tokenizer, conversations, cfg.max_length, truncate=not args.drop_long)
+    replaced = f"; {stats.replaced} undecodable byte sequences read as U+FFFD" if stats.replaced else ""
     print(f"data: {stats.read} records, {len(conversations)} conversations for training, {len(held_out)} held out; "
-          f"skipped {stats.skipped or 'none'}; examples {counts}", file=sys.stderr)  # fmt: skip
+          f"skipped {stats.skipped or 'none'}; examples {counts}{replaced}", file=sys.stderr)  # fmt: skip
     start = time.perf_counter()
     features = None
     if args.features:
         from eagle3.features import dump_features
 
-        if distributed_rank_and_world()[0] == 0:
-            dump_features(target, examples, args.features)
-        features = FeatureCache(args.features)
-    draft, state = train(target, examples, args.out, cfg, resume=args.resume, features=features, init=args.init)
-    if distributed_rank_and_world()[0] != 0:
+        taps = draft_tap_layers(target, cfg, args)
+        if rank == 0:
+            dump_features(target, examples, args.features, taps)
+        barrier()
+        features = FeatureCache(args.features, target, examples, taps)
+    draft, state = train(target, examples, args.out, cfg, resume=args.resume, features=features, init=args.init,
+                         overwrite=args.overwrite)  # fmt: skip
+    if rank != 0:
         return 0
     hours = (time.perf_counter() - start) / 3600
     tau = evaluate_tau(target, draft, held_out) if held_out else {}
@@ -401,6 +558,6 @@ def train_command(args) -> int:
                "cpu_hours_this_run": hours * torch.get_num_threads(), "final_loss0": last.get("loss0"),
                "final_acc0": last.get("acc0"), "tau": tau, "draft": str(Path(args.out) / "draft"),
                "init": args.init}  # fmt: skip
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text(Path(args.out) / "summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0

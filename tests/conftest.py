@@ -6,15 +6,20 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-STORIES = SHARED / "models" / "stories260K" / "hf"
 
 
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
-    if not STORIES.is_dir():
-        pytest.fail(f"stories260K is missing at {STORIES}: the tests need ../shared beside the repository")
-    return STORIES
+    """stories260K from the shared data folder ($EAGLE3_SHARED, else ../shared beside the checkout)."""
+    from eagle3.paths import MissingSharedData, shared_dir
+
+    try:
+        stories = shared_dir() / "models" / "stories260K" / "hf"
+    except MissingSharedData as err:
+        pytest.fail(f"the tests need the shared data folder: {err}")
+    if not stories.is_dir():
+        pytest.fail(f"stories260K is missing at {stories}: the shared data folder is incomplete")
+    return stories
 
 
 @pytest.fixture(scope="session")

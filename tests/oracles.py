@@ -16,6 +16,8 @@ class TargetOracle:
     """Proposes with the target model itself (its own KV cache): its top child is the target's argmax, so
     greedy decoding accepts every level; under sampling it proposes the target's most likely tokens."""
 
+    tap_layers = ()  # it reads no features
+
     def __init__(self, model: Transformer):
         self.model = model
         self.paths: list[list[int]] = []
@@ -54,6 +56,8 @@ class TargetOracle:
 class ReferenceOracle:
     """Knows the reference continuation (prompt + plain greedy output): on the reference path it proposes
     the reference's next token first; elsewhere, and as the other children, arbitrary tokens."""
+
+    tap_layers = ()  # it reads no features
 
     def __init__(self, reference: Sequence[int], vocab_size: int):
         self.reference, self.vocab_size = list(reference), vocab_size

@@ -6,6 +6,7 @@ not by save_draft, so the loader is checked against the layouts themselves.
 
 import argparse
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from eagle3 import checkpoint
 from eagle3.checkpoint import (
-    CLI_COMMANDS, add_cli_parsers, convert, init_draft, load_draft, read_draft_config, save_draft,
+    CLI_COMMANDS, CheckpointExists, add_cli_parsers, convert, init_draft, load_draft, read_draft_config, save_draft,
 )  # fmt: skip
 from eagle3.config import RopeConfig, load_config
 
@@ -388,21 +389,51 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     monkeypatch.setattr(checkpoint, "_write_weights", fail)
     with pytest.raises(OSError):
-        save_draft(draft, tmp_path / "out", "eagle")
+        save_draft(draft, tmp_path / "out", "eagle", overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before  # the old one, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
-def test_save_replaces_only_checkpoints(tmp_path):
+def test_save_never_deletes_what_it_did_not_write(tmp_path):
+    """A folder that holds files is refused without overwrite; with it, only config.json and model.safetensors
+    are replaced and every other file stays."""
     draft = load_draft(write(tmp_path / "src", official_config(**DIMS), tensors(**DIMS)), device="cpu")
     save_draft(draft, tmp_path / "out")
-    save_draft(draft, tmp_path / "out", "speculators")  # a checkpoint: replaced
+    with pytest.raises(CheckpointExists, match="--overwrite"):
+        save_draft(draft, tmp_path / "out", "speculators")
+    (tmp_path / "out" / "README.md").write_text("model card")
+    save_draft(draft, tmp_path / "out", "speculators", overwrite=True)
     assert read_draft_config(tmp_path / "out")[1].format == "speculators"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert (tmp_path / "out" / "README.md").read_text() == "model card"
+
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not an EAGLE-3 draft checkpoint"):
+    with pytest.raises(ValueError, match="not empty"):
         save_draft(draft, tmp_path / "other")
-    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+    (tmp_path / "other" / "pytorch_model.bin").write_bytes(b"old weights")  # would shadow the new ones
+    with pytest.raises(ValueError, match="pytorch_model.bin"):
+        save_draft(draft, tmp_path / "other", overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        save_draft(draft, tmp_path / "file", overwrite=True)
+
+    (tmp_path / "empty").mkdir()  # an empty folder is as good as none
+    save_draft(draft, tmp_path / "empty")
+    assert read_draft_config(tmp_path / "empty")[1].format == "eagle"
+
+
+def test_interrupted_saves_leave_temps_that_the_next_save_removes(tmp_path):
+    draft = load_draft(write(tmp_path / "src", official_config(**DIMS), tensors(**DIMS)), device="cpu")
+    dead = 2**22 + 12345  # a process id no live process has (above Linux's default pid_max)
+    stale = tmp_path / f".out.tmp-{dead}-0123abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    mine = tmp_path / f".out.tmp-{os.getpid()}-live"  # a live writer's temp is never touched
+    mine.mkdir()
+    save_draft(draft, tmp_path / "out")
+    assert not stale.exists() and mine.exists()
 
 
 # ---------------------------------------------------------------------------------------------- with a target

