@@ -10,22 +10,22 @@ the round costs on this hardware (cost.py): a round that drafts d levels and ver
 tokens per ms. After each drafted level the best n is recomputed; drafting goes one level deeper only while
 the newest level is part of the best tree (a child never scores above its parent, so once a level adds
 nothing, deeper ones cannot either), and then expands only the newest level's nodes in that tree (a draft
-step over 8 nodes costs 1.5-1.7x one over a single node on this CPU).
+step over many nodes costs more than one over a single node).
 
 Draft probabilities are miscalibrated (usually optimistic), so estimates are corrected online: per depth, the
 ratio of acceptances observed to acceptances predicted over recent rounds scales that depth's estimates.
 The nodes kept are still the best by draft score, so the kept set always contains every node's parent.
 
 Costs are corrected online too: the cost model is measured once, on a machine whose speed drifts (a shared
-machine's memory bandwidth varies, and two calibrations an hour apart priced 8 tree tokens at 1.6x and 2.7x
-one token), and it leaves out the loop's own work. So the decoding loop reports the wall time of each round's
+machine's memory bandwidth varies; docs/results/2026-11-22-calibration.md shows how far), and it leaves out
+the loop's own work. So the decoding loop reports the wall time of each round's
 two phases, drafting and verifying; the ratio of observed to predicted time scales the draft predictions, and
 the verify predictions per tree size (pooled in buckets, each starting from the ratio over all sizes, capped
 at 1 so that sizes not yet seen get tried when the ones seen are slow).
 
 A round whose best tree, drafting included, is expected to yield fewer tokens per ms than a plain step pauses
 drafting for a while (see should_draft), so drafting costs about what plain decoding costs where it does not
-pay, up to the rounds spent finding that out.
+pay, up to the rounds spent finding that out. Design notes and measurements: docs/design/cost-aware-trees.md.
 """
 
 from __future__ import annotations

@@ -270,8 +270,8 @@ def _read_config_json(path: Path) -> dict:
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: not a draft checkpoint folder")
     try:
-        cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{config_path} is not a JSON object")

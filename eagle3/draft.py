@@ -274,13 +274,12 @@ def int8_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 def quantize_int8(draft: Eagle3Draft, names: tuple[str, ...] = ("lm_head",)) -> Eagle3Draft:
     """Packs the named matrices (default: the lm_head) for int8 inference on CPU: weights int8 per output
-    row, activations quantized per call (dynamic quantization, fbgemm kernels). The lm_head is the draft's
-    largest matrix (8192 x 576 in the shipped SmolLM2 draft, about half its weights); in int8 its logits and
-    top-k take 0.5 ms instead of 1.7 (8 rows: 0.8 instead of 3.3), measured here. Only the draft's proposals
-    can change, and verification accepts exactly what the target would produce either way. On 8 held-out
-    conversations the shipped draft's tau was the same to the last digit with an int8 lm_head, but fell from
-    1.57 to 1.40 (chain) with every matrix int8, hence the default. The float weights stay, for training and
-    saving. Packs in place; returns the draft."""
+    row, activations quantized per call (dynamic quantization, fbgemm kernels). The lm_head is often the
+    draft's largest matrix, and its logits a large share of a draft step. Only the draft's proposals can
+    change; verification accepts exactly what the target would produce either way. Only the lm_head by
+    default: quantizing every matrix cost acceptance where the lm_head alone did not (measurements:
+    docs/design/int8-draft-head.md). The float weights stay, for training and saving. Packs in place; returns
+    the draft."""
     if not int8_supported(draft.lm_head.weight.device, draft.lm_head.weight.dtype):
         raise ValueError("int8 drafts need a float32 draft on CPU with the x86/fbgemm quantized engine")
     for name, layer in draft.named_modules():

@@ -54,7 +54,7 @@ def _say(msg: str) -> None:
     print(f"eagle3: {msg}", file=sys.stderr, flush=True)
 
 
-# Drafts shipped inside the package, per preset target (official EAGLE layout, fp16; see README "Training").
+# Drafts shipped inside the package, per preset target (official EAGLE layout, fp16; each with a model card).
 SHIPPED_DRAFTS: dict[str, Path] = {"smollm2-135m": Path(__file__).resolve().parent / "drafts" / "smollm2-135m"}
 
 

@@ -172,11 +172,11 @@ def few_rows_matmul(x: Tensor, weight_t: Tensor) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, weight_t: Tensor | None = None) -> Tensor:
     """x @ weight (+ bias) with weight stored [in, out], transposed from nn.Linear and HF: for one-row
-    inputs (decoding, bound by reading the weights) MKL streams this layout about 1.3x faster on CPU.
+    inputs (decoding, bound by reading the weights) MKL streams this layout faster on CPU.
 
     weight_t, the same weight stored [out, in] (CPU only, see Transformer.add_few_row_copies), serves 2..64
-    rows as weight_t @ x.T: MKL runs x @ weight for a few rows several times slower than for one (measured
-    here, 30 matrices of 576 x 3072: 4 rows 4x one row that way, 1.4x this way).
+    rows as weight_t @ x.T: MKL runs x @ weight for a few rows several times slower than for one, and the
+    [out, in] layout does not have that cliff (measurements: docs/design/cpu-weight-layout.md).
     """
     if weight_t is not None and x.numel() // x.shape[-1] in FEW_ROWS:
         y = few_rows_matmul(x, weight_t)

@@ -1,4 +1,4 @@
-"""The first-turn prompt mix behind the shipped SmolLM2 draft (README, "The shipped draft", stages 2 and 3).
+"""The first-turn prompt mix behind the shipped SmolLM2 draft (eagle3/drafts/smollm2-135m/README.md, stages 2 and 3).
 
 Run from the repository root, then let the target answer the prompts:
     .venv/bin/python scripts/regen_prompts.py [--more N]

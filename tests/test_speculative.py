@@ -84,13 +84,20 @@ PROMPTS = ["Once upon a time", "Tom had a big red"]
 
 
 @pytest.mark.parametrize("tree", TREES, ids=str)
-def test_greedy_untrained_draft_equals_plain(stories, untrained, tree):
+def test_greedy_untrained_draft_equals_plain(stories, untrained, tree, monkeypatch):
+    forward = stories.model.forward
+    calls = []
+    monkeypatch.setattr(stories.model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     for prompt in PROMPTS:
         ids = stories.encode(prompt)
         plain = generate(stories, ids, 300)
+        calls.clear()
         spec = speculative_generate(stories, untrained, ids, 300, tree=tree)
         assert spec.token_ids == plain.token_ids
-        assert sum(spec.accept_lengths) + 1 >= len(spec.token_ids)
+        # One target forward per round after the prefill, and the output is every accepted token (the prefill's
+        # one, then each round's), cut only inside the last round.
+        assert len(calls) == 1 + spec.rounds == 1 + len(spec.accept_lengths)
+        assert len(spec.token_ids) <= 1 + sum(spec.accept_lengths) < len(spec.token_ids) + max(spec.accept_lengths)
 
 
 def test_int8_draft_head_is_close_and_lossless(stories):

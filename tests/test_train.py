@@ -109,6 +109,57 @@ def test_sigterm_checkpoints_then_resume_finishes(stories, examples, tmp_path, m
     assert state.step == 8 and (tmp_path / "draft" / "config.json").is_file()
 
 
+def test_a_run_folder_is_never_written_over(stories, examples, tmp_path):
+    """A folder holding a run is refused unless resumed (same settings but the step count, same data, a
+    readable state) or started over (only the run's own files go)."""
+    import json
+
+    cfg = TrainConfig(**{**CFG.__dict__, "steps": 2, "save_every": 1})
+    run = tmp_path / "run"
+    train(stories, examples, run, cfg, progress=False)
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds a training run .*--resume.*--overwrite"):
+        train(stories, examples, run, cfg, progress=False)
+    _, state = train(stories, examples, run, cfg, progress=False, overwrite=True)
+    assert state.step == 2 and (run / "notes.txt").read_text() == "mine"
+    assert len((run / "train_log.jsonl").read_text().splitlines()) == 2  # started over, not appended to
+
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train(stories, examples, tmp_path / "fresh", cfg, resume=True, progress=False)
+    with pytest.raises(ValueError, match="other settings \\(lr 0.01 -> 0.02\\)"):
+        train(stories, examples, run, TrainConfig(**{**cfg.__dict__, "lr": 0.02}), resume=True, progress=False)
+    with pytest.raises(ValueError, match="other data"):
+        train(stories, examples[:-1], run, cfg, resume=True, progress=False)
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(stories, examples, run, cfg, resume=True, overwrite=True, progress=False)
+
+    # Log rows written after the checkpoint (a run killed between saves) are dropped, not duplicated.
+    with (run / "train_log.jsonl").open("a") as log:
+        log.write(json.dumps({"step": 3, "loss": [9.9]}) + "\n" + '{"step": 4, "lo')
+    _, state = train(stories, examples, run, TrainConfig(**{**cfg.__dict__, "steps": 3}), resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert state.step == 3 and steps == [1, 2, 3]
+
+    (run / "train_state.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(ValueError, match="train_state.pt is unreadable"):
+        train(stories, examples, run, cfg, resume=True, progress=False)
+
+
+def test_cli_train_refuses_a_run_folder(tmp_path, capsys):
+    from eagle3.cli import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_log.jsonl").write_text("")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}\n')
+    args = ["train", "--target", "stories260k", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "holds a training run" in err and len(err.splitlines()) == 1
+    assert main(args + ["--resume"]) == 2 and "nothing to resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "train_log.jsonl").exists()
+
+
 def test_two_process_torchrun_equals_one_process(tmp_path):
     """Data parallel over 2 CPU processes (gloo) gives the one-process result on the same global batch."""
     import json
