@@ -40,7 +40,7 @@ from tqdm import tqdm
 from eagle3 import options
 from eagle3.draft import int8_supported
 from eagle3.drafter import DEFAULT_PROMPT_WINDOW, add_drafter_arguments, drafter_options
-from eagle3.files import atomic_path, read_text, write_text
+from eagle3.files import atomic_path, end_torn_line, read_text, write_text
 from eagle3.generate import generate
 from eagle3.pld import PromptLookupDrafter
 from eagle3.sampling import SamplingParams
@@ -458,15 +458,6 @@ def append_record(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _end_torn_line(path: Path) -> None:
-    # A torn last line (killed mid-write) would glue onto the next record: start on a fresh line.
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-
-
 def resumed_records(out: Path, config: dict, questions: list[Question]) -> dict[int, dict]:
     """The finished questions of the run in OUT, after checking that it is this run: the same configuration
     (RUN_KEYS) and the same questions at the indices it finished. Nothing there: no records."""
@@ -606,7 +597,7 @@ def run_bench(
     runners = ready_methods() if todo else None  # before run.json: a method that cannot start leaves no run behind
     rows_path = out / "rows.jsonl"
     if continuing:
-        _end_torn_line(rows_path)
+        end_torn_line(rows_path)
     else:
         if overwrite:
             clear_out(out)

@@ -85,3 +85,13 @@ def read_text(path: str | Path) -> tuple[str, int]:
     text = data.decode("utf-8-sig", errors="replace")
     replaced = text.count("\ufffd") - data.decode("utf-8-sig", errors="ignore").count("\ufffd")
     return text, replaced
+
+
+def end_torn_line(path: Path) -> None:
+    """Ends a JSONL file's torn last line (a writer killed mid-line), so that the next appended record starts
+    on a line of its own; readers skip the torn one."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")

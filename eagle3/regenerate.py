@@ -20,7 +20,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from eagle3 import options
-from eagle3.files import read_text
+from eagle3.files import end_torn_line, read_text
 
 # Conversations so far (each ending with a user turn) -> one assistant text per conversation, None where it
 # failed (the conversation fills the context, the server refused): the failure is reported and counted.
@@ -124,10 +124,7 @@ def regenerate(conversations: list[list[dict]], answer_many: AnswerMany, out: Pa
     todo = sorted((i for i in range(len(conversations)) if i not in skip),
                   key=lambda i: sum(len(m["content"]) for m in conversations[i]))  # fmt: skip
     counts = {"done_before": len(skip), "written": 0, "failed": 0}
-    # A torn last line (killed mid-write) would glue onto the next record: start on a fresh line.
-    if out.is_file() and out.stat().st_size and not out.read_bytes().endswith(b"\n"):
-        with out.open("a") as f:
-            f.write("\n")
+    end_torn_line(out)
     bar = tqdm(total=len(todo), desc="regenerate", disable=not progress, file=sys.stderr)
     with out.open("a") as f, _resume_hint(out, counts):
         for first in range(0, len(todo), max(1, batch_size)):

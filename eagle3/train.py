@@ -543,7 +543,11 @@ def train_command(args) -> int:
 
         taps = draft_tap_layers(target, cfg, args)
         if rank == 0:
-            dump_features(target, examples, args.features, taps)
+            try:
+                dump_features(target, examples, args.features, taps)
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(f"feature extraction stopped; its complete shards are kept in {args.features}: "
+                                        "rerun the same command to continue") from None  # fmt: skip
         barrier()
         features = FeatureCache(args.features, target, examples, taps)
     draft, state = train(target, examples, args.out, cfg, resume=args.resume, features=features, init=args.init,

@@ -82,6 +82,16 @@ def test_cli_train_runs_end_to_end(tmp_path, capsys):
     assert len(lines) == 6 and len(json.loads(lines[0])["loss"]) == 2
     assert main(["train", "--target", "stories260k", "--data", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x")]) == 2
 
+    # --resume keeps the run's own settings (the recipe's defaults would differ) and extends it.
+    resume = ["train", "--target", "stories260k", "--data", str(data), "--out", str(tmp_path / "run"), "--resume",
+              "--eval-conversations", "2"]  # fmt: skip
+    capsys.readouterr()
+    assert main(resume + ["--lr", "0.5"]) == 2 and "other settings (lr" in capsys.readouterr().err
+    assert main(resume + ["--recipe", "paper"]) == 2 and "drop --recipe" in capsys.readouterr().err
+    assert main(resume + ["--steps", "8"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 8
+    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 8
+
 
 def test_sigterm_checkpoints_then_resume_finishes(stories, examples, tmp_path, monkeypatch):
     import os
