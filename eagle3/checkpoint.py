@@ -446,13 +446,13 @@ def _write_weights(tensors: dict[str, Tensor], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-WRITTEN = ("config.json", "model.safetensors")  # the files save_draft writes into a checkpoint folder
-# Weights a loader would read before or instead of a new model.safetensors: --overwrite refuses to leave them.
+# Weights a loader would read beside or instead of a new model.safetensors: --overwrite refuses to leave them.
 SHADOWING = ("model.safetensors.index.json", "pytorch_model.bin")
 
 
 def _check_writable(out: Path, overwrite: bool) -> bool:
-    """Whether out holds files already (then only WRITTEN are replaced, with overwrite); refuses otherwise."""
+    """Whether out holds files already (then, with overwrite, only the checkpoint's own two are replaced);
+    refuses a folder that holds files without overwrite, and anything that is not a folder."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise CheckpointExists(f"{out} exists and is not a folder; not writing a checkpoint there")
     if not out.exists() or not any(out.iterdir()):

@@ -45,7 +45,7 @@ def iter_records(path: Path, stats: ReadStats | None = None) -> Iterator[dict]:
         stats.replaced += replaced
     stripped = text.lstrip()
     if not stripped.startswith("["):
-        for line in text.splitlines():
+        for line in text.split("\n"):  # (not splitlines: JSON strings may hold a raw U+2028)
             if line.strip():
                 try:
                     yield json.loads(line)

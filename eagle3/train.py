@@ -235,7 +235,10 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
     elif present:
         for name in present:
             path = out_dir / name
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -486,28 +489,26 @@ def add_train_parser(sub) -> None:
     p.add_argument("--device", type=options.device, default=None)
 
 
-def base_config(args) -> TrainConfig:
-    """The run's settings: a resumed run's own (read from its state), else the recipe's; then the options given."""
+def base_config(args, saved: dict | None) -> TrainConfig:
+    """The run's settings: a resumed run's own (`saved`, its state), else the recipe's; then the options given."""
     from dataclasses import replace
 
-    state_path = Path(args.out) / "train_state.pt"
-    if args.resume and state_path.is_file():
+    if saved is not None:
         if args.recipe is not None:
             raise ValueError("--recipe starts a run; a resumed run keeps its own settings (drop --recipe)")
-        base = config_from_saved(load_state(state_path))
+        base = config_from_saved(saved)
     else:
         base = RECIPES[args.recipe or "cpu"]
     overrides = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if getattr(args, k, None) is not None}
     return replace(base, **overrides)
 
 
-def draft_tap_layers(target: Target, cfg: TrainConfig, args) -> tuple[int, ...]:
+def draft_tap_layers(target: Target, cfg: TrainConfig, args, saved: dict | None) -> tuple[int, ...]:
     """The target layers the trained draft reads: a resumed run's, an --init draft's, or the configured ones."""
     from eagle3.checkpoint import read_draft_config
 
-    state_path = Path(args.out) / "train_state.pt"
-    if args.resume and state_path.is_file():
-        taps = load_state(state_path)["draft_config"].get("tap_layers")
+    if saved is not None:
+        taps = saved["draft_config"].get("tap_layers")
     elif args.init:
         taps = read_draft_config(args.init)[0].tap_layers
     else:
@@ -522,7 +523,8 @@ def train_command(args) -> int:
     rank = distributed_rank_and_world()[0]
     if rank == 0:  # before the slow part: a folder holding a run is refused (or cleared) now
         prepare_run_folder(Path(args.out), args.resume, args.overwrite)
-    cfg = base_config(args)
+    saved = load_state(Path(args.out) / "train_state.pt") if args.resume else None
+    cfg = base_config(args, saved)
     options.apply_threads(args)
     sources = [Path(p) for p in args.data] if args.data else default_sources()
     conversations, stats = read_conversations(sources, args.limit)
@@ -541,7 +543,7 @@ def train_command(args) -> int:
     if args.features:
         from eagle3.features import dump_features
 
-        taps = draft_tap_layers(target, cfg, args)
+        taps = draft_tap_layers(target, cfg, args, saved)
         if rank == 0:
             try:
                 dump_features(target, examples, args.features, taps)
