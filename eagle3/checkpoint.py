@@ -55,7 +55,7 @@ from torch import Tensor
 from eagle3 import options
 from eagle3.config import ModelConfig, RopeConfig, load_config
 from eagle3.draft import DraftConfig, Eagle3Draft, draft_config_from_hf, new_draft
-from eagle3.files import atomic_path
+from eagle3.files import atomic_path, read_json_object
 from eagle3.model import default_device, read_state_dict
 
 FORMATS = ("eagle", "speculators")
@@ -269,13 +269,7 @@ def _read_config_json(path: Path) -> dict:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: not a draft checkpoint folder")
-    try:
-        cfg = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{config_path} is not a JSON object")
-    return cfg
+    return read_json_object(config_path)
 
 
 def read_draft_config(path: str | Path) -> tuple[DraftConfig, DraftMeta]:

@@ -5,10 +5,11 @@ Both config spellings are accepted: transformers 4.x (`rope_theta`, `rope_scalin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from eagle3.files import read_json_object
 
 # model_type -> HF architecture name, for the family the native runtime implements.
 SUPPORTED_MODEL_TYPES = {
@@ -185,10 +186,10 @@ def load_config(folder: str | Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a Hugging Face model folder")
-    cfg = _read_json_object(path)
+    cfg = read_json_object(path)
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
-        gen = _read_json_object(gen_path)
+        gen = read_json_object(gen_path)
         try:
             eos = _as_tuple(cfg.get("eos_token_id")) + _as_tuple(gen.get("eos_token_id"))
         except (TypeError, ValueError):
@@ -204,16 +205,6 @@ def load_config(folder: str | Path) -> ModelConfig:
         raise ValueError(f"{path} has a value of the wrong type ({err})") from None
     _check_sizes(config, path)
     return config
-
-
-def _read_json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    return value
 
 
 def _check_sizes(cfg: ModelConfig, path: Path) -> None:

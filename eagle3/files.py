@@ -11,6 +11,7 @@ UTF-8 is replaced by U+FFFD and counted, never fatal, and a leading byte-order m
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -95,3 +96,14 @@ def end_torn_line(path: Path) -> None:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
                 f.write(b"\n")
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file holding an object (a config), with a one-line error naming the file when it is not one."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return value
