@@ -202,7 +202,8 @@ class Eagle3Draft(nn.Module):
         if cache is None:
             raise RuntimeError("call setup_cache() before forward()")
         B, n = tokens.shape
-        start = cache.check_room(n)
+        cache.check_room(n)
+        start = cache.length
         hidden, q, k, v = self.project(tokens, hidden, positions)
         end = start + n
         cache.kv[0, 0, :, :, start:end] = k.transpose(1, 2)

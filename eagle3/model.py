@@ -1,11 +1,12 @@
 """The native target runtime: one Llama-family transformer (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3),
 configured by the HF config, with what speculative decoding needs from a target:
 
-- a preallocated KV cache with a batch dimension (`KVCache`);
-- a forward of n new tokens at arbitrary position ids on top of the cache, under an arbitrary mask among
-  those n tokens (a draft tree: each token sees the cache and its ancestors only);
+- a preallocated KV cache of rows, each a sequence with a length of its own (`KVCache`);
+- a forward of n new tokens per row at arbitrary position ids on top of each row's cache, under an arbitrary
+  mask among those n tokens (a draft tree: each token sees the cache and its ancestors only), every row with
+  its own tree; or of one row alone (a sequence joining the batch);
 - logits (all positions, the last one, or none) and hidden-state taps (inputs of chosen decoder layers);
-- cache compaction: keep an ordered subset of the positions just written (an accepted tree path).
+- cache compaction: each row keeps an ordered subset of the positions just written (its accepted tree path).
 
 Weights load from HF safetensors (or a weights-only torch checkpoint); q/k/v and gate/up are fused into one
 matrix each, so a decode step runs two big matmuls per block fewer than the HF layout.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
@@ -88,10 +90,13 @@ def interleave_rope_rows(w: Tensor, heads: int) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer in one preallocated tensor [layers, 2, batch, kv_heads, max_len, head_dim].
+    """Keys and values of every layer in one preallocated tensor [layers, 2, rows, kv_heads, slots, head_dim],
+    with a length per row (host ints: reading them never waits for the device).
 
-    Slots are written left to right: a forward of n tokens fills slots [length, length + n). Slots are not
-    positions: tree tokens share positions (depths), and compaction makes the kept slots contiguous again.
+    Each row is a sequence of its own. Its slots are written left to right: a forward of n tokens fills slots
+    [length, length + n) of each row it runs. Slots are not positions: tree tokens share positions (depths),
+    and compaction makes a row's kept slots contiguous again; rows that accept paths of different lengths
+    end up with different lengths.
     """
 
     def __init__(
@@ -100,30 +105,64 @@ class KVCache:
     ):  # fmt: skip
         self.max_len = max_len
         self.kv = torch.zeros(num_layers, 2, batch_size, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.length = 0
+        self.lengths = [0] * batch_size
 
-    def check_room(self, n: int) -> int:
-        """The first free slot, after checking that n more tokens fit."""
-        if self.length + n > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions; {self.length} are used and {n} more do not fit")
-        return self.length
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
 
-    def compact(self, start: int, keep: Sequence[int]) -> None:
-        """Keeps slots start + keep[i] (relative to `start`, increasing), moved to start + i; drops the rest.
+    @property
+    def length(self) -> int:
+        """The length of every row (for caches whose rows are in step: one sequence, or a prefill batch)."""
+        first = self.lengths[0]
+        if any(n != first for n in self.lengths):
+            raise ValueError(f"the cache's rows hold different lengths {self.lengths}: ask per row (lengths)")
+        return first
 
-        Slot by slot, and only the slots that move: an accepted path is mostly a prefix of the tree (a plain
-        step's is [0]), and one gather over every layer's cache costs milliseconds on a CPU.
+    @length.setter
+    def length(self, value: int) -> None:
+        self.lengths = [value] * self.rows
+
+    def check_room(self, n: int, rows: range | None = None) -> None:
+        """Checks that n more tokens fit in every row (or the given rows)."""
+        longest = max(self.lengths[r] for r in (rows or range(self.rows)))
+        if longest + n > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {longest} are used and {n} more do not fit")
+
+    def compact(self, starts: Sequence[int], keeps: Sequence[Sequence[int]]) -> None:
+        """Per row r: keeps slots starts[r] + keeps[r][i] (relative, increasing), moved to starts[r] + i, and
+        drops the row's other slots from starts[r] on.
+
+        One indexed copy of just the slots that move: an accepted path is mostly a prefix of the tree (a plain
+        step's is [0], which moves nothing), and copying every slot of every layer costs milliseconds on a CPU.
         """
-        for i, slot in enumerate(keep):
-            if slot != i:  # (keep increases, so a slot is read before any write reaches it)
-                self.kv.select(4, start + i).copy_(self.kv.select(4, start + slot))
-        self.length = start + len(keep)
+        rows, src, dst = [], [], []
+        for r, (start, keep) in enumerate(zip(starts, keeps)):
+            moved = [(start + slot, start + i) for i, slot in enumerate(keep) if slot != i]
+            rows += [r] * len(moved)
+            src += [a for a, _ in moved]
+            dst += [b for _, b in moved]
+            self.lengths[r] = start + len(keep)
+        if rows:  # (a slot is read before any write reaches it: the index copy reads first)
+            index = torch.tensor([rows, src, dst], device=self.kv.device)
+            self.kv[:, :, index[0], :, index[2]] = self.kv[:, :, index[0], :, index[1]]
 
-    def truncate(self, length: int) -> None:
-        """Forgets every slot from `length` on."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
-        self.length = length
+    def truncate(self, length: int | Sequence[int]) -> None:
+        """Forgets every slot from `length` on (one length for every row, or one per row)."""
+        lengths = [length] * self.rows if isinstance(length, int) else list(length)
+        if len(lengths) != self.rows or any(not 0 <= n <= have for n, have in zip(lengths, self.lengths)):
+            raise ValueError(f"cannot truncate a cache of lengths {self.lengths} to {lengths}")
+        self.lengths = lengths
+
+
+@dataclass
+class CacheWrite:
+    """Where a forward's n new tokens go: one first slot for rows in step (a plain copy), or a slot per row and
+    token (a scatter); and how many slots attention reads."""
+
+    start: int | None  # the first new slot of every row, when the rows are in step
+    slots: Tensor | None  # [B, n] the new slots of each row, when they are not
+    end: int  # attention reads slots [0, end)
 
 
 # ---------------------------------------------------------------------------------------------- network
@@ -233,13 +272,13 @@ class Block(nn.Module):
         self.down_bias = _param(cfg.hidden_size) if cfg.mlp_bias else None
         self.few_row_weights: dict[str, Tensor] = {}  # [out, in] copies for 2..64 rows (see linear)
 
-    def forward(self, x: Tensor, rotation: Tensor, cache: Tensor, start: int, mask: Tensor | None) -> Tensor:
-        x = x + self._attention(unit_rms_norm(x, self.eps), rotation, cache, start, mask)
+    def forward(self, x: Tensor, rotation: Tensor, cache: Tensor, write: CacheWrite, mask: Tensor | None) -> Tensor:
+        x = x + self._attention(unit_rms_norm(x, self.eps), rotation, cache, write, mask)
         t = self.few_row_weights
         gate, up = linear(unit_rms_norm(x, self.eps), self.gate_up_weight, self.gate_up_bias, t.get("gate_up")).chunk(2, dim=-1)
         return x + linear(F.silu(gate) * up, self.down_weight, self.down_bias, t.get("down"))
 
-    def _attention(self, x: Tensor, rotation: Tensor, cache: Tensor, start: int, mask: Tensor | None) -> Tensor:
+    def _attention(self, x: Tensor, rotation: Tensor, cache: Tensor, write: CacheWrite, mask: Tensor | None) -> Tensor:
         B, n, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
         t = self.few_row_weights
@@ -248,10 +287,13 @@ class Block(nn.Module):
         if self.qk_norm is not None:
             qk.copy_(rms_norm(qk, self.eps, self.qk_norm))
         apply_rope_(qk, rotation)
-        end = start + n
-        # k and v land in the cache [2, B, KV, slots, hd] in one copy.
-        cache.narrow(3, start, n).copy_(qkv[:, :, H:].view(B, n, 2, KV, hd).permute(2, 0, 3, 1, 4))
-        keys, values = cache.narrow(3, 0, end).unbind(0)
+        # k and v land in the cache [2, B, KV, slots, hd] in one op.
+        new = qkv[:, :, H:].view(B, n, 2, KV, hd).permute(2, 0, 3, 1, 4)
+        if write.start is not None:
+            cache.narrow(3, write.start, n).copy_(new)
+        else:
+            cache.scatter_(3, write.slots[None, :, None, :, None].expand(2, B, KV, n, hd), new)
+        keys, values = cache.narrow(3, 0, write.end).unbind(0)
         out = grouped_attention(qkv[:, :, :H], keys, values, mask)
         return linear(out, self.o_weight, self.o_bias, t.get("o"))
 
@@ -314,8 +356,8 @@ class Transformer(nn.Module):
         self, start: int, n: int, tree_mask: Tensor | None, positions: Tensor, max_position: int,
         key_mask: Tensor | None = None,
     ) -> dict[int | None, Tensor | None]:
-        """Boolean attention masks [g*n, start+n] (True = attend), one per distinct sliding window; with a
-        per-row key_mask they are [B, 1, g*n, start+n]."""
+        """Boolean attention masks [g*n, start+n] (True = attend) for rows in step sharing one tree mask, one
+        per distinct sliding window; with a per-row key_mask they are [B, 1, g*n, start+n]."""
         cfg = self.config
         windows = set(self._windows)
         needs_window = any(w is not None and max_position + 1 > w for w in windows)
@@ -348,6 +390,30 @@ class Transformer(nn.Module):
             masks[w] = mask
         return masks
 
+    def _row_masks(self, starts: Sequence[int], n: int, tree_mask: Tensor | None, positions: Tensor, end: int
+                   ) -> dict[int | None, Tensor]:  # fmt: skip
+        """Per-row boolean attention masks [B, 1, g*n, end] (True = attend), one per distinct sliding window, for
+        rows whose new tokens start at different slots (starts) or carry trees of their own (tree_mask [B, n, n]):
+        row b's token i sees the row's committed slots [0, starts[b]) and the new slots its tree mask allows."""
+        dev, B = self.device, len(starts)
+        slots = torch.arange(end, device=dev)
+        relative = slots[None, :] - torch.tensor(list(starts), device=dev)[:, None]  # [B, end]: new token index
+        committed = relative < 0
+        index = relative.clamp(0, n - 1)
+        tree = torch.ones(n, n, dtype=torch.bool, device=dev).tril_() if tree_mask is None else tree_mask.to(dev)
+        new = tree.expand(B, n, n).gather(2, index[:, None, :].expand(B, n, end)) & (relative >= 0)[:, None, :]
+        base = committed[:, None, :] | (new & (relative < n)[:, None, :])  # [B, n, end]
+        g = self.config.num_heads // self.config.num_kv_heads
+        masks: dict[int | None, Tensor] = {}
+        for w in set(self._windows):
+            mask = base
+            if w is not None:  # committed slot s holds position s; new slot s holds its token's position
+                q_pos = positions.to(dev).expand(B, n)
+                k_pos = torch.where(committed, slots[None, :], q_pos.gather(1, index))
+                mask = mask & (q_pos[:, :, None] - k_pos[:, None, :] < w)
+            masks[w] = (mask.repeat(1, g, 1) if g > 1 else mask)[:, None]
+        return masks
+
     def forward(
         self,
         tokens: Tensor,
@@ -356,41 +422,56 @@ class Transformer(nn.Module):
         logits: str = "all",
         taps: Sequence[int] = (),
         key_mask: Tensor | None = None,
+        row: int | None = None,
     ) -> ForwardOutput:
-        """Runs n new tokens [B, n] on top of the cache and appends their keys and values to it.
+        """Runs n new tokens [B, n] on top of the cache and appends their keys and values to each row.
 
-        positions: [n] or [B, n] position ids (default: cache.length + arange(n)).
-        tree_mask: [n, n] bool, True where new token i may see new token j (default: causal).
+        positions: [n] or [B, n] position ids (default: each row's length + arange(n)).
+        tree_mask: [n, n] or [B, n, n] bool, True where new token i may see new token j (default: causal).
         logits: "all", "last", "none", or "hidden" (the last layer's outputs instead: `head` turns them into
         logits later, as offline features do). taps: decoder layers whose inputs to return as well (a draft's
         tap layers; 0 is the token embeddings), concatenated in layer order as SGLang and vLLM do; () for none.
         key_mask: [B, slots] bool, False on cache slots a row must not see (left padding of batched prompts
         of different lengths, see generate_batch).
+        row: run tokens [1, n] on this one row of the cache (a sequence joining a batch); default: every row.
+        Rows may hold different lengths: each writes its new tokens after its own last slot.
         """
         cache = self.cache
         if cache is None:
             raise RuntimeError("call setup_cache() before forward()")
         B, n = tokens.shape
-        start = cache.check_room(n)
+        rows = range(cache.rows) if row is None else range(row, row + 1)
+        if len(rows) != B:
+            raise ValueError(f"{B} rows of tokens for a cache of {cache.rows} rows (pass row= to run one of them)")
+        cache.check_room(n, rows)
+        starts = [cache.lengths[r] for r in rows]
+        in_step = all(s == starts[0] for s in starts)
         if positions is None:
-            positions = torch.arange(start, start + n, device=tokens.device)
-            max_position = start + n - 1
-        else:
-            max_position = int(positions.max())  # host positions (the decoding loop's) cost no device sync
-            positions = positions.to(tokens.device, non_blocking=True)
+            positions = torch.arange(n)[None, :] + torch.tensor(starts)[:, None] if not in_step else torch.arange(starts[0], starts[0] + n)
+        max_position = int(positions.max())  # host positions (the decoding loop's) cost no device sync
+        positions = positions.to(tokens.device, non_blocking=True)
         if max_position >= self.config.context_length:
             raise ValueError(f"position {max_position} is beyond the model's context of {self.config.context_length}")
-        rotation = self._rope(positions, max_position)
-        masks = self._masks(start, n, tree_mask, positions, max_position, key_mask)
         if any(not 0 <= i < self.config.num_layers for i in taps):
             raise ValueError(f"tap layers {tuple(taps)} must be decoder layer indices in [0, {self.config.num_layers})")
+        rotation = self._rope(positions, max_position)
+        end = max(starts) + n
+        if in_step and (tree_mask is None or tree_mask.dim() == 2):
+            write = CacheWrite(starts[0], None, end)
+            masks = self._masks(starts[0], n, tree_mask, positions, max_position, key_mask)
+        else:
+            slots = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(n, device=tokens.device)
+            write = CacheWrite(starts[0], None, end) if in_step else CacheWrite(None, slots, end)
+            masks = self._row_masks(starts, n, tree_mask, positions, end)
+        kv = cache.kv if row is None else cache.kv.narrow(2, row, 1)
         x = self.embed(tokens)
         tapped = []
         for i, layer in enumerate(self.layers):
             if i in taps:
                 tapped.append(x)
-            x = layer(x, rotation, cache.kv[i], start, masks[self._windows[i]])
-        cache.length = start + n
+            x = layer(x, rotation, kv[i], write, masks[self._windows[i]])
+        for r in rows:
+            cache.lengths[r] += n
         out_taps = torch.cat(tapped, dim=-1) if tapped else None
         if logits == "hidden":
             return ForwardOutput(None, out_taps, x)

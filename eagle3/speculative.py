@@ -110,7 +110,7 @@ def speculative_generate(
         positions = committed + draft_tree.depths
         out = model(draft_tree.tokens.view(1, -1).to(device), positions, draft_tree.mask.to(device), taps=taps)
         path, bonus = accept(draft_tree, out.logits[0], sampling, generator)
-        model.cache.compact(committed, path)
+        model.cache.compact([committed], [path])
         new_tokens = draft_tree.tokens[path[1:]].tolist() + [bonus]
         stopper.extend(new_tokens)
         if drafted:

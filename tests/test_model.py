@@ -189,7 +189,7 @@ def test_compaction_then_decoding_equals_decoding_the_path(stories):
         model(prefix, logits="none")
         start = model.cache.length
         model(tree_tokens, positions=start + depth, tree_mask=mask, logits="none")
-        model.cache.compact(start, accepted)
+        model.cache.compact([start], [accepted])
         assert model.cache.length == start + len(accepted)
         after_compaction = model(follow, taps=(1, 2, 4))
 
@@ -197,6 +197,61 @@ def test_compaction_then_decoding_equals_decoding_the_path(stories):
         direct = model(torch.cat([prefix, tree_tokens[:, accepted], follow], dim=1), taps=(1, 2, 4))
     assert close(after_compaction.logits[0], direct.logits[0, -5:])
     assert close(after_compaction.taps[0], direct.taps[0, -5:])
+
+
+def ragged_rows_equal_each_row_alone(model, vocab, prefixes, parents, accepted):
+    """Rows of different lengths (each prefilled alone into its row), each with its own tree and accepted
+    path, verified in one forward and compacted together: every row's tree logits, and its logits and taps
+    after compaction, equal that row's sequence decoded alone."""
+    torch.manual_seed(5)
+    B, n = len(prefixes), max(len(p) for p in parents)
+    trees = torch.randint(3, vocab, (B, n))
+    masks, positions = torch.zeros(B, n, n, dtype=torch.bool), torch.zeros(B, n, dtype=torch.long)
+    for b, (prefix, ps) in enumerate(zip(prefixes, parents)):
+        mask, depth = tree_structure(ps)
+        masks[b] = torch.eye(n, dtype=torch.bool)  # padding nodes see themselves only
+        masks[b, : len(ps), : len(ps)] = mask
+        positions[b] = len(prefix) + torch.cat([depth, torch.zeros(n - len(ps), dtype=torch.long)])
+    follow = torch.randint(3, vocab, (B, 3))
+    taps = (0, 1, model.config.num_layers - 1)
+    with torch.no_grad():
+        model.setup_cache(64, batch_size=B)
+        for b, prefix in enumerate(prefixes):
+            model(torch.tensor([prefix]), logits="none", row=b)
+        starts = list(model.cache.lengths)
+        assert starts == [len(p) for p in prefixes]
+        tree_logits = model(trees, positions, masks).logits
+        model.cache.compact(starts, accepted)
+        assert model.cache.lengths == [s + len(a) for s, a in zip(starts, accepted)]
+        after = model(follow, taps=taps)
+        model.setup_cache(64)
+        for b, (prefix, ps) in enumerate(zip(prefixes, parents)):
+            for node in range(len(ps)):
+                model.cache.truncate(0)
+                alone = model(torch.tensor([prefix + trees[b, path_to(ps, node)].tolist()])).logits[0, -1]
+                assert close(tree_logits[b, node], alone), (b, node)
+            model.cache.truncate(0)
+            direct = model(torch.tensor([prefix + trees[b, accepted[b]].tolist() + follow[b].tolist()]), taps=taps)
+            assert close(after.logits[b], direct.logits[0, -3:]), b
+            assert close(after.taps[b], direct.taps[0, -3:]), b
+
+
+def test_ragged_rows_equal_each_row_alone(stories):
+    prefixes = [list(range(3, 15)), list(range(20, 25)), list(range(40, 60))]
+    parents = [PARENTS, [-1, 0, 1], [-1, 0, 0, 2]]
+    accepted = [path_to(PARENTS, 6), [0], path_to([-1, 0, 0, 2], 3)]
+    ragged_rows_equal_each_row_alone(stories.model, 512, prefixes, parents, accepted)
+
+
+def test_ragged_rows_with_a_sliding_window(tmp_path):
+    """Mistral's sliding window, measured per row in positions, with rows of different lengths past it."""
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("mistral-sliding")).save_pretrained(tmp_path)
+    model = load_model(tmp_path, device="cpu")
+    prefixes = [list(range(3, 30)), list(range(10, 15)), list(range(40, 61))]
+    parents = [PARENTS, [-1, 0, 1], [-1, 0, 0, 2]]
+    accepted = [path_to(PARENTS, 5), [0, 1, 2], [0, 2]]
+    ragged_rows_equal_each_row_alone(model, 97, prefixes, parents, accepted)
 
 
 def test_cache_overflow_and_context_errors(stories):
