@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eagle3.config import ModelConfig, RopeConfig, _rope_from_hf
-from eagle3.model import FEW_ROWS, KVCache, expand_mask_for_groups, few_rows_matmul, grouped_attention, rope_inv_freq
+from eagle3.model import (
+    FEW_ROWS, CacheWrite, KVCache, expand_mask_for_groups, few_rows_matmul, grouped_attention, region_mask,
+    rope_inv_freq,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -189,34 +193,48 @@ class Eagle3Draft(nn.Module):
         hidden: Tensor,
         positions: Tensor,
         mask: Tensor | None = None,
-        mask_start: int | None = None,
+        mask_start: Sequence[int] | int | None = None,
     ) -> Tensor:
-        """One draft step over n inputs on top of the draft's KV cache; returns h [B, n, H] (pre-norm).
+        """One draft step over n inputs per row on top of the draft's KV cache (the first B rows, each after its
+        own last slot); returns h [B, n, H] (pre-norm).
 
         tokens [B, n] target ids; hidden [B, n, 3 * H_target] target taps or [B, n, H] draft outputs;
-        positions [n] or [B, n]. mask [n, slots] covers cache slots from mask_start (default: the first new
-        slot) through the new ones, True where attention is allowed; earlier slots are always visible.
-        Default mask: causal among the new tokens.
+        positions [n] or [B, n]. mask [n, T] or [B, n, T] covers each row's last T cache slots, from mask_start
+        (per row, or one for all rows; default: the first new slot) through the new ones, True where attention
+        is allowed; a row's earlier slots are always visible. Default mask: causal among the new tokens.
         """
         cfg, cache = self.config, self.cache
         if cache is None:
             raise RuntimeError("call setup_cache() before forward()")
         B, n = tokens.shape
-        cache.check_room(n)
-        start = cache.length
+        rows = range(B)
+        cache.check_room(n, rows)
+        starts = cache.lengths[:B]
         hidden, q, k, v = self.project(tokens, hidden, positions)
-        end = start + n
-        cache.kv[0, 0, :, :, start:end] = k.transpose(1, 2)
-        cache.kv[0, 1, :, :, start:end] = v.transpose(1, 2)
-        cache.length = end
+        write = CacheWrite.after(starts, n, tokens.device)
+        kv = cache.kv[0] if B == cache.rows else cache.kv[0].narrow(1, 0, B)
+        if write.start is not None:  # (two copies: cheaper than stacking k and v first)
+            kv[0].narrow(2, write.start, n).copy_(k.transpose(1, 2))
+            kv[1].narrow(2, write.start, n).copy_(v.transpose(1, 2))
+        else:
+            write.put(kv, torch.stack([k, v]).transpose(2, 3))
+        for r in rows:
+            cache.lengths[r] += n
 
         full_mask = None
-        if mask is not None or n > 1:
-            first = start if mask_start is None else mask_start
-            local = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril_() if mask is None else mask
-            full_mask = torch.cat([torch.ones(n, first, dtype=torch.bool, device=tokens.device), local.to(tokens.device)], 1)
-            full_mask = expand_mask_for_groups(full_mask, cfg.num_heads // cfg.num_kv_heads)
-        out = grouped_attention(q, cache.kv[0, 0, :, :, :end], cache.kv[0, 1, :, :, :end], full_mask)
+        if mask is not None or n > 1 or write.start is None:
+            first = starts if mask_start is None else ([mask_start] * B if isinstance(mask_start, int) else mask_start)
+            region = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril_() if mask is None else mask
+            g = cfg.num_heads // cfg.num_kv_heads
+            if all(f == first[0] for f in first) and region.dim() == 2 and write.start is not None:
+                # Rows in step sharing one mask (one sequence, above all): [g*n, end], broadcast over rows.
+                visible = torch.ones(n, first[0], dtype=torch.bool, device=tokens.device)
+                full_mask = expand_mask_for_groups(torch.cat([visible, region.to(tokens.device)], 1), g)
+            else:
+                full_mask = region_mask(first, region.to(tokens.device), write.end)
+                full_mask = (full_mask.repeat(1, g, 1) if g > 1 else full_mask)[:, None]
+        keys, values = kv.narrow(3, 0, write.end).unbind(0)
+        out = grouped_attention(q, keys, values, full_mask)
         return self.finish(hidden, out)
 
     def project(self, tokens: Tensor, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

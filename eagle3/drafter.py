@@ -1,20 +1,24 @@
-"""Drafters: what proposes tree nodes to the decoding loop.
+"""Drafters: what proposes each row's draft tree to the decoding engine.
 
-A drafter follows the committed sequence and proposes children for tree nodes:
+A drafter follows every row's committed sequence (rows are the batch, as in runtime.py) and proposes trees:
 - `tap_layers`: the target layers whose inputs it reads as features (an EAGLE-3 head's, from its config;
   empty for a drafter that reads none, so the target skips the taps);
-- `reset(prompt_ids, max_len)` at the start of a generation;
-- `catch_up(tokens, features, start)` with the newly committed tokens and the target's true features at the
-  positions before them (position start + i pairs feature i with token i), returning the root's top children;
-- `expand(...)`, the tree.grow_tree callback, for tree nodes; `end_round()` forgets the tree's draft state.
+- `open(max_rows, max_len)` before a batch; `join(row, prompt_ids)` gives a new sequence the next row;
+  `release(row)` frees one (the last row moves into it, as the runtime does);
+- `commit(row, tokens, features)` with a row's newly committed tokens and the target's features at the
+  positions before each (feature i pairs with token i); a drafter may read them only when it next proposes;
+- `propose(plan) -> Proposal`: a tree for every row, grown from its root (its last committed token) as the
+  plan sizes it, and how many tokens each row's catch-up read (the cost model's business).
 
-`Eagle3Drafter` runs an EAGLE-3 head. Tests add an oracle drafter that runs the target itself.
+`Eagle3Drafter` runs an EAGLE-3 head, `NoDrafter` proposes nothing (plain decoding); pld.py holds prompt
+lookup, and the tests add oracles.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -22,19 +26,36 @@ from torch import Tensor
 from eagle3 import options
 from eagle3.draft import Eagle3Draft
 from eagle3.target import Target
+from eagle3.tree import DraftTree, SizePolicy, TreeGrowth, TreeSpec, grow_trees, root_only
+
+
+@dataclass
+class TreePlan:
+    """How a round's trees are sized: a spec per row, and per row a sizer (autotree.AutoTree) that the
+    drafter asks for once its catch-up has read `read` tokens of that row (None: the spec's fixed sizes)."""
+
+    specs: list[TreeSpec]
+    sizer: Callable[[int, int], SizePolicy | None] = lambda row, read: None
+
+
+@dataclass
+class Proposal:
+    trees: list[DraftTree]  # one per row
+    read: list[int]  # tokens each row's catch-up ran the draft on (fewer than committed with a prompt window)
 
 
 class Drafter(Protocol):
-    tap_layers: tuple[int, ...]  # target layers whose inputs catch_up reads as features (empty: none)
-    caught_up: int  # tokens the last catch_up read, if fewer than given (optional attribute)
+    tap_layers: tuple[int, ...]  # target layers whose inputs it reads as features (empty: none)
 
-    def reset(self, prompt_ids: Sequence[int], max_len: int) -> None: ...
+    def open(self, max_rows: int, max_len: int) -> None: ...
 
-    def catch_up(self, tokens: Tensor, features: Tensor, start: int, top_k: int) -> tuple[Tensor, Tensor]: ...
+    def join(self, row: int, prompt_ids: Sequence[int]) -> None: ...
 
-    def expand(self, tokens: Tensor, source_rows: Tensor, depth: int, mask: Tensor) -> tuple[Tensor, Tensor]: ...
+    def release(self, row: int) -> None: ...
 
-    def end_round(self) -> None: ...
+    def commit(self, row: int, tokens: Tensor, features: Tensor | None) -> None: ...
+
+    def propose(self, plan: TreePlan) -> Proposal: ...
 
 
 def top_children(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -43,9 +64,53 @@ def top_children(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values - torch.logsumexp(logits.float(), dim=-1, keepdim=True), ids
 
 
+class NoDrafter:
+    """Proposes nothing: every tree is its root alone, so a round is one plain decoding step."""
+
+    tap_layers = ()
+
+    def __init__(self) -> None:
+        self.roots: list[int] = []  # each row's last committed token
+
+    def open(self, max_rows: int, max_len: int) -> None:
+        self.roots = []
+
+    def join(self, row: int, prompt_ids: Sequence[int]) -> None:
+        self.roots.append(-1)
+
+    def release(self, row: int) -> None:
+        self.roots[row] = self.roots[-1]
+        self.roots.pop()
+
+    def commit(self, row: int, tokens: Tensor, features: Tensor | None) -> None:
+        self.roots[row] = int(tokens[-1])
+
+    def propose(self, plan: TreePlan) -> Proposal:
+        return Proposal([root_only(root) for root in self.roots], [0] * len(self.roots))
+
+
+@dataclass
+class _Row:
+    """One row's place in the EAGLE-3 draft: cache slot s holds position offset + s."""
+
+    offset: int = 0  # prompt positions the draft skipped (see prompt_window)
+    committed: int = 0  # positions the draft is level with
+    tokens: list[Tensor] = field(default_factory=list)  # committed, not yet read (chunks)
+    features: list[Tensor] = field(default_factory=list)
+    tokens_read: Tensor | None = None  # what the last catch-up read (its last token is the tree's root)
+    outputs: list[Tensor] = field(default_factory=list)  # the round's draft rows (0: the root step): h [k, H]
+    tree_slots: list[int] = field(default_factory=list)  # each tree row's slot after the committed ones
+
+    @property
+    def slots(self) -> int:
+        """Draft cache slots holding committed positions."""
+        return self.committed - self.offset
+
+
 class Eagle3Drafter:
     """Proposes with an EAGLE-3 head: fed the target's true features (of the layers its config names) for
-    committed tokens, and its own outputs inside the tree. With a prompt_window, it reads only that many of a
+    committed tokens, and its own outputs inside the tree. Every row's catch-up runs in one draft forward, and
+    every tree level of every row in one more. With a prompt_window, a row reads only that many of its
     prompt's last tokens."""
 
     def __init__(self, draft: Eagle3Draft, prompt_window: int | None = None):
@@ -55,56 +120,130 @@ class Eagle3Drafter:
         self.draft = draft
         self.tap_layers = tuple(draft.config.tap_layers)
         self.prompt_window = prompt_window
-        self.top_k = 10
-        self.offset = 0  # prompt positions the draft skipped (see prompt_window): cache slot s holds offset + s
-        self.committed = 0  # positions the draft is level with
-        self.caught_up = 0  # tokens the last catch_up ran the draft on
-        self.rows: list[Tensor] = []  # per draft row (0: root step), the output h that proposes its children
+        self.rows: list[_Row] = []
+        self._level_slots = 0  # tree slots every row holds after its committed ones (levels are padded alike)
+        self._top_ks: list[int] = []  # each row's children per node this round
 
-    def reset(self, prompt_ids: Sequence[int], max_len: int) -> None:
-        if self.draft.cache is None or self.draft.cache.max_len < max_len:
-            self.draft.setup_cache(max_len)
+    def open(self, max_rows: int, max_len: int) -> None:
+        """Room for max_rows sequences of max_len draft positions each (their tree rows included)."""
+        cache = self.draft.cache
+        if cache is None or cache.rows != max_rows or cache.max_len < max_len:
+            self.draft.setup_cache(max_len, max_rows)
         self.draft.cache.truncate(0)
-        self.offset = self.committed = 0
-
-    @property
-    def slots(self) -> int:
-        """Draft cache slots holding committed positions."""
-        return self.committed - self.offset
-
-    def catch_up(self, tokens: Tensor, features: Tensor, start: int, top_k: int) -> tuple[Tensor, Tensor]:
-        draft = self.draft
-        draft.cache.truncate(self.slots)
-        if start != self.committed:
-            raise RuntimeError(f"draft out of step: it holds {self.committed} positions, asked to continue at {start}")
-        n = tokens.shape[-1]
-        if self.committed == 0 and self.prompt_window is not None and n > self.prompt_window:
-            # A long prompt: read only its end (positions stay absolute; attention sees relative distances).
-            skip = n - self.prompt_window
-            tokens, features, n = tokens[skip:], features[skip:], self.prompt_window
-            self.offset = start = skip
-        positions = torch.arange(start, start + n, device=tokens.device)
-        h = draft(tokens.view(1, n), features.view(1, n, -1).to(draft.fc.weight.dtype), positions)
-        self.committed, self.caught_up = start + n, n
-        self.top_k = top_k
-        self.rows = [h[0, -1:]]
-        logp, ids = top_children(draft.logits(h[0, -1]), top_k)
-        return logp, draft.to_target_ids(ids)
-
-    def expand(self, tokens: Tensor, source_rows: Tensor, depth: int, mask: Tensor) -> tuple[Tensor, Tensor]:
-        draft = self.draft
-        device = draft.fc.weight.device
-        hidden = torch.cat(self.rows)[source_rows.to(device)]
-        # The root sits at draft position committed - 1; a node at depth d (d >= 1) at committed - 1 + d.
-        positions = torch.full((len(tokens),), self.committed - 1 + depth, device=device)
-        h = draft(tokens.view(1, -1).to(device), hidden.unsqueeze(0), positions, mask.to(device), self.slots)
-        self.rows.append(h[0])
-        logp, ids = top_children(draft.logits(h[0]), self.top_k)
-        return logp, draft.to_target_ids(ids)
-
-    def end_round(self) -> None:
-        self.draft.cache.truncate(self.slots)
         self.rows = []
+
+    def join(self, row: int, prompt_ids: Sequence[int]) -> None:
+        if row != len(self.rows):
+            raise ValueError(f"a new sequence takes row {len(self.rows)}, not {row}")
+        self.rows.append(_Row())
+        self.draft.cache.lengths[row] = 0
+
+    def release(self, row: int) -> None:
+        cache, last = self.draft.cache, len(self.rows) - 1
+        if row != last:
+            slots = cache.lengths[last]
+            cache.kv[:, :, row, :, :slots] = cache.kv[:, :, last, :, :slots]
+            cache.lengths[row] = slots
+            self.rows[row] = self.rows[last]
+        cache.lengths[last] = 0
+        self.rows.pop()
+
+    def commit(self, row: int, tokens: Tensor, features: Tensor | None) -> None:
+        state = self.rows[row]
+        state.tokens.append(tokens)
+        state.features.append(features)
+
+    def propose(self, plan: TreePlan) -> Proposal:
+        """Catches every row up on its committed tokens, then grows every row's tree."""
+        self._top_ks = [spec.top_k for spec in plan.specs]
+        roots, read = self._catch_up(max(self._top_ks))
+        growths = [TreeGrowth(int(self.rows[b].tokens_read[-1]), logp, ids, spec, plan.sizer(b, read[b]))
+                   for b, ((logp, ids), spec) in enumerate(zip(roots, plan.specs))]  # fmt: skip
+        self._level_slots = 0
+        trees = grow_trees(growths, self._expand)
+        for b, state in enumerate(self.rows):  # forget the trees' draft rows
+            self.draft.cache.lengths[b] = state.slots
+            state.outputs, state.tree_slots = [], []
+        return Proposal(trees, read)
+
+    def _catch_up(self, top_k: int) -> tuple[list[tuple[Tensor, Tensor]], list[int]]:
+        """One draft forward over every row's unread committed tokens: each row's root children (log-probs and
+        target ids [top_k]) and how many tokens it read."""
+        draft, device = self.draft, self.draft.fc.weight.device
+        chunks = []
+        for state in self.rows:
+            tokens, features = torch.cat(state.tokens).to(device), torch.cat(state.features).to(device)
+            start, n = state.committed, len(tokens)
+            if state.committed == 0 and self.prompt_window is not None and n > self.prompt_window:
+                # A long prompt: read only its end (positions stay absolute; attention sees relative distances).
+                skip = n - self.prompt_window
+                tokens, features, n = tokens[skip:], features[skip:], self.prompt_window
+                state.offset = start = skip
+            state.tokens_read = tokens
+            state.tokens, state.features = [], []
+            chunks.append((tokens, features, start, n))
+        width = max(n for *_, n in chunks)
+        B = len(chunks)
+        tokens = torch.zeros(B, width, dtype=torch.long, device=device)
+        features = torch.zeros(B, width, chunks[0][1].shape[-1], dtype=draft.fc.weight.dtype, device=device)
+        starts = torch.tensor([start for *_, start, _ in chunks])
+        for b, (t, f, _, n) in enumerate(chunks):
+            tokens[b, :n], features[b, :n] = t, f
+        positions = starts[:, None] + torch.arange(width)  # (padding runs on past a row's end, then is dropped)
+        h = draft(tokens, features, positions.to(device))
+        last = torch.tensor([n - 1 for *_, n in chunks], device=device)
+        root_h = h[torch.arange(B, device=device), last]  # [B, H]: each row's last real token
+        for b, (state, (*_, start, n)) in enumerate(zip(self.rows, chunks)):
+            state.committed = start + n
+            draft.cache.lengths[b] = state.slots  # the padding's slots dropped
+            state.outputs = [root_h[b : b + 1]]
+        logp, ids = top_children(draft.logits(root_h), top_k)
+        ids = draft.to_target_ids(ids)
+        return [(logp[b], ids[b]) for b in range(B)], [n for *_, n in chunks]
+
+    def _expand(self, rows: list[int], levels: list[tuple[Tensor, Tensor, Tensor]], depth: int
+                ) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
+        """One draft forward over a tree level of every row (tree.ExpandRows): rows not growing any more, and
+        the rows with fewer nodes, are padded with nodes that see only themselves."""
+        draft, device = self.draft, self.draft.fc.weight.device
+        if len(self.rows) == 1:
+            return [self._expand_one(*levels[0], depth)]
+        B, width = len(self.rows), max(len(tokens) for tokens, _, _ in levels)
+        before = self._level_slots
+        tokens = torch.zeros(B, width, dtype=torch.long, device=device)
+        hidden = torch.zeros(B, width, draft.config.hidden_size, dtype=draft.fc.weight.dtype, device=device)
+        mask = torch.eye(before + width, dtype=torch.bool, device=device)[before:].repeat(B, 1, 1)
+        for row, (node_tokens, sources, node_mask) in zip(rows, levels):
+            state, k = self.rows[row], len(node_tokens)
+            tokens[row, :k] = node_tokens.to(device)
+            hidden[row, :k] = torch.cat(state.outputs)[sources.to(device)]
+            columns = torch.tensor(state.tree_slots + list(range(before, before + k)), device=device)
+            mask[row, :k, columns] = node_mask.to(device)
+        # The root sits at draft position committed - 1; a node at depth d (d >= 1) at committed - 1 + d.
+        positions = torch.tensor([state.committed - 1 + depth for state in self.rows])[:, None].expand(B, width)
+        h = draft(tokens, hidden, positions.to(device), mask, [state.slots for state in self.rows])
+        self._level_slots += width
+        logp, ids = top_children(draft.logits(h), max(self._top_ks))
+        ids = draft.to_target_ids(ids)
+        out = []
+        for row, (node_tokens, _, _) in zip(rows, levels):
+            state, k, top_k = self.rows[row], len(node_tokens), self._top_ks[row]
+            state.outputs.append(h[row, :k])
+            state.tree_slots += list(range(before, before + k))
+            out.append((logp[row, :k, :top_k], ids[row, :k, :top_k]))
+        return out
+
+    def _expand_one(self, tokens: Tensor, sources: Tensor, mask: Tensor, depth: int) -> tuple[Tensor, Tensor]:
+        """_expand for a batch of one sequence: no padding, its tree rows are the slots after its committed
+        ones in order."""
+        draft, device, state = self.draft, self.draft.fc.weight.device, self.rows[0]
+        hidden = torch.cat(state.outputs)[sources.to(device)]
+        positions = torch.full((len(tokens),), state.committed - 1 + depth, device=device)
+        h = draft(tokens.view(1, -1).to(device), hidden.unsqueeze(0), positions, mask.to(device), state.slots)
+        self._level_slots += len(tokens)
+        state.outputs.append(h[0])
+        logp, ids = top_children(draft.logits(h[0]), self._top_ks[0])
+        return logp, draft.to_target_ids(ids)
 
 
 # Prompt tokens the EAGLE-3 draft reads at the first catch-up (the rest of the prompt it never sees): the

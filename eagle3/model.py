@@ -164,6 +164,33 @@ class CacheWrite:
     slots: Tensor | None  # [B, n] the new slots of each row, when they are not
     end: int  # attention reads slots [0, end)
 
+    @classmethod
+    def after(cls, starts: Sequence[int], n: int, device: torch.device) -> "CacheWrite":
+        """n new tokens per row after each row's own `starts` slot."""
+        first = starts[0]
+        if len(starts) == 1 or all(s == first for s in starts):
+            return cls(first, None, first + n)
+        end = max(starts) + n
+        return cls(None, torch.tensor(list(starts), device=device)[:, None] + torch.arange(n, device=device), end)
+
+    def put(self, cache: Tensor, new: Tensor) -> None:
+        """Writes new [2, B, KV, n, hd] keys and values into one layer's cache [2, B, KV, slots, hd]."""
+        if self.start is not None:
+            cache.narrow(3, self.start, new.shape[3]).copy_(new)
+        else:
+            cache.scatter_(3, self.slots[None, :, None, :, None].expand_as(new), new)
+
+
+def region_mask(region_starts: Sequence[int], region: Tensor, end: int) -> Tensor:
+    """[B, q, end] bool attention mask of q queries per row over cache slots [0, end): row b sees its slots
+    before region_starts[b] (its committed sequence) and, in the region of T slots from there, those that
+    region [B or 1, q, T] allows (its tree); nothing past the region."""
+    device, B, (q, T) = region.device, len(region_starts), region.shape[-2:]
+    relative = torch.arange(end, device=device)[None, :] - torch.tensor(list(region_starts), device=device)[:, None]
+    inside = (relative >= 0) & (relative < T)
+    allowed = region.expand(B, q, T).gather(2, relative.clamp(0, T - 1)[:, None, :].expand(B, q, end))
+    return (relative < 0)[:, None, :] | (allowed & inside[:, None, :])
+
 
 # ---------------------------------------------------------------------------------------------- network
 
@@ -288,11 +315,7 @@ class Block(nn.Module):
             qk.copy_(rms_norm(qk, self.eps, self.qk_norm))
         apply_rope_(qk, rotation)
         # k and v land in the cache [2, B, KV, slots, hd] in one op.
-        new = qkv[:, :, H:].view(B, n, 2, KV, hd).permute(2, 0, 3, 1, 4)
-        if write.start is not None:
-            cache.narrow(3, write.start, n).copy_(new)
-        else:
-            cache.scatter_(3, write.slots[None, :, None, :, None].expand(2, B, KV, n, hd), new)
+        write.put(cache, qkv[:, :, H:].view(B, n, 2, KV, hd).permute(2, 0, 3, 1, 4))
         keys, values = cache.narrow(3, 0, write.end).unbind(0)
         out = grouped_attention(qkv[:, :, :H], keys, values, mask)
         return linear(out, self.o_weight, self.o_bias, t.get("o"))
@@ -396,20 +419,17 @@ class Transformer(nn.Module):
         rows whose new tokens start at different slots (starts) or carry trees of their own (tree_mask [B, n, n]):
         row b's token i sees the row's committed slots [0, starts[b]) and the new slots its tree mask allows."""
         dev, B = self.device, len(starts)
-        slots = torch.arange(end, device=dev)
-        relative = slots[None, :] - torch.tensor(list(starts), device=dev)[:, None]  # [B, end]: new token index
-        committed = relative < 0
-        index = relative.clamp(0, n - 1)
         tree = torch.ones(n, n, dtype=torch.bool, device=dev).tril_() if tree_mask is None else tree_mask.to(dev)
-        new = tree.expand(B, n, n).gather(2, index[:, None, :].expand(B, n, end)) & (relative >= 0)[:, None, :]
-        base = committed[:, None, :] | (new & (relative < n)[:, None, :])  # [B, n, end]
+        base = region_mask(starts, tree, end)
         g = self.config.num_heads // self.config.num_kv_heads
         masks: dict[int | None, Tensor] = {}
         for w in set(self._windows):
             mask = base
             if w is not None:  # committed slot s holds position s; new slot s holds its token's position
+                slots = torch.arange(end, device=dev)
+                relative = slots[None, :] - torch.tensor(list(starts), device=dev)[:, None]
                 q_pos = positions.to(dev).expand(B, n)
-                k_pos = torch.where(committed, slots[None, :], q_pos.gather(1, index))
+                k_pos = torch.where(relative < 0, slots[None, :], q_pos.gather(1, relative.clamp(0, n - 1)))
                 mask = mask & (q_pos[:, :, None] - k_pos[:, None, :] < w)
             masks[w] = (mask.repeat(1, g, 1) if g > 1 else mask)[:, None]
         return masks
@@ -422,7 +442,7 @@ class Transformer(nn.Module):
         logits: str = "all",
         taps: Sequence[int] = (),
         key_mask: Tensor | None = None,
-        row: int | None = None,
+        rows: range | None = None,
     ) -> ForwardOutput:
         """Runs n new tokens [B, n] on top of the cache and appends their keys and values to each row.
 
@@ -433,16 +453,16 @@ class Transformer(nn.Module):
         tap layers; 0 is the token embeddings), concatenated in layer order as SGLang and vLLM do; () for none.
         key_mask: [B, slots] bool, False on cache slots a row must not see (left padding of batched prompts
         of different lengths, see generate_batch).
-        row: run tokens [1, n] on this one row of the cache (a sequence joining a batch); default: every row.
-        Rows may hold different lengths: each writes its new tokens after its own last slot.
+        rows: the cache rows the B rows of tokens run on (default: all; range(r, r + 1) prefills a sequence
+        joining the batch). Rows may hold different lengths: each writes its new tokens after its own last slot.
         """
         cache = self.cache
         if cache is None:
             raise RuntimeError("call setup_cache() before forward()")
         B, n = tokens.shape
-        rows = range(cache.rows) if row is None else range(row, row + 1)
-        if len(rows) != B:
-            raise ValueError(f"{B} rows of tokens for a cache of {cache.rows} rows (pass row= to run one of them)")
+        rows = range(cache.rows) if rows is None else rows
+        if len(rows) != B or rows.step != 1 or not 0 <= rows.start <= rows.stop <= cache.rows:
+            raise ValueError(f"{B} rows of tokens for cache rows {rows} of {cache.rows}")
         cache.check_room(n, rows)
         starts = [cache.lengths[r] for r in rows]
         in_step = all(s == starts[0] for s in starts)
@@ -455,15 +475,12 @@ class Transformer(nn.Module):
         if any(not 0 <= i < self.config.num_layers for i in taps):
             raise ValueError(f"tap layers {tuple(taps)} must be decoder layer indices in [0, {self.config.num_layers})")
         rotation = self._rope(positions, max_position)
-        end = max(starts) + n
+        write = CacheWrite.after(starts, n, tokens.device)
         if in_step and (tree_mask is None or tree_mask.dim() == 2):
-            write = CacheWrite(starts[0], None, end)
             masks = self._masks(starts[0], n, tree_mask, positions, max_position, key_mask)
         else:
-            slots = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(n, device=tokens.device)
-            write = CacheWrite(starts[0], None, end) if in_step else CacheWrite(None, slots, end)
-            masks = self._row_masks(starts, n, tree_mask, positions, end)
-        kv = cache.kv if row is None else cache.kv.narrow(2, row, 1)
+            masks = self._row_masks(starts, n, tree_mask, positions, write.end)
+        kv = cache.kv if B == cache.rows else cache.kv.narrow(2, rows.start, B)
         x = self.embed(tokens)
         tapped = []
         for i, layer in enumerate(self.layers):

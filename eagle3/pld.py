@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from eagle3.tree import TreeSpec
+from eagle3.drafter import Proposal, TreePlan
+from eagle3.tree import TreeGrowth, TreeSpec, grow_trees
 
 
 def lookup(history: Sequence[int], max_ngram: int, num_tokens: int, min_ngram: int = 1) -> list[int]:
@@ -23,37 +24,42 @@ def lookup(history: Sequence[int], max_ngram: int, num_tokens: int, min_ngram: i
 
 
 class PromptLookupDrafter:
-    """Drafter protocol (see drafter.py) over n-gram matches in the token history."""
+    """Drafter protocol (see drafter.py) over n-gram matches in each row's token history."""
 
     tap_layers = ()  # it reads no target features: the decoding loop skips the taps
 
     def __init__(self, num_tokens: int = 10, max_ngram: int = 3):
         self.num_tokens, self.max_ngram = num_tokens, max_ngram
-        self.history: list[int] = []
-        self.proposal: list[int] = []
+        self.histories: list[list[int]] = []  # per row: the committed tokens (the last one is the next root)
 
     @property
     def tree(self) -> TreeSpec:
         """A chain: one proposal per level."""
         return TreeSpec(total_tokens=self.num_tokens + 1, depth=self.num_tokens, top_k=1)
 
-    def reset(self, prompt_ids: Sequence[int], max_len: int) -> None:
-        self.history = list(prompt_ids)
+    def open(self, max_rows: int, max_len: int) -> None:
+        self.histories = []
 
-    def _step(self, depth: int) -> tuple[Tensor, Tensor]:
-        if depth < len(self.proposal):
-            return torch.zeros(1), torch.tensor([self.proposal[depth]])
-        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    def join(self, row: int, prompt_ids: Sequence[int]) -> None:
+        self.histories.append(list(prompt_ids[:1]))  # (the first commit brings the rest of the prompt)
 
-    def catch_up(self, tokens: Tensor, features: Tensor | None, start: int, top_k: int) -> tuple[Tensor, Tensor]:
-        # history holds positions 0..start (the previous root at `start`); tokens follow it.
-        self.history = self.history[: start + 1] + tokens.tolist()
-        self.proposal = lookup(self.history, self.max_ngram, self.num_tokens)
-        return self._step(0)
+    def release(self, row: int) -> None:
+        self.histories[row] = self.histories[-1]
+        self.histories.pop()
 
-    def expand(self, tokens: Tensor, source_rows: Tensor, depth: int, mask: Tensor) -> tuple[Tensor, Tensor]:
-        logp, ids = self._step(depth)
-        return logp.view(len(tokens), -1), ids.view(len(tokens), -1)
+    def commit(self, row: int, tokens: Tensor, features: Tensor | None) -> None:
+        self.histories[row] += tokens.tolist()
 
-    def end_round(self) -> None:
-        pass
+    def propose(self, plan: TreePlan) -> Proposal:
+        proposals = [lookup(h, self.max_ngram, self.num_tokens) for h in self.histories]
+
+        def children(row: int, depth: int, nodes: int = 1) -> tuple[Tensor, Tensor]:
+            if depth < len(proposals[row]):
+                return torch.zeros(nodes, 1), torch.tensor([[proposals[row][depth]]] * nodes)
+            return torch.zeros(nodes, 0), torch.zeros(nodes, 0, dtype=torch.long)
+
+        growths = [TreeGrowth(h[-1], *(x[0] for x in children(b, 0)), spec, plan.sizer(b, 0))
+                   for b, (h, spec) in enumerate(zip(self.histories, plan.specs))]  # fmt: skip
+        trees = grow_trees(growths, lambda rows, levels, depth: [children(row, depth, len(level[0]))
+                                                                  for row, level in zip(rows, levels)])  # fmt: skip
+        return Proposal(trees, [0] * len(trees))

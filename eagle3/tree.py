@@ -72,10 +72,13 @@ class DraftTree:
         return len(self.parents)
 
 
+_ROOT_DEPTHS, _ROOT_MASK, _ROOT_SCORES = torch.zeros(1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool), torch.zeros(1)
+
+
 def root_only(root_token: int) -> DraftTree:
-    """The tree of a plain step: the root alone (verifying it is one ordinary decoding step)."""
-    return DraftTree(torch.tensor([root_token], dtype=torch.long), [-1], torch.zeros(1, dtype=torch.long),
-                     torch.ones(1, 1, dtype=torch.bool), [[]], torch.zeros(1))  # fmt: skip
+    """The tree of a plain step: the root alone (verifying it is one ordinary decoding step). Its depths, mask
+    and scores are shared, read-only tensors (a plain step makes one of these per token)."""
+    return DraftTree(torch.tensor([root_token], dtype=torch.long), [-1], _ROOT_DEPTHS, _ROOT_MASK, [[]], _ROOT_SCORES)
 
 
 def ancestor_mask(parents: list[int]) -> Tensor:
@@ -92,73 +95,119 @@ class SizePolicy(Protocol):
     def keep(self, scores: np.ndarray, levels: np.ndarray, expanded: list[int]) -> tuple[int, int]: ...
 
 
-def grow_tree(
-    root_token: int, root_logp: Tensor, root_ids: Tensor, expand: Expand, spec: TreeSpec, policy: SizePolicy | None = None
-) -> DraftTree:
-    """Builds the draft tree. root_logp / root_ids: the root step's top children (log-probs, target ids).
+class TreeGrowth:
+    """One row's tree while it grows, level by level: which frontier nodes to expand next, the children they
+    got, and finally the best nodes. The bookkeeping is a few hundred numbers: it stays on the host, in numpy,
+    where an op on them costs a microsecond (a torch op costs ten, and a round runs hundreds of them).
 
-    With a policy (autotree.AutoTree), after each level it says how many nodes to keep and how many of the
-    newest level's best nodes to expand (0: stop), knowing how many were expanded at each level so far;
-    spec's sizes are then caps.
+    With a sizer (autotree.AutoTree), after each level it says how many nodes to keep and how many of the newest
+    level's best nodes to expand (0: stop), knowing how many were expanded at each level so far; the spec's
+    sizes are then caps.
     """
-    k = spec.top_k
-    keep = spec.total_tokens - 1
-    # The bookkeeping is a few hundred numbers: it stays on the host, in numpy, where an op on them costs a
-    # microsecond (a torch op costs ten, and a round runs hundreds of them).
-    # Candidates (every proposed node), in creation order: cumulative score, token, level, source row.
-    scores = root_logp[:k].float().cpu().numpy()
-    tokens = root_ids[:k].cpu().numpy()
-    levels, sources = np.ones(len(scores), dtype=np.int64), np.zeros(len(scores), dtype=np.int64)
-    frontier = np.arange(len(scores))  # candidate indices of the current frontier
-    row_candidate = [-1]  # candidate expanded by each draft row; row 0 is the root step
-    row_mask = np.ones((1, 1), dtype=bool)  # row i may attend to row j
-    expanded: list[int] = []  # frontier nodes expanded per level (the draft step sizes after the root step)
-    for depth in range(1, spec.depth + 1):
-        if policy is not None:
-            wanted, expand_count = policy.keep(scores, levels, expanded)
-            keep = min(wanted, spec.total_tokens - 1)
+
+    def __init__(self, root_token: int, root_logp: Tensor, root_ids: Tensor, spec: TreeSpec,
+                 sizer: SizePolicy | None = None):  # fmt: skip
+        self.root_token, self.spec, self.sizer = root_token, spec, sizer
+        k = spec.top_k
+        self.keep = spec.total_tokens - 1
+        # Candidates (every proposed node), in creation order: cumulative score, token, level, source row.
+        self.scores = root_logp[:k].float().cpu().numpy()
+        self.tokens = root_ids[:k].cpu().numpy()
+        self.levels = np.ones(len(self.scores), dtype=np.int64)
+        self.sources = np.zeros(len(self.scores), dtype=np.int64)
+        self.frontier = np.arange(len(self.scores))  # candidate indices of the current frontier
+        self.row_candidate = [-1]  # candidate expanded by each draft row; row 0 is the root step
+        self.row_mask = np.ones((1, 1), dtype=bool)  # row i may attend to row j
+        self.expanded: list[int] = []  # frontier nodes expanded per level (the draft step sizes after the root's)
+        self.depth = 0  # levels expanded so far
+        self.done = False
+
+    def next_level(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(tokens [k], source rows [k], mask [k, tree rows]) of the frontier nodes to expand next, or None
+        when the tree is complete. Row 0 (the root step) is already committed in the draft cache: masks cover
+        the tree rows only."""
+        if self.done:
+            return None
+        self.depth += 1
+        if self.sizer is not None:
+            wanted, expand_count = self.sizer.keep(self.scores, self.levels, self.expanded)
+            self.keep = min(wanted, self.spec.total_tokens - 1)
             if expand_count < 1:
-                break
-            frontier = np.sort(frontier[best_first(scores[frontier])[:expand_count]])
-        if depth == spec.depth or keep < 1 or len(frontier) == 0:  # (no frontier: the drafter ran out)
-            break
+                self.done = True
+                return None
+            self.frontier = np.sort(self.frontier[best_first(self.scores[self.frontier])[:expand_count]])
+        if self.depth == self.spec.depth or self.keep < 1 or len(self.frontier) == 0:  # (no frontier: ran out)
+            self.done = True
+            return None
+        frontier, row_mask = self.frontier, self.row_mask
         old, new = len(row_mask), len(frontier)
         grown = np.zeros((old + new, old + new), dtype=bool)
         grown[:old, :old] = row_mask
-        grown[old:, :old] = row_mask[sources[frontier]]  # a new row sees its source's ancestry ...
+        grown[old:, :old] = row_mask[self.sources[frontier]]  # a new row sees its source's ancestry ...
         grown[old:, old:] = np.eye(new, dtype=bool)  # ... and itself
-        row_mask = grown
-        row_candidate += frontier.tolist()
-        expanded.append(new)
-        # Row 0 (the root step) is already committed in the draft cache: masks cover the tree rows only.
-        child_logp, child_ids = expand(torch.from_numpy(tokens[frontier]), torch.from_numpy(sources[frontier]),
-                                       depth, torch.from_numpy(np.ascontiguousarray(row_mask[old:, 1:])))  # fmt: skip
-        child_logp, child_ids = child_logp.float().cpu().numpy(), child_ids.cpu().numpy()
-        first = len(scores)
-        level_scores = (scores[frontier][:, None] + child_logp).reshape(-1)
-        scores = np.concatenate([scores, level_scores])
-        tokens = np.concatenate([tokens, child_ids.reshape(-1)])
-        levels = np.concatenate([levels, np.full(len(level_scores), depth + 1, dtype=np.int64)])
-        sources = np.concatenate([sources, np.arange(old, old + new).repeat(child_logp.shape[1])])
-        frontier = first + np.sort(best_first(level_scores)[:k])
+        self.row_mask = grown
+        self.row_candidate += frontier.tolist()
+        self.expanded.append(new)
+        return (torch.from_numpy(self.tokens[frontier]), torch.from_numpy(self.sources[frontier]),
+                torch.from_numpy(np.ascontiguousarray(grown[old:, 1:])))  # fmt: skip
 
-    keep = min(keep, len(scores))
-    chosen = np.sort(best_first(scores)[:keep])
-    node_of_candidate = {c: i + 1 for i, c in enumerate(chosen.tolist())}
-    parents = [-1] + [0 if s == 0 else node_of_candidate[row_candidate[s]] for s in sources[chosen].tolist()]
-    node_scores = np.concatenate([np.zeros(1, dtype=np.float32), scores[chosen]])
-    by_score = node_scores.tolist()
-    children: list[list[int]] = [[] for _ in parents]
-    for node in sorted(range(1, len(parents)), key=lambda i: -by_score[i]):
-        children[parents[node]].append(node)
-    return DraftTree(
-        tokens=torch.from_numpy(np.concatenate([[root_token], tokens[chosen]]).astype(np.int64)),
-        parents=parents,
-        depths=torch.from_numpy(np.concatenate([np.zeros(1, dtype=np.int64), levels[chosen]])),
-        mask=ancestor_mask(parents),
-        children=children,
-        scores=torch.from_numpy(node_scores),
-    )
+    def add_children(self, child_logp: Tensor, child_ids: Tensor) -> None:
+        """The expanded nodes' top children (log-probs and target ids [k, k'])."""
+        child_logp, child_ids = child_logp.float().cpu().numpy(), child_ids.cpu().numpy()
+        old = len(self.row_mask) - len(self.frontier)
+        first = len(self.scores)
+        level_scores = (self.scores[self.frontier][:, None] + child_logp).reshape(-1)
+        self.scores = np.concatenate([self.scores, level_scores])
+        self.tokens = np.concatenate([self.tokens, child_ids.reshape(-1)])
+        self.levels = np.concatenate([self.levels, np.full(len(level_scores), self.depth + 1, dtype=np.int64)])
+        self.sources = np.concatenate([self.sources, np.arange(old, old + len(self.frontier)).repeat(child_logp.shape[1])])
+        self.frontier = first + np.sort(best_first(level_scores)[: self.spec.top_k])
+
+    def finish(self) -> DraftTree:
+        """The tree of the best nodes (parents before children, children most probable first)."""
+        keep = min(self.keep, len(self.scores))
+        chosen = np.sort(best_first(self.scores)[:keep])
+        node_of_candidate = {c: i + 1 for i, c in enumerate(chosen.tolist())}
+        parents = [-1] + [0 if s == 0 else node_of_candidate[self.row_candidate[s]] for s in self.sources[chosen].tolist()]
+        node_scores = np.concatenate([np.zeros(1, dtype=np.float32), self.scores[chosen]])
+        by_score = node_scores.tolist()
+        children: list[list[int]] = [[] for _ in parents]
+        for node in sorted(range(1, len(parents)), key=lambda i: -by_score[i]):
+            children[parents[node]].append(node)
+        return DraftTree(
+            tokens=torch.from_numpy(np.concatenate([[self.root_token], self.tokens[chosen]]).astype(np.int64)),
+            parents=parents,
+            depths=torch.from_numpy(np.concatenate([np.zeros(1, dtype=np.int64), self.levels[chosen]])),
+            mask=ancestor_mask(parents),
+            children=children,
+            scores=torch.from_numpy(node_scores),
+        )
+
+
+# The batched expand: for the rows that expand this level, each row's (tokens, source rows, mask) as in
+# TreeGrowth.next_level -> each row's (log-probs, target ids) of its nodes' top children.
+ExpandRows = Callable[[list[int], list[tuple[Tensor, Tensor, Tensor]], int], list[tuple[Tensor, Tensor]]]
+
+
+def grow_trees(growths: list[TreeGrowth], expand: ExpandRows) -> list[DraftTree]:
+    """Grows every row's tree level by level, one expand call per level for all rows still growing."""
+    depth = 0
+    while True:
+        depth += 1
+        levels = [(row, level) for row, g in enumerate(growths) if (level := g.next_level()) is not None]
+        if not levels:
+            return [g.finish() for g in growths]
+        children = expand([row for row, _ in levels], [level for _, level in levels], depth)
+        for (row, _), (logp, ids) in zip(levels, children):
+            growths[row].add_children(logp, ids)
+
+
+def grow_tree(
+    root_token: int, root_logp: Tensor, root_ids: Tensor, expand: Expand, spec: TreeSpec, policy: SizePolicy | None = None
+) -> DraftTree:
+    """One tree (see TreeGrowth), its levels expanded by expand(tokens, source rows, depth, mask)."""
+    growth = TreeGrowth(root_token, root_logp, root_ids, spec, policy)
+    return grow_trees([growth], lambda rows, levels, depth: [expand(levels[0][0], levels[0][1], depth, levels[0][2])])[0]
 
 
 def best_first(scores: np.ndarray) -> np.ndarray:

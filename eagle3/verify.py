@@ -18,7 +18,11 @@ from eagle3.tree import DraftTree
 
 def accept_greedy(tree: DraftTree, logits: Tensor) -> tuple[list[int], int]:
     """(accepted node path from the root, the target's next token after it) for logits [N, V]."""
-    best = logits.argmax(dim=-1).tolist()
+    return follow_greedy(tree, logits.argmax(dim=-1).tolist())
+
+
+def follow_greedy(tree: DraftTree, best: list[int]) -> tuple[list[int], int]:
+    """The greedy path for the target's argmax `best` of every node (at least the tree's nodes)."""
     tokens = tree.tokens.tolist()
     path = [0]
     while True:
@@ -58,3 +62,20 @@ def accept(
     if params.greedy:
         return accept_greedy(tree, logits)
     return accept_sampling(tree, logits, params, generator)
+
+
+def accept_rows(
+    trees: list[DraftTree], logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[tuple[list[int], int]]:
+    """Every row's (accepted path, next token) from one verify forward's logits [B, n, V] (row b's tree
+    padded to n): greedy rows through one argmax over the batch, sampling rows each by its own rule."""
+    greedy = [b for b, p in enumerate(params) if p.greedy]
+    rows = logits if len(greedy) == len(params) else logits[greedy]
+    best = rows.argmax(dim=-1).tolist() if greedy else []  # (one device sync for every greedy row)
+    out: list[tuple[list[int], int]] = []
+    for b, (tree, p, generator) in enumerate(zip(trees, params, generators)):
+        if p.greedy:
+            out.append(follow_greedy(tree, best[greedy.index(b)]))
+        else:
+            out.append(accept_sampling(tree, logits[b, : tree.size], p, generator))
+    return out

@@ -1,96 +1,139 @@
 """Drafters for tests that know the target's answers, so that long accepted paths, cache compaction and
-EOS inside an accepted run are exercised."""
+EOS inside an accepted run are exercised. Both follow drafter.Drafter, one row at a time."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from eagle3.drafter import top_children
+from eagle3.drafter import Proposal, TreePlan, top_children
 from eagle3.model import Transformer
+from eagle3.tree import TreeGrowth, grow_trees
+
+
+def grow_each(roots: list[tuple[int, Tensor, Tensor]], plan: TreePlan,
+              expand_row: Callable[[int, Tensor, Tensor, int], tuple[Tensor, Tensor]]) -> list:  # fmt: skip
+    """Every row's tree, its levels expanded one row at a time by expand_row(row, tokens, sources, depth)."""
+    growths = [TreeGrowth(token, logp, ids, spec, plan.sizer(b, 0))
+               for b, ((token, logp, ids), spec) in enumerate(zip(roots, plan.specs))]  # fmt: skip
+    return grow_trees(growths, lambda rows, levels, depth: [expand_row(row, level[0], level[1], depth)
+                                                            for row, level in zip(rows, levels)])  # fmt: skip
 
 
 class TargetOracle:
-    """Proposes with the target model itself (its own KV cache): its top child is the target's argmax, so
-    greedy decoding accepts every level; under sampling it proposes the target's most likely tokens."""
+    """Proposes with the target model itself (its own KV cache, a row per sequence): its top child is the
+    target's argmax, so greedy decoding accepts every level; under sampling it proposes the target's most
+    likely tokens."""
 
     tap_layers = ()  # it reads no features
 
     def __init__(self, model: Transformer):
         self.model = model
-        self.paths: list[list[int]] = []
+        self.pending: list[list[Tensor]] = []
+        self.paths: list[list[list[int]]] = []  # per row, per tree row: the tokens from the root
 
-    def reset(self, prompt_ids: Sequence[int], max_len: int) -> None:
-        self.model.setup_cache(max_len + 1)
-        self.model(torch.tensor([[prompt_ids[0]]]), logits="none")
+    def open(self, max_rows: int, max_len: int) -> None:
+        self.model.setup_cache(max_len + 1, batch_size=max_rows)
+        self.pending, self.paths = [], []
 
-    def catch_up(self, tokens: Tensor, features: Tensor, start: int, top_k: int) -> tuple[Tensor, Tensor]:
-        self.top_k = top_k
-        self.paths = [[]]
-        logits = self.model(tokens.view(1, -1).cpu(), logits="last").logits[0, -1]
-        return top_children(logits, top_k)
+    def join(self, row: int, prompt_ids: Sequence[int]) -> None:
+        self.model.cache.lengths[row] = 0
+        self.model(torch.tensor([list(prompt_ids[:1])]), logits="none", rows=range(row, row + 1))
+        self.pending.append([])
+        self.paths.append([])
 
-    def expand(self, tokens: Tensor, source_rows: Tensor, depth: int, mask: Tensor) -> tuple[Tensor, Tensor]:
-        cache = self.model.cache
-        committed = cache.length
-        logps, ids = [], []
-        for token, source in zip(tokens.tolist(), source_rows.tolist()):
-            path = self.paths[source] + [token]
-            self.paths.append(path)
-            if committed + len(path) <= min(cache.max_len, self.model.config.context_length):
-                logits = self.model(torch.tensor([path]), logits="last").logits[0, -1]
-                cache.truncate(committed)
-            else:  # past the end of the context: nothing to foresee
-                logits = torch.zeros(self.model.config.vocab_size)
-            lp, i = top_children(logits, self.top_k)
-            logps.append(lp)
-            ids.append(i)
-        return torch.stack(logps), torch.stack(ids)
+    def release(self, row: int) -> None:
+        cache, last = self.model.cache, len(self.pending) - 1
+        if row != last:
+            cache.kv[:, :, row] = cache.kv[:, :, last]
+            cache.lengths[row] = cache.lengths[last]
+            self.pending[row], self.paths[row] = self.pending[last], self.paths[last]
+        self.pending.pop()
+        self.paths.pop()
 
-    def end_round(self) -> None:
-        pass
+    def commit(self, row: int, tokens: Tensor, features: Tensor | None) -> None:
+        self.pending[row].append(tokens.cpu())
+
+    def _logits(self, row: int, tokens: list[int]) -> Tensor:
+        return self.model(torch.tensor([tokens]), logits="last", rows=range(row, row + 1)).logits[0, -1]
+
+    def propose(self, plan: TreePlan) -> Proposal:
+        roots = []
+        for row, spec in enumerate(plan.specs):
+            tokens = torch.cat(self.pending[row]).tolist()
+            self.pending[row], self.paths[row] = [], [[]]
+            roots.append((tokens[-1], *top_children(self._logits(row, tokens), spec.top_k)))
+
+        def expand_row(row: int, tokens: Tensor, sources: Tensor, depth: int) -> tuple[Tensor, Tensor]:
+            cache, top_k = self.model.cache, plan.specs[row].top_k
+            committed = cache.lengths[row]
+            logps, ids = [], []
+            for token, source in zip(tokens.tolist(), sources.tolist()):
+                path = self.paths[row][source] + [token]
+                self.paths[row].append(path)
+                if committed + len(path) <= min(cache.max_len, self.model.config.context_length):
+                    logits = self._logits(row, path)
+                    cache.lengths[row] = committed
+                else:  # past the end of the context: nothing to foresee
+                    logits = torch.zeros(self.model.config.vocab_size)
+                lp, i = top_children(logits, top_k)
+                logps.append(lp)
+                ids.append(i)
+            return torch.stack(logps), torch.stack(ids)
+
+        return Proposal(grow_each(roots, plan, expand_row), [0] * len(roots))
 
 
 class ReferenceOracle:
-    """Knows the reference continuation (prompt + plain greedy output): on the reference path it proposes
-    the reference's next token first; elsewhere, and as the other children, arbitrary tokens."""
+    """Knows the reference continuation of one sequence (prompt + plain greedy output): on the reference path
+    it proposes the reference's next token first; elsewhere, and as the other children, arbitrary tokens."""
 
     tap_layers = ()  # it reads no features
 
     def __init__(self, reference: Sequence[int], vocab_size: int):
         self.reference, self.vocab_size = list(reference), vocab_size
 
-    def reset(self, prompt_ids: Sequence[int], max_len: int) -> None:
-        self.length = len(prompt_ids)  # committed tokens; catch_up adds the newly committed ones
+    def open(self, max_rows: int, max_len: int) -> None:
+        if max_rows != 1:
+            raise ValueError("a ReferenceOracle knows one sequence")
+        self.start, self.pending = 0, []
 
-    def _children(self, next_index: int, on_path: bool) -> tuple[Tensor, Tensor]:
-        ids = [(next_index * 7 + j * 13 + 3) % self.vocab_size for j in range(self.top_k)]
+    def join(self, row: int, prompt_ids: Sequence[int]) -> None:
+        self.start, self.pending = 0, []  # positions whose tokens were read: pending tokens follow them
+
+    def release(self, row: int) -> None:
+        pass
+
+    def commit(self, row: int, tokens: Tensor, features: Tensor | None) -> None:
+        self.pending += tokens.tolist()
+
+    def _children(self, next_index: int, on_path: bool, top_k: int) -> tuple[Tensor, Tensor]:
+        ids = [(next_index * 7 + j * 13 + 3) % self.vocab_size for j in range(top_k)]
         if on_path and next_index < len(self.reference):
             right = self.reference[next_index]
-            ids = [right] + [i for i in ids if i != right][: self.top_k - 1]
+            ids = [right] + [i for i in ids if i != right][: top_k - 1]
         logp = torch.log(torch.linspace(0.9, 0.1, len(ids)))
         return logp, torch.tensor(ids)
 
-    def catch_up(self, tokens: Tensor, features: Tensor, start: int, top_k: int) -> tuple[Tensor, Tensor]:
-        self.top_k = top_k
-        tokens = tokens.tolist()
-        self.on_path = self.reference[start + 1 : start + 1 + len(tokens)] == tokens
-        self.root_index = start + 1 + len(tokens)  # reference index of the root's children
-        self.rows = [(self.root_index, self.on_path)]
-        return self._children(self.root_index, self.on_path)
+    def propose(self, plan: TreePlan) -> Proposal:
+        tokens, top_k = self.pending, plan.specs[0].top_k
+        on_path = self.reference[self.start + 1 : self.start + 1 + len(tokens)] == tokens
+        root_index = self.start + 1 + len(tokens)  # reference index of the root's children
+        self.start, self.pending = self.start + len(tokens), []
+        rows = [(root_index, on_path)]
 
-    def expand(self, tokens: Tensor, source_rows: Tensor, depth: int, mask: Tensor) -> tuple[Tensor, Tensor]:
-        logps, ids = [], []
-        for token, source in zip(tokens.tolist(), source_rows.tolist()):
-            index, on_path = self.rows[source]
-            on_path = on_path and index < len(self.reference) and self.reference[index] == token
-            self.rows.append((index + 1, on_path))
-            lp, i = self._children(index + 1, on_path)
-            logps.append(lp)
-            ids.append(i)
-        return torch.stack(logps), torch.stack(ids)
+        def expand_row(row: int, node_tokens: Tensor, sources: Tensor, depth: int) -> tuple[Tensor, Tensor]:
+            logps, ids = [], []
+            for token, source in zip(node_tokens.tolist(), sources.tolist()):
+                index, on = rows[source]
+                on = on and index < len(self.reference) and self.reference[index] == token
+                rows.append((index + 1, on))
+                lp, i = self._children(index + 1, on, top_k)
+                logps.append(lp)
+                ids.append(i)
+            return torch.stack(logps), torch.stack(ids)
 
-    def end_round(self) -> None:
-        pass
+        root = (tokens[-1], *self._children(root_index, on_path, top_k))
+        return Proposal(grow_each([root], plan, expand_row), [0])

@@ -217,7 +217,7 @@ def ragged_rows_equal_each_row_alone(model, vocab, prefixes, parents, accepted):
     with torch.no_grad():
         model.setup_cache(64, batch_size=B)
         for b, prefix in enumerate(prefixes):
-            model(torch.tensor([prefix]), logits="none", row=b)
+            model(torch.tensor([prefix]), logits="none", rows=range(b, b + 1))
         starts = list(model.cache.lengths)
         assert starts == [len(p) for p in prefixes]
         tree_logits = model(trees, positions, masks).logits

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eagle3.draft import new_draft, quantize_int8
-from eagle3.drafter import Eagle3Drafter
+from eagle3.drafter import Eagle3Drafter, TreePlan
 from eagle3.generate import generate
 from eagle3.model import load_model
 from eagle3.speculative import speculative_generate
@@ -130,18 +130,19 @@ def test_prompt_window_reads_the_prompt_end_at_its_own_positions(stories):
     features = torch.randn(prompt + 3, 3 * stories.model.config.hidden_size, generator=gen)
 
     def rounds(drafter, tokens, features, first):
-        drafter.reset([], 64)
+        drafter.open(1, 64)
+        drafter.join(0, tokens[:1].tolist())
         trees = []
         with torch.inference_mode():
             for chunk in (slice(0, first), slice(first, None)):
-                logp, ids = drafter.catch_up(tokens[chunk], features[chunk], drafter.committed, spec.top_k)
-                trees.append(grow_tree(int(tokens[chunk][-1]), logp, ids, drafter.expand, spec))
-                drafter.end_round()
+                drafter.commit(0, tokens[chunk], features[chunk])
+                trees.append(drafter.propose(TreePlan([spec])).trees[0])
         return trees
 
     windowed = Eagle3Drafter(draft, prompt_window=window)
     got = rounds(windowed, tokens, features, prompt)
-    assert (windowed.offset, windowed.committed, draft.cache.length) == (prompt - window, prompt + 3, window + 3)
+    row = windowed.rows[0]
+    assert (row.offset, row.committed, draft.cache.lengths[0]) == (prompt - window, prompt + 3, window + 3)
     want = rounds(Eagle3Drafter(draft), tokens[prompt - window :], features[prompt - window :], window)
     for a, b in zip(got, want):
         assert a.tokens.tolist() == b.tokens.tolist() and a.parents == b.parents
@@ -155,8 +156,17 @@ def test_greedy_with_a_prompt_window_equals_plain(stories, untrained, tree):
     ids = stories.encode("Once upon a time, there was a little girl named Lily. She loved to play outside")
     plain = generate(stories, ids, 200)
     drafter = Eagle3Drafter(untrained.draft, prompt_window=5)
+    offsets = []
+    catch_up = drafter._catch_up
+
+    def recording(top_k):
+        out = catch_up(top_k)
+        offsets.append(drafter.rows[0].offset)
+        return out
+
+    drafter._catch_up = recording
     spec = speculative_generate(stories, drafter, ids, 200, tree=tree)
-    assert len(ids) > 5 and drafter.offset == len(ids) - 5 and spec.token_ids == plain.token_ids
+    assert len(ids) > 5 and offsets[0] == len(ids) - 5 and spec.token_ids == plain.token_ids
 
 
 @pytest.mark.parametrize("tree", TREES[:3], ids=str)

@@ -23,15 +23,15 @@ PROMPTS = ["Once upon a time", "Tom and Lily", "One day, a little", "The cat"]
 
 
 def recording(drafter):
-    """The drafter, with every catch-up's features kept in drafter.seen."""
+    """The drafter, with the features of every commit kept in drafter.seen."""
     drafter.seen = []
-    catch_up = drafter.catch_up
+    commit = drafter.commit
 
-    def record(tokens, features, start, top_k):
+    def record(row, tokens, features):
         drafter.seen.append(features.clone())
-        return catch_up(tokens, features, start, top_k)
+        return commit(row, tokens, features)
 
-    drafter.catch_up = record
+    drafter.commit = record
     return drafter
 
 
@@ -59,7 +59,7 @@ def test_a_draft_reads_the_layers_its_checkpoint_names(stories, stories_path, tm
     for drafter in (other, default, other):
         speculative_generate(stories, drafter, ids, 8, tree=TreeSpec(6, 3, 2))
     for drafter, layers, runs in ((other, OTHER_TAPS, 2), (default, (1, 2, 4), 1)):
-        firsts = [f for f in drafter.seen if len(f) == len(ids)]  # each generation's first catch-up: the prompt
+        firsts = [f for f in drafter.seen if len(f) == len(ids)]  # each generation's first commit: the prompt
         assert len(firsts) == runs
         for features in firsts:
             assert torch.allclose(features, hf_taps(stories_path, ids, layers), atol=1e-4)

@@ -1,0 +1,246 @@
+"""The decoding engine: speculative rounds over a batch of sequences, for any drafter.
+
+A round (`Engine.step`) runs every live row at once:
+
+    plan (tree sizes) -> propose (drafter: catch up, grow each row's tree) -> verify (target: one forward over
+    every row's tree) -> accept (each row its own path and next token) -> commit (target cache, drafter)
+    -> stop rules, per row; finished rows leave
+
+A sequence joins between rounds (`Engine.add`): its prompt is prefilled into the next free row and its first
+token drawn. Plain decoding is the drafter that proposes nothing (drafter.NoDrafter): the same loop, one token
+per round. Output is exactly plain decoding's, per row: greedy token for token, sampling in distribution.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Sequence
+
+import torch
+
+from eagle3.autotree import AutoTree
+from eagle3.drafter import Drafter, NoDrafter, TreePlan
+from eagle3.runtime import TorchRuntime
+from eagle3.sampling import SamplingParams, make_generator, next_token
+from eagle3.stopping import Stopper, TextStreamer
+from eagle3.target import Target
+from eagle3.tree import TreeSpec, root_only
+from eagle3.verify import accept_rows
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # new tokens only
+    finish_reason: str  # "eos", "stop" or "length"
+    prompt_tokens: int
+    wall_s: float  # from the request's prefill to its last token
+    prefill_s: float
+    method: str = "vanilla"
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "new_tokens": self.new_tokens, "tokens_per_s": self.tokens_per_s}
+
+
+def room_for(target: Target, prompt_ids: Sequence[int], max_new_tokens: int) -> int:
+    """How many new tokens fit: the budget, capped by what the context leaves after the prompt."""
+    target.check_prompt(list(prompt_ids))
+    if max_new_tokens < 1:
+        raise ValueError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+    return min(max_new_tokens, target.context - len(prompt_ids))
+
+
+@dataclass
+class Request:
+    prompt_ids: Sequence[int]
+    max_new_tokens: int = 256
+    sampling: SamplingParams = SamplingParams()
+    stop_strings: Sequence[str] = ()
+    on_text: Callable[[str], object] | None = None
+
+
+@dataclass
+class SpeculativeResult(GenerationResult):
+    method: str = "eagle3"
+    rounds: int = 0  # target forward passes after the prefill
+    accept_lengths: list[int] = field(default_factory=list)  # per drafted round: accepted draft tokens + 1
+    plain_rounds: int = 0  # rounds without a draft (auto trees skip drafting while it does not pay)
+
+    @property
+    def tau(self) -> float:
+        """Mean acceptance length of the drafted rounds (the papers' tau; plain rounds are not counted)."""
+        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 0.0
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "tau": self.tau}
+
+
+@dataclass
+class _Sequence:
+    """A request being decoded: its row is its index in Engine.sequences."""
+
+    id: int
+    request: Request
+    stopper: Stopper
+    streamer: TextStreamer | None
+    generator: torch.Generator | None
+    root: int  # the last committed token: the next round's root, not yet in the target's cache
+    started: float
+    prefill_s: float
+    accept_lengths: list[int] = field(default_factory=list)
+    plain_rounds: int = 0
+
+
+class Engine:
+    """Decodes requests with a target and a drafter, max_rows at a time (continuous batching: a finished row
+    takes the next request at once). tree: the drafted trees' sizes (auto: sized each round by `policy`)."""
+
+    def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeSpec = TreeSpec(),
+                 policy: AutoTree | None = None, max_rows: int = 1, method: str = "eagle3"):  # fmt: skip
+        self.target, self.drafter = target, drafter or NoDrafter()
+        self.plain = isinstance(self.drafter, NoDrafter)
+        self.tree, self.method, self.max_rows = tree, method, max_rows
+        if tree.auto and policy is None and not self.plain:
+            from eagle3.autotree import auto_tree
+
+            policy = auto_tree(target, self.drafter, tree)
+        self.policy = policy if tree.auto else None
+        self.runtime = TorchRuntime(target, self.drafter.tap_layers)
+        self.sequences: list[_Sequence] = []
+        self._ids = 0
+
+    def open(self, max_len: int) -> None:
+        """An empty batch for sequences of up to max_len positions (capped by the context)."""
+        max_len = min(max_len, self.target.context)
+        self.runtime.open(self.max_rows, max_len)
+        self.drafter.open(self.max_rows, max_len + self.tree.depth * self.tree.top_k)  # room for tree rows
+        self.sequences = []
+
+    @torch.inference_mode()
+    def add(self, request: Request) -> int:
+        """Prefills a request into the next free row and draws its first token; returns its id."""
+        budget = room_for(self.target, request.prompt_ids, request.max_new_tokens)
+        if len(self.sequences) >= self.max_rows:
+            raise ValueError(f"the batch is full ({self.max_rows} rows)")
+        started = time.perf_counter()
+        stopper = Stopper(self.target.tokenizer, self.target.eos_token_ids, budget, tuple(request.stop_strings),
+                          track_text=request.on_text is not None)  # fmt: skip
+        streamer = TextStreamer(request.on_text, request.stop_strings) if request.on_text else None
+        generator = make_generator(request.sampling, self.target.model.device)
+        row, logits, taps = self.runtime.prefill(request.prompt_ids)
+        root = int(next_token(logits, request.sampling, generator))
+        stopper.extend([root])
+        self.drafter.join(row, request.prompt_ids)
+        # The drafter pairs the feature of position t with token t + 1.
+        tokens = torch.tensor([*list(request.prompt_ids)[1:], root], dtype=torch.long, device=self.target.model.device)
+        self.drafter.commit(row, tokens, taps)
+        self._ids += 1
+        self.sequences.append(_Sequence(self._ids, request, stopper, streamer, generator, root, started,
+                                        time.perf_counter() - started))  # fmt: skip
+        return self._ids
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, SpeculativeResult]]:
+        """One round for every row; returns the (id, result) of the sequences that finished."""
+        self._round()
+        return self._leave()
+
+    def _round(self) -> None:
+        sequences, runtime = self.sequences, self.runtime
+        for seq in sequences:
+            if seq.streamer:
+                seq.streamer.update(seq.stopper.text())
+        draft_start = time.perf_counter()
+        drafted = not self.plain and (self.policy is None or self.policy.should_draft())
+        if drafted:
+            trees = self.drafter.propose(self._plan()).trees
+        else:  # plain steps; the drafter catches up on these tokens when it next drafts
+            trees = [root_only(seq.root) for seq in sequences]
+        verify_start = time.perf_counter()
+        logits, taps = runtime.verify(trees)
+        accepted = accept_rows(trees, logits, [s.request.sampling for s in sequences], [s.generator for s in sequences])
+        runtime.commit([path for path, _ in accepted])
+        phases_ms = ((verify_start - draft_start) * 1000, (time.perf_counter() - verify_start) * 1000)
+        device = self.target.model.device
+        for b, (seq, tree, (path, bonus)) in enumerate(zip(sequences, trees, accepted)):
+            new_tokens = tree.tokens[path[1:]].tolist() + [bonus]
+            seq.stopper.extend(new_tokens)
+            if drafted:
+                seq.accept_lengths.append(len(path))
+            else:
+                seq.plain_rounds += 1
+            if self.policy is not None:  # (new_tokens is on the host: the round's work is done, on CUDA too)
+                self.policy.observe(tree.depths[1:], tree.scores[1:], len(path) - 1, phases_ms if b == 0 else None)
+            features = None if taps is None else taps[b, torch.tensor(path, device=device)]
+            self.drafter.commit(b, torch.tensor(new_tokens, dtype=torch.long, device=device), features)
+            seq.root = new_tokens[-1]
+
+    def _plan(self) -> TreePlan:
+        """Each row's tree spec (near the end of the context a tree shrinks to what fits, down to the root
+        alone) and, for auto trees, the policy as each row's sizer."""
+        runtime, specs = self.runtime, []
+        for row in range(len(self.sequences)):
+            room = runtime.max_len - runtime.length(row)
+            specs.append(self.tree if room >= self.tree.total_tokens else replace(self.tree, total_tokens=max(room, 1)))
+        policy = self.policy
+        if policy is None:
+            return TreePlan(specs)
+
+        def sizer(row: int, read: int) -> AutoTree:
+            # (partial: one policy for every row; its per-round state is the last row's)
+            policy.context, policy.catch_up = runtime.length(row), read
+            return policy
+
+        return TreePlan(specs, sizer)
+
+    def _leave(self) -> list[tuple[int, SpeculativeResult]]:
+        """Finished rows (stopped, or out of room) leave, the highest first (the last row moves into a freed
+        one); returns their results."""
+        done = []
+        for row in reversed(range(len(self.sequences))):
+            seq = self.sequences[row]
+            if not (seq.stopper.done or self.runtime.length(row) >= self.runtime.max_len):
+                continue
+            done.append((seq.id, self._result(seq)))
+            self.runtime.release(row)
+            self.drafter.release(row)
+            self.sequences[row] = self.sequences[-1]
+            self.sequences.pop()
+        return done[::-1]
+
+    def _result(self, seq: _Sequence) -> SpeculativeResult:
+        if seq.streamer:
+            seq.streamer.update(seq.stopper.text(), final=True)
+        return SpeculativeResult(
+            text=seq.stopper.text(), token_ids=seq.stopper.token_ids,
+            finish_reason=seq.stopper.finish_reason or "length", prompt_tokens=len(seq.request.prompt_ids),
+            wall_s=time.perf_counter() - seq.started, prefill_s=seq.prefill_s, method=self.method,
+            rounds=len(seq.accept_lengths) + seq.plain_rounds, accept_lengths=seq.accept_lengths,
+            plain_rounds=seq.plain_rounds,
+        )  # fmt: skip
+
+    def run(self, requests: Sequence[Request]) -> list[SpeculativeResult]:
+        """Decodes every request, max_rows at a time, each joining as soon as a row is free; results in the
+        requests' order."""
+        if not requests:
+            return []
+        longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+        self.open(longest + self.tree.total_tokens)
+        results: dict[int, SpeculativeResult] = {}
+        order, waiting = [], list(requests)
+        while waiting or self.sequences:
+            while waiting and len(self.sequences) < self.max_rows:
+                order.append(self.add(waiting.pop(0)))
+                results.update(self._leave())  # (a request can end with its first token)
+            if self.sequences:
+                results.update(self.step())
+        return [results[i] for i in order]
