@@ -150,9 +150,12 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, SpeculativeResult]]:
-        """One round for every row; returns the (id, result) of the sequences that finished."""
-        self._round()
-        return self._leave()
+        """One round for every row; returns the (id, result) of the sequences that finished (some may have
+        finished with their first token, before any round)."""
+        finished = self._leave()
+        if self.sequences:
+            self._round()
+        return finished + self._leave()
 
     def _round(self) -> None:
         sequences, runtime = self.sequences, self.runtime
@@ -240,7 +243,5 @@ class Engine:
         while waiting or self.sequences:
             while waiting and len(self.sequences) < self.max_rows:
                 order.append(self.add(waiting.pop(0)))
-                results.update(self._leave())  # (a request can end with its first token)
-            if self.sequences:
-                results.update(self.step())
+            results.update(self.step())
         return [results[i] for i in order]
