@@ -23,9 +23,18 @@ two phases, drafting and verifying; the ratio of observed to predicted time scal
 the verify predictions per tree size (pooled in buckets, each starting from the ratio over all sizes, capped
 at 1 so that sizes not yet seen get tried when the ones seen are slow).
 
-A round whose best tree, drafting included, is expected to yield fewer tokens per ms than a plain step pauses
-drafting for a while (see should_draft), so drafting costs about what plain decoding costs where it does not
-pay, up to the rounds spent finding that out. Design notes and measurements: docs/design/cost-aware-trees.md.
+A round whose trees, drafting included, are expected to yield fewer tokens per ms than a plain step pauses
+drafting for a while, so drafting costs about what plain decoding costs where it does not pay, up to the rounds
+spent finding that out.
+
+Batches: B rows each verify their tree in one forward, and each draft level runs every row, so a round costs
+what B times as many tokens cost in one row (weight-streaming kernels price rows, not sequences; attention is
+the part this leaves out). Each row's tree is sized at those prices, as if every row chose its size: as the
+batch grows, verification stops being nearly free and the best trees shrink (the CAST paper's point).
+
+The policy (`AutoTree.size`, see policy.py) absorbs the last round's report and hands out, per row, a
+`RoundSizer`: a frozen view of its statistics that picks the row's tree level by level and records what it
+chose and predicted, for the next report. Design notes and measurements: docs/design/cost-aware-trees.md.
 """
 
 from __future__ import annotations
@@ -34,10 +43,10 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import numpy as np
-from torch import Tensor
 
 from eagle3.cost import CostModel
-from eagle3.tree import best_first
+from eagle3.policy import RoundReport, TreePlan
+from eagle3.tree import TreeSpec, best_first
 
 
 @dataclass
@@ -61,73 +70,48 @@ class TimeRatio:
         return (self.observed + prior * prior_ratio) / (self.predicted + prior)
 
 
-# Tree sizes whose verify times are pooled for the per-size correction (a size counts toward the first bucket
-# at or above it): verification cost is far from linear on a CPU (matrix kernels change with the row count).
-VERIFY_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)
+# Tokens per verification (all rows' trees together) whose verify times are pooled for the per-size correction
+# (a size counts toward the first bucket at or above it): verification cost is far from linear on a CPU
+# (matrix kernels change with the row count).
+VERIFY_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 def verify_bucket(n: int) -> int:
     return min(bisect_left(VERIFY_BUCKETS, n), len(VERIFY_BUCKETS) - 1)
 
 
-@dataclass
-class AutoTree:
+@dataclass(frozen=True)
+class Prices:
+    """What a round costs at one batch size and context, as the policy's statistics have it when the round is
+    planned: the draft step of n nodes per row, the verification of n tokens per row (scaled by what was seen
+    per size), and the acceptance correction per depth."""
+
     cost: CostModel
-    max_tokens: int = 64  # caps, so that a wildly optimistic draft cannot build a huge tree
-    max_depth: int = 8  # (the tree's top-k cap is the TreeSpec's, applied by grow_tree)
-    decay: float = 0.95  # weight of the past in the per-depth corrections (about 20 rounds of memory)
-    prior_rounds: float = 2.0  # pseudo-rounds of ratio 1 before any observation
-    context: int = 256  # cached tokens, for the verify cost (set per round by the decoding loop)
-    catch_up: int = 1  # tokens the draft catches up on this round (set per round too: more after a pause)
-    predicted: list[float] = field(default_factory=list)  # per depth (1-based at index d-1), decayed sums
-    observed: list[float] = field(default_factory=list)
-    max_pause: int = 16
-    pause: int = 0  # plain rounds left before drafting again
-    backoff: int = 1  # the next pause's length: doubles while drafting keeps not paying
-    phase_time: dict[str, TimeRatio] = field(default_factory=lambda: {"draft": TimeRatio(), "verify": TimeRatio()})
-    verify_time: list[TimeRatio] = field(default_factory=lambda: [TimeRatio() for _ in VERIFY_BUCKETS])  # per size
-    predicted_ms: tuple[float, float] = (0.0, 0.0)  # the round under way's (draft, verify) ms, as chosen by keep
-    _verify_tables: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
-    _bucket_of_size: np.ndarray = field(init=False, repr=False)  # [max_tokens]: size n's bucket at n - 1
+    batch: int
+    draft_scale: float
+    verify_ms: np.ndarray  # [max_tokens]: n tree tokens per row at index n - 1, scaled
+    corrections: np.ndarray  # [depths]: observed / predicted acceptances at depth d at index d - 1
 
-    def __post_init__(self) -> None:
-        self._bucket_of_size = np.array([verify_bucket(n) for n in range(1, self.max_tokens + 1)])
-
-    def should_draft(self) -> bool:
-        """False for a few rounds after a round whose best tree was the root alone: then even drafting costs
-        more than it can win, so the decoding loop runs plain steps (the draft catches up later, in one step).
-        The pause doubles each time drafting still does not pay, so a hopeless stretch of text costs about
-        what plain decoding costs."""
-        if self.pause > 0:
-            self.pause -= 1
-            self.predicted_ms = (0.0, float(self._verify_ms()[0]))
-            return False
-        return True
-
-    def cost_scale(self, phase: str) -> float:
-        """Observed / predicted time of a round's "draft" or "verify" phase."""
-        return self.phase_time[phase].scale(self.prior_rounds)
-
-    def verify_scales(self) -> np.ndarray:
-        """Observed / predicted verify time per tree size 1..max_tokens: each size bucket's own ratio, starting
-        from (and pulled toward) the ratio over all sizes until the bucket has been seen a few times; but never
-        from above 1 (a size not yet seen is assumed no slower than calibrated, so that it gets tried when the
-        sizes seen so far are slow, and then priced as seen)."""
-        prior = min(self.cost_scale("verify"), 1.0)
-        per_bucket = np.array([r.scale(self.prior_rounds, prior) for r in self.verify_time])
-        return per_bucket[self._bucket_of_size]
-
-    def correction(self, depth: int) -> float:
-        """Observed / predicted acceptances at a tree depth (1 = the root's children)."""
-        if depth > len(self.predicted):
-            return 1.0
-        prior = self.prior_rounds
-        return (self.observed[depth - 1] + prior) / (self.predicted[depth - 1] + prior)
+    def draft(self, nodes: int) -> float:
+        return self.cost.draft(self.batch * nodes)
 
     def estimates(self, scores: np.ndarray, levels: np.ndarray) -> np.ndarray:
         """Corrected acceptance estimates of candidate nodes from cumulative log-probs and depths."""
-        factors = np.array([self.correction(d) for d in range(1, int(levels.max()) + 1)])
+        factors = np.ones(int(levels.max()))
+        known = min(len(factors), len(self.corrections))
+        factors[:known] = self.corrections[:known]
         return np.minimum(np.exp(scores) * factors[levels - 1], 1.0)
+
+
+class RoundSizer:
+    """One row's tree this round (tree.SizePolicy): after each drafted level, how many nodes to keep and how many
+    of the newest level's best nodes to expand. It remembers its last choice for the round's report."""
+
+    def __init__(self, prices: Prices, read: int, max_tokens: int, max_depth: int):
+        self.prices, self.read, self.max_tokens, self.max_depth = prices, read, max_tokens, max_depth
+        self.best = 0  # tree tokens kept besides the root
+        self.gain = 0.0  # expected accepted draft tokens of that tree
+        self.draft_ms = 0.0  # the drafting its choice took, as predicted (levels drafted, catch-up included)
 
     def keep(self, scores: np.ndarray, levels: np.ndarray, expanded: list[int]) -> tuple[int, int]:
         """(nodes to keep besides the root, how many of the newest level's best nodes to expand next, 0 for
@@ -136,52 +120,132 @@ class AutoTree:
 
         Keep: the best rate with the drafting already done counted whole (it is spent). Expand: the newest
         level's nodes in the best tree that charges each size just the levels it needs, if the cap allows.
-        Once the round's tree is final, drafting pauses if that tree is expected to pay less than a plain step.
         """
+        prices = self.prices
         levels_drafted = len(expanded) + 1
         order = best_first(scores)[: self.max_tokens - 1]
-        gains = np.concatenate([[0.0], self.estimates(scores[order], levels[order]).cumsum()])
-        level_ms = np.cumsum([0.0] + [self.cost.draft(n) for n in [self.catch_up, *expanded]])
+        gains = np.concatenate([[0.0], prices.estimates(scores[order], levels[order]).cumsum()])
+        level_ms = np.cumsum([0.0] + [prices.draft(n) for n in [self.read, *expanded]]) * prices.draft_scale
         needed = np.concatenate([[1], np.maximum.accumulate(levels[order])])
-        verify_ms = self._verify_ms()[: len(gains)]
-        draft_scale, verify_scaled = self.cost_scale("draft"), verify_ms * self.verify_scales()[: len(gains)]
-        best = int(np.argmax((1.0 + gains) / (draft_scale * level_ms[levels_drafted] + verify_scaled)))
-        best_needed = int(np.argmax((1.0 + gains) / (draft_scale * level_ms[needed] + verify_scaled)))
+        verify_ms = prices.verify_ms[: len(gains)]
+        best = int(np.argmax((1.0 + gains) / (level_ms[levels_drafted] + verify_ms)))
+        best_needed = int(np.argmax((1.0 + gains) / (level_ms[needed] + verify_ms)))
         newest_used = int((levels[order[:best_needed]] == levels_drafted).sum())
-        expand = newest_used if levels_drafted < self.max_depth else 0
-        # The round's phases as the cost model has them (the last call's are the round's), for observe.
-        self.predicted_ms = (float(level_ms[levels_drafted]), float(verify_ms[best]))
-        if expand == 0:  # the round's final choice: would such rounds pay? (their catch-up is a token or two)
-            steady_draft_ms = self.predicted_ms[0] - self.cost.draft(self.catch_up) + self.cost.draft(1)
-            drafted_ms = draft_scale * steady_draft_ms + float(verify_scaled[best])
-            drafted_rate, plain_rate = (1.0 + float(gains[best])) / drafted_ms, 1.0 / float(verify_scaled[0])
-            if best == 0 or drafted_rate < plain_rate:
-                self.pause, self.backoff = self.backoff, min(2 * self.backoff, self.max_pause)
-            else:
-                self.backoff = 1
-        return best, expand
+        self.best, self.gain = best, float(gains[best])
+        self.draft_ms = float(level_ms[levels_drafted]) / prices.draft_scale
+        return best, newest_used if levels_drafted < self.max_depth else 0
 
-    def _verify_ms(self) -> np.ndarray:
-        """Verify cost of 1..max_tokens tree tokens at the current context (tabled per 64 tokens of context)."""
-        bucket = self.context // 64
-        if bucket not in self._verify_tables:
-            context = bucket * 64 + 32
-            ms = np.array([self.cost.verify(n, context) for n in range(1, self.max_tokens + 1)])
-            self._verify_tables[bucket] = ms.clip(min=1e-3)  # (a tiny model can measure 0 ms: rates stay finite)
-        return self._verify_tables[bucket]
+    def steady_draft_ms(self) -> float:
+        """Its drafting as it costs in a steady run of drafted rounds (a catch-up of one token), unscaled."""
+        return self.draft_ms - self.prices.draft(self.read) + self.prices.draft(1)
 
-    def observe(self, depths: Tensor, scores: Tensor, accepted_depth: int,
-                phases_ms: tuple[float, float] | None = None) -> None:  # fmt: skip
-        """After verification: the verified tree's node depths and draft scores, how deep the accepted path
-        went (0: no draft token accepted), and if measured the wall time of the round's (draft, verify) phases
-        (a plain step drafts nothing: 0)."""
-        if phases_ms is not None:
-            for phase, observed, predicted in zip(("draft", "verify"), phases_ms, self.predicted_ms):
-                if predicted > 0:
-                    self.phase_time[phase].add(observed, predicted, self.decay)
-            if self.predicted_ms[1] > 0:
-                self.verify_time[verify_bucket(len(depths) + 1)].add(phases_ms[1], self.predicted_ms[1], self.decay)
-        depths, probs = np.asarray(depths), np.exp(np.asarray(scores, dtype=np.float64))
+
+@dataclass
+class AutoTree:
+    """The cost-aware tree policy (policy.TreePolicy): statistics of past rounds in, each round's sizers out."""
+
+    cost: CostModel
+    max_tokens: int = 64  # caps, so that a wildly optimistic draft cannot build a huge tree
+    max_depth: int = 8
+    top_k: int = 8
+    decay: float = 0.95  # weight of the past in the per-depth corrections (about 20 rounds of memory)
+    prior_rounds: float = 2.0  # pseudo-rounds of ratio 1 before any observation
+    predicted: list[float] = field(default_factory=list)  # per depth (1-based at index d-1), decayed sums
+    observed: list[float] = field(default_factory=list)
+    max_pause: int = 16
+    pause: int = 0  # plain rounds left before drafting again
+    backoff: int = 1  # the next pause's length: doubles while drafting keeps not paying
+    phase_time: dict[str, TimeRatio] = field(default_factory=lambda: {"draft": TimeRatio(), "verify": TimeRatio()})
+    verify_time: list[TimeRatio] = field(default_factory=lambda: [TimeRatio() for _ in VERIFY_BUCKETS])  # per size
+    _verify_tables: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def spec(self) -> TreeSpec:
+        return TreeSpec(self.max_tokens, self.max_depth, self.top_k, auto=True)
+
+    def size(self, report: RoundReport | None, contexts: list[int]) -> TreePlan:
+        """The next round's plan after the last round's report: a plain round while drafting is paused, else
+        the caps and a RoundSizer per row, priced for this batch."""
+        if report is not None:
+            self._observe(report)
+        batch = len(contexts)
+        if self.pause > 0:
+            self.pause -= 1
+            return TreePlan([TreeSpec(1, 1, 1)] * batch, drafted=False)
+        context = int(np.mean(contexts))
+        prices = Prices(self.cost, batch, self.cost_scale("draft"),
+                        self._verify_ms(context, batch) * self.verify_scales(batch), self._corrections())  # fmt: skip
+        return TreePlan([self.spec] * batch, lambda row, read: RoundSizer(prices, read, self.max_tokens, self.max_depth))
+
+    def cost_scale(self, phase: str) -> float:
+        """Observed / predicted time of a round's "draft" or "verify" phase."""
+        return self.phase_time[phase].scale(self.prior_rounds)
+
+    def verify_scales(self, batch: int = 1) -> np.ndarray:
+        """Observed / predicted verify time per tree size 1..max_tokens (per row, at this batch): each size
+        bucket's own ratio, starting from (and pulled toward) the ratio over all sizes until the bucket has been
+        seen a few times; but never from above 1 (a size not yet seen is assumed no slower than calibrated, so
+        that it gets tried when the sizes seen so far are slow, and then priced as seen)."""
+        prior = min(self.cost_scale("verify"), 1.0)
+        per_bucket = np.array([r.scale(self.prior_rounds, prior) for r in self.verify_time])
+        return per_bucket[[verify_bucket(batch * n) for n in range(1, self.max_tokens + 1)]]
+
+    def correction(self, depth: int) -> float:
+        """Observed / predicted acceptances at a tree depth (1 = the root's children)."""
+        if depth > len(self.predicted):
+            return 1.0
+        prior = self.prior_rounds
+        return (self.observed[depth - 1] + prior) / (self.predicted[depth - 1] + prior)
+
+    def _corrections(self) -> np.ndarray:
+        return np.array([self.correction(d) for d in range(1, len(self.predicted) + 1)])
+
+    def _verify_ms(self, context: int, batch: int) -> np.ndarray:
+        """Verify cost of 1..max_tokens tree tokens per row, for a batch at a context (tabled per 64 tokens of
+        context): a forward of batch * n tokens."""
+        key = (context // 64, batch)
+        if key not in self._verify_tables:
+            middle = key[0] * 64 + 32
+            ms = np.array([self.cost.verify(batch * n, middle) for n in range(1, self.max_tokens + 1)])
+            self._verify_tables[key] = ms.clip(min=1e-3)  # (a tiny model can measure 0 ms: rates stay finite)
+        return self._verify_tables[key]
+
+    def _observe(self, report: RoundReport) -> None:
+        """Learns from a round: the phases' time against the prediction, acceptance per depth, and whether
+        drafting paid (else drafting pauses, for twice as long each time it still does not)."""
+        batch = len(report.trees)
+        context = int(np.mean(report.contexts))
+        size = max(tree.size for tree in report.trees)
+        verify_table = self._verify_ms(context, batch)
+        predicted_verify = float(verify_table[size - 1])
+        sizers = list(report.plan.sizers.values())
+        predicted_draft = max((s.draft_ms for s in sizers), default=0.0) if report.plan.drafted else 0.0
+        for phase, observed, predicted in (("draft", report.draft_ms, predicted_draft),
+                                           ("verify", report.verify_ms, predicted_verify)):  # fmt: skip
+            if predicted > 0:
+                self.phase_time[phase].add(observed, predicted, self.decay)
+        self.verify_time[verify_bucket(batch * size)].add(report.verify_ms, predicted_verify, self.decay)
+        if report.plan.drafted:
+            for tree, accepted in zip(report.trees, report.accepted):
+                self._observe_acceptance(tree, accepted)
+            if sizers:
+                self._pause_unless_paying(sizers, verify_table * self.verify_scales(batch), batch)
+
+    def _pause_unless_paying(self, sizers: list[RoundSizer], verify_ms: np.ndarray, batch: int) -> None:
+        """Would rounds like this one pay (their catch-up a token or two)? Tokens per ms of the batch, drafting
+        against plain steps; a batch whose best trees are all the root alone does not."""
+        draft_ms = self.cost_scale("draft") * max(s.steady_draft_ms() for s in sizers)
+        largest = max(s.best for s in sizers)
+        drafted_rate = sum(1.0 + s.gain for s in sizers) / (draft_ms + float(verify_ms[largest]))
+        plain_rate = batch / float(verify_ms[0])
+        if largest == 0 or drafted_rate < plain_rate:
+            self.pause, self.backoff = self.backoff, min(2 * self.backoff, self.max_pause)
+        else:
+            self.backoff = 1
+
+    def _observe_acceptance(self, tree, accepted_depth: int) -> None:
+        depths = np.asarray(tree.depths[1:])
+        probs = np.exp(np.asarray(tree.scores[1:], dtype=np.float64))
         depth_max = int(depths.max()) if len(depths) else 0
         while len(self.predicted) < depth_max:
             self.predicted.append(0.0)
@@ -192,11 +256,11 @@ class AutoTree:
             self.observed[d - 1] = self.decay * self.observed[d - 1] + float(accepted_depth >= d)
 
 
-def auto_tree(target, drafter, spec) -> AutoTree:
+def auto_tree(target, drafter, spec: TreeSpec) -> AutoTree:
     """An AutoTree for a target and EAGLE-3 drafter, on this machine's cost model (measured once, cached)."""
     from eagle3.cost import calibrate
 
     draft = getattr(drafter, "draft", None)
     if draft is None:
         raise ValueError("--tree auto needs an EAGLE-3 draft (its cost is part of the model); give a fixed tree")
-    return AutoTree(calibrate(target, draft), max_tokens=spec.total_tokens, max_depth=spec.depth)
+    return AutoTree(calibrate(target, draft), max_tokens=spec.total_tokens, max_depth=spec.depth, top_k=spec.top_k)

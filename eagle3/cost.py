@@ -5,7 +5,7 @@ The cost model holds
   (attention grows with the context; between and beyond them it is interpolated linearly);
 - the draft's step latency as a function of the number of tokens in the step (one tree level), including
   its logits and top-k, as the decoding loop runs them.
-Batch size is 1: speculative decoding here serves one sequence at a time.
+Both are measured in one row: a batch of B rows of n tokens is priced as B * n tokens (autotree.py).
 
 Measurements are the median of a few timed calls after a warm-up, the sizes taking turns so that a machine
 whose speed drifts (a shared machine's does) slows them all alike; they are made monotone: n tokens never cost
@@ -33,8 +33,9 @@ from eagle3 import options
 from eagle3.files import write_text
 from eagle3.paths import eagle3_home
 
-TREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
-DRAFT_SIZES = (1, 2, 4, 8, 16, 32)
+# Tokens per forward: one sequence's trees, and a batch's (rows x tree tokens) up to 256.
+TREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256)
+DRAFT_SIZES = (1, 2, 4, 8, 16, 32, 64)
 CONTEXTS = (128, 1024)
 
 
@@ -163,7 +164,8 @@ def cost_key(target, draft) -> str:
         "target": target.name, "target_config": repr(model.config), "draft": repr(draft.config),
         "device": str(model.device), "device_name": torch.cuda.get_device_name(model.device)
         if model.device.type == "cuda" else os.uname().machine, "dtype": str(model.dtype),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "method": "interleaved median, monotone",
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "method": "interleaved median, monotone, to 256 tokens",
         "draft_int8": getattr(draft.lm_head, "int8", None) is not None,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -18,24 +18,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from eagle3 import options
 from eagle3.draft import Eagle3Draft
+from eagle3.policy import TreePlan
 from eagle3.target import Target
-from eagle3.tree import DraftTree, SizePolicy, TreeGrowth, TreeSpec, grow_trees, root_only
-
-
-@dataclass
-class TreePlan:
-    """How a round's trees are sized: a spec per row, and per row a sizer (autotree.AutoTree) that the
-    drafter asks for once its catch-up has read `read` tokens of that row (None: the spec's fixed sizes)."""
-
-    specs: list[TreeSpec]
-    sizer: Callable[[int, int], SizePolicy | None] = lambda row, read: None
+from eagle3.tree import DraftTree, TreeGrowth, grow_trees, root_only
 
 
 @dataclass

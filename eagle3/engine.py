@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from eagle3.autotree import AutoTree
-from eagle3.drafter import Drafter, NoDrafter, TreePlan
+from eagle3.drafter import Drafter, NoDrafter
+from eagle3.policy import FixedTree, RoundReport, TreePolicy
 from eagle3.runtime import TorchRuntime
 from eagle3.sampling import SamplingParams, make_generator, next_token
 from eagle3.stopping import Stopper, TextStreamer
@@ -102,20 +102,25 @@ class _Sequence:
 
 class Engine:
     """Decodes requests with a target and a drafter, max_rows at a time (continuous batching: a finished row
-    takes the next request at once). tree: the drafted trees' sizes (auto: sized each round by `policy`)."""
+    takes the next request at once). tree: the drafted trees' sizes; auto trees are sized each round by
+    `policy` (default: autotree.AutoTree on this machine's cost model), fixed ones by policy.FixedTree."""
 
     def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeSpec = TreeSpec(),
-                 policy: AutoTree | None = None, max_rows: int = 1, method: str = "eagle3"):  # fmt: skip
+                 policy: TreePolicy | None = None, max_rows: int = 1, method: str = "eagle3"):  # fmt: skip
         self.target, self.drafter = target, drafter or NoDrafter()
         self.plain = isinstance(self.drafter, NoDrafter)
         self.tree, self.method, self.max_rows = tree, method, max_rows
-        if tree.auto and policy is None and not self.plain:
-            from eagle3.autotree import auto_tree
+        if policy is None:
+            if tree.auto and not self.plain:
+                from eagle3.autotree import auto_tree
 
-            policy = auto_tree(target, self.drafter, tree)
-        self.policy = policy if tree.auto else None
+                policy = auto_tree(target, self.drafter, tree)
+            else:
+                policy = FixedTree(tree)
+        self.policy = policy
         self.runtime = TorchRuntime(target, self.drafter.tap_layers)
         self.sequences: list[_Sequence] = []
+        self._report: RoundReport | None = None  # the last round's, for the policy
         self._ids = 0
 
     def open(self, max_len: int) -> None:
@@ -123,7 +128,7 @@ class Engine:
         max_len = min(max_len, self.target.context)
         self.runtime.open(self.max_rows, max_len)
         self.drafter.open(self.max_rows, max_len + self.tree.depth * self.tree.top_k)  # room for tree rows
-        self.sequences = []
+        self.sequences, self._report = [], None
 
     @torch.inference_mode()
     def add(self, request: Request) -> int:
@@ -163,16 +168,18 @@ class Engine:
             if seq.streamer:
                 seq.streamer.update(seq.stopper.text())
         draft_start = time.perf_counter()
-        drafted = not self.plain and (self.policy is None or self.policy.should_draft())
+        contexts = [runtime.length(row) for row in range(len(sequences))]
+        plan = self.policy.size(self._report, contexts)
+        drafted = plan.drafted and not self.plain
         if drafted:
-            trees = self.drafter.propose(self._plan()).trees
+            plan.specs = [self._fit(spec, row) for row, spec in enumerate(plan.specs)]
+            trees = self.drafter.propose(plan).trees
         else:  # plain steps; the drafter catches up on these tokens when it next drafts
             trees = [root_only(seq.root) for seq in sequences]
         verify_start = time.perf_counter()
         logits, taps = runtime.verify(trees)
         accepted = accept_rows(trees, logits, [s.request.sampling for s in sequences], [s.generator for s in sequences])
         runtime.commit([path for path, _ in accepted])
-        phases_ms = ((verify_start - draft_start) * 1000, (time.perf_counter() - verify_start) * 1000)
         device = self.target.model.device
         for b, (seq, tree, (path, bonus)) in enumerate(zip(sequences, trees, accepted)):
             new_tokens = tree.tokens[path[1:]].tolist() + [bonus]
@@ -181,29 +188,18 @@ class Engine:
                 seq.accept_lengths.append(len(path))
             else:
                 seq.plain_rounds += 1
-            if self.policy is not None:  # (new_tokens is on the host: the round's work is done, on CUDA too)
-                self.policy.observe(tree.depths[1:], tree.scores[1:], len(path) - 1, phases_ms if b == 0 else None)
             features = None if taps is None else taps[b, torch.tensor(path, device=device)]
             self.drafter.commit(b, torch.tensor(new_tokens, dtype=torch.long, device=device), features)
             seq.root = new_tokens[-1]
+        # (the new tokens are on the host: the round's work is done, on CUDA too)
+        done = time.perf_counter()
+        self._report = RoundReport(plan, trees, [len(path) - 1 for path, _ in accepted], contexts,
+                                   (verify_start - draft_start) * 1000, (done - verify_start) * 1000)  # fmt: skip
 
-    def _plan(self) -> TreePlan:
-        """Each row's tree spec (near the end of the context a tree shrinks to what fits, down to the root
-        alone) and, for auto trees, the policy as each row's sizer."""
-        runtime, specs = self.runtime, []
-        for row in range(len(self.sequences)):
-            room = runtime.max_len - runtime.length(row)
-            specs.append(self.tree if room >= self.tree.total_tokens else replace(self.tree, total_tokens=max(room, 1)))
-        policy = self.policy
-        if policy is None:
-            return TreePlan(specs)
-
-        def sizer(row: int, read: int) -> AutoTree:
-            # (partial: one policy for every row; its per-round state is the last row's)
-            policy.context, policy.catch_up = runtime.length(row), read
-            return policy
-
-        return TreePlan(specs, sizer)
+    def _fit(self, spec: TreeSpec, row: int) -> TreeSpec:
+        """Near the end of the context a row's tree shrinks to what still fits, down to the root alone."""
+        room = self.runtime.max_len - self.runtime.length(row)
+        return spec if room >= spec.total_tokens else replace(spec, total_tokens=max(room, 1))
 
     def _leave(self) -> list[tuple[int, SpeculativeResult]]:
         """Finished rows (stopped, or out of room) leave, the highest first (the last row moves into a freed

@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from eagle3.drafter import Proposal, TreePlan
+from eagle3.drafter import Proposal
+from eagle3.policy import TreePlan
 from eagle3.tree import TreeGrowth, TreeSpec, grow_trees
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from eagle3.autotree import AutoTree
 from eagle3.drafter import Drafter
 from eagle3.engine import Engine, Request, SpeculativeResult
+from eagle3.policy import TreePolicy
 from eagle3.sampling import SamplingParams
 from eagle3.target import Target
 from eagle3.tree import TreeSpec
@@ -26,7 +26,7 @@ def speculative_generate(
     on_text: Callable[[str], object] | None = None,
     tree: TreeSpec = TreeSpec(),
     method: str = "eagle3",
-    policy: AutoTree | None = None,
+    policy: TreePolicy | None = None,
 ) -> SpeculativeResult:
     """Generates like `generate`, a tree per round. With tree.auto, `policy` sizes each round's tree (default:
     a fresh AutoTree on this machine's cached cost model; pass one to keep its acceptance corrections)."""

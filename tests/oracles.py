@@ -8,7 +8,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from eagle3.drafter import Proposal, TreePlan, top_children
+from eagle3.drafter import Proposal, top_children
+from eagle3.policy import TreePlan
 from eagle3.model import Transformer
 from eagle3.tree import TreeGrowth, grow_trees
 

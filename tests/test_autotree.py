@@ -12,7 +12,8 @@ from eagle3.drafter import Eagle3Drafter
 from eagle3.generate import generate
 from eagle3.model import load_model
 from eagle3.speculative import speculative_generate
-from eagle3.tree import AUTO_TREE, TreeSpec, grow_tree
+from eagle3.policy import RoundReport, TreePlan
+from eagle3.tree import AUTO_TREE, DraftTree, grow_tree, root_only
 from oracles import TargetOracle
 
 
@@ -47,34 +48,79 @@ def test_interpolation_and_context():
     assert monotone({1: 48.0, 2: 122.0, 4: 110.0, 8: 190.0}) == {1: 48.0, 2: 110.0, 4: 110.0, 8: 190.0}
 
 
+class Rounds:
+    """Drives an AutoTree the way the engine does, on synthetic trees: plan, grow, report the round's times
+    (as predicted, times a factor) and what was accepted."""
+
+    def __init__(self, policy: AutoTree, batch: int = 1, context: int = 256):
+        self.policy, self.contexts, self.report = policy, [context] * batch, None
+
+    def plan(self) -> TreePlan:
+        return self.policy.size(self.report, self.contexts)
+
+    def grow(self, plan: TreePlan, p_top: float = 0.9) -> list[DraftTree]:
+        if not plan.drafted:
+            return [root_only(0) for _ in self.contexts]
+        return [grow_tree(0, *root(p_top), confident_expand(p_top), spec, plan.sizer(row, 1))
+                for row, spec in enumerate(plan.specs)]  # fmt: skip
+
+    def report_on(self, plan, trees, accepted=0, draft_factor=1.0, verify_factor=1.0) -> None:
+        predicted_draft = max((s.draft_ms for s in plan.sizers.values()), default=0.0)
+        size = max(t.size for t in trees)
+        predicted_verify = float(self.policy._verify_ms(self.contexts[0], len(trees))[size - 1])
+        self.report = RoundReport(plan, trees, [accepted] * len(trees), self.contexts,
+                                  draft_factor * predicted_draft, verify_factor * predicted_verify)  # fmt: skip
+
+    def round(self, p_top=0.9, accepted=0, **factors) -> tuple[TreePlan, list[DraftTree]]:
+        plan = self.plan()
+        trees = self.grow(plan, p_top)
+        self.report_on(plan, trees, accepted, **factors)
+        return plan, trees
+
+
+def grown(policy: AutoTree, p_top: float = 0.9, batch: int = 1) -> DraftTree:
+    rounds = Rounds(policy, batch)
+    return rounds.grow(rounds.plan(), p_top)[0]
+
+
 def test_cheap_verification_grows_big_deep_trees_and_dear_verification_small_ones():
-    free = grow_tree(0, *root(), confident_expand(), AUTO_TREE, AutoTree(cost_model(0.0)))
-    cheap = grow_tree(0, *root(), confident_expand(), AUTO_TREE, AutoTree(cost_model(0.05)))
-    dear = grow_tree(0, *root(), confident_expand(), AUTO_TREE, AutoTree(cost_model(4.0)))
+    free, cheap, dear = (grown(AutoTree(cost_model(slope))) for slope in (0.0, 0.05, 4.0))
     assert free.size == AUTO_TREE.total_tokens and int(free.depths.max()) == AUTO_TREE.depth
     # Cheap: the likely chain to full depth, but siblings of 1.4% are not worth 0.05 ms each.
     assert cheap.size == AUTO_TREE.depth + 1 and cheap.parents == list(range(-1, AUTO_TREE.depth))
     assert 2 <= dear.size <= 6 and int(dear.depths.max()) < AUTO_TREE.depth
     # A hopeless draft is not worth verifying at all: the root alone, like plain decoding.
-    hopeless = grow_tree(0, *root(0.01), confident_expand(0.01), AUTO_TREE, AutoTree(cost_model(5.0)))
-    assert hopeless.size == 1
+    assert grown(AutoTree(cost_model(5.0)), 0.01).size == 1
+
+
+def test_bigger_batches_get_smaller_trees():
+    """Verification free up to 16 tokens, then 1 ms per token (a GPU's profile): one sequence verifies a
+    16-token tree for nothing; eight share those 16 tokens, so each row's best tree is 2 tokens."""
+    points = {n: 10.0 + max(0, n - 16) * 1.0 for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)}
+    model = CostModel({128: points, 1024: points}, {n: 0.2 for n in (1, 8, 64, 512)})
+    sizes = [grown(AutoTree(model), 0.9, batch).size for batch in (1, 2, 4, 8)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] >= 16 and sizes[-1] <= 3, sizes
 
 
 def test_observed_acceptance_corrects_optimistic_estimates():
-    policy = AutoTree(cost_model(1.0))
-    before = grow_tree(0, *root(), confident_expand(), AUTO_TREE, policy)
+    rounds = Rounds(AutoTree(cost_model(1.0)))
+    plan, (before,) = rounds.round()
     for _ in range(50):  # the draft claims 0.9 at depth 1, but nothing is ever accepted
-        policy.observe(before.depths[1:], before.scores[1:], accepted_depth=0)
-    assert policy.correction(1) < 0.15  # the prior (2 rounds of ratio 1) against ~18 decayed misses
-    after = grow_tree(0, *root(), confident_expand(), AUTO_TREE, policy)
+        rounds.policy.pause = 0
+        rounds.report_on(plan, [before], accepted=0)
+        plan = rounds.plan()
+    assert rounds.policy.correction(1) < 0.15  # the prior (2 rounds of ratio 1) against ~18 decayed misses
+    rounds.policy.pause = 0
+    (after,) = rounds.grow(rounds.plan())
     assert after.size < before.size
     for _ in range(200):  # now everything drafted is accepted: estimates recover
-        policy.observe(before.depths[1:], before.scores[1:], accepted_depth=int(before.depths.max()))
-    assert policy.correction(1) > 0.9
+        rounds.report_on(plan, [before], accepted=int(before.depths.max()))
+        plan = rounds.plan()
+    assert rounds.policy.correction(1) > 0.9
 
 
 def test_fixed_caps_hold():
-    tree = grow_tree(0, *root(), confident_expand(), TreeSpec(5, 3, 8, auto=True), AutoTree(cost_model(0.0)))
+    tree = grown(AutoTree(cost_model(0.0), max_tokens=5, max_depth=3))
     assert tree.size <= 5 and int(tree.depths.max()) <= 3
 
 
@@ -96,38 +142,36 @@ def test_auto_tree_greedy_equals_plain(stories, tmp_path, monkeypatch):
 
 
 def test_pauses_drafting_while_it_does_not_pay():
-    policy = AutoTree(cost_model(5.0))
-    pauses = []
-    for _ in range(4):
-        tree = grow_tree(0, *root(0.01), confident_expand(0.01), AUTO_TREE, policy)
+    rounds = Rounds(AutoTree(cost_model(5.0)))
+    drafted = []
+    for _ in range(20):
+        plan, (tree,) = rounds.round(p_top=0.01)
+        drafted.append(plan.drafted)
         assert tree.size == 1
-        pauses.append(policy.pause)
-        while not policy.should_draft():
-            pass
-    assert pauses == [1, 2, 4, 8]  # backing off exponentially
-    grow_tree(0, *root(), confident_expand(), AUTO_TREE, policy)  # drafting pays again: the back-off resets
-    assert policy.pause == 0 and policy.backoff == 1
+    pauses = [len(run) for run in "".join("d" if d else "p" for d in drafted).split("d")[1:-1]]
+    assert pauses[:3] == [1, 2, 4]  # plain rounds between drafted ones, backing off exponentially
+    rounds.policy.pause, rounds.report = 0, None
+    plan, _ = rounds.round(p_top=0.9)  # drafting pays again: the back-off resets
+    rounds.plan()
+    assert plan.drafted
+    assert rounds.policy.pause == 0 and rounds.policy.backoff == 1
 
 
 def test_slow_drafting_observed_pauses_it():
     """A tree that pays on the cost model's word stops being drafted once drafting is seen to take ten times
     its predicted time while verification takes what was predicted; it resumes when drafting speeds up."""
-    policy = AutoTree(cost_model(1.0, draft_ms=1.0))
-    tree = grow_tree(0, *root(0.6), confident_expand(0.6), AUTO_TREE, policy)
-    assert tree.size > 1 and policy.pause == 0  # drafting pays as predicted
+    rounds = Rounds(AutoTree(cost_model(1.0, draft_ms=1.0)))
+    plan, (tree,) = rounds.round(p_top=0.6, accepted=1)
+    assert tree.size > 1 and rounds.policy.pause == 0  # drafting pays as predicted
     for _ in range(30):
-        if policy.should_draft():
-            tree = grow_tree(0, *root(0.6), confident_expand(0.6), AUTO_TREE, policy)
-            draft_ms, verify_ms = policy.predicted_ms
-            policy.observe(tree.depths[1:], tree.scores[1:], 1, (10 * draft_ms, verify_ms))
-        else:
-            policy.observe(tree.depths[:0], tree.scores[:0], 0, (0.0, policy.predicted_ms[1]))
+        rounds.round(p_top=0.6, accepted=1, draft_factor=10.0)
+    policy = rounds.policy
     assert policy.cost_scale("draft") > 5 and abs(policy.cost_scale("verify") - 1) < 1e-6
     assert policy.backoff > 1  # drafting paused, and paused longer each time it was tried again
     for _ in range(60):  # drafting takes what the cost model says again (tried every round here)
         policy.pause = 0
-        tree = grow_tree(0, *root(0.6), confident_expand(0.6), AUTO_TREE, policy)
-        policy.observe(tree.depths[1:], tree.scores[1:], 1, policy.predicted_ms)
+        rounds.round(p_top=0.6, accepted=1)
+    rounds.plan()
     assert policy.cost_scale("draft") < 1.2 and policy.pause == 0 and policy.backoff == 1
 
 
@@ -135,20 +179,19 @@ def test_verify_cost_is_learned_per_tree_size():
     """The cost model prices every tree size alike, but trees of more than 4 tokens are seen to verify 4x
     slower than predicted (as multi-row kernels can on a CPU): the policy tries smaller sizes in turn and
     settles on trees of at most 4 tokens, whose ratio stays near 1."""
-    policy = AutoTree(cost_model(0.0))
-    tree = grow_tree(0, *root(), confident_expand(), AUTO_TREE, policy)
-    assert tree.size == AUTO_TREE.total_tokens
+    rounds = Rounds(AutoTree(cost_model(0.0)))
+    assert grown(rounds.policy).size == AUTO_TREE.total_tokens
     sizes = []
     for _ in range(80):
-        policy.pause = 0
-        tree = grow_tree(0, *root(), confident_expand(), AUTO_TREE, policy)
-        draft_ms, verify_ms = policy.predicted_ms
-        slow = 4.0 if tree.size > 4 else 1.0
-        policy.observe(tree.depths[1:], tree.scores[1:], int(tree.depths.max()), (draft_ms, slow * verify_ms))
+        rounds.policy.pause = 0
+        plan = rounds.plan()
+        (tree,) = rounds.grow(plan)
+        rounds.report_on(plan, [tree], int(tree.depths.max()), verify_factor=4.0 if tree.size > 4 else 1.0)
         sizes.append(tree.size)
     assert max(sizes[-20:]) <= 4
     # Each bigger size was tried once, seen slow (pulled toward 1 by the prior: 2.0 after one 4x round), left.
-    assert abs(policy.verify_scales()[sizes[-1] - 1] - 1) < 0.15 and policy.verify_scales()[-1] > 1.5
+    scales = rounds.policy.verify_scales()
+    assert abs(scales[sizes[-1] - 1] - 1) < 0.15 and scales[-1] > 1.5
 
 
 def test_plain_rounds_between_drafted_ones_stay_lossless(stories):

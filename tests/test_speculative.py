@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from eagle3.draft import new_draft, quantize_int8
-from eagle3.drafter import Eagle3Drafter, TreePlan
+from eagle3.drafter import Eagle3Drafter
+from eagle3.policy import TreePlan
 from eagle3.generate import generate
 from eagle3.model import load_model
 from eagle3.speculative import speculative_generate

@@ -1,0 +1,60 @@
+"""Tree policies: how big each round's draft trees are.
+
+The engine asks `policy.size(report, contexts)` before every round, handing it the last round's `RoundReport`
+(what was proposed and accepted, how long each phase took) and every row's committed length; it answers with a
+`TreePlan`: whether to draft at all this round, each row's tree spec, and optionally a sizer per row that the
+drafter asks for once it knows how many tokens the row's catch-up read (the sizer then picks the tree level by
+level, see tree.TreeGrowth). A policy keeps its statistics inside; nobody else writes them.
+
+`FixedTree` is the trivial policy (every round the same spec); autotree.AutoTree is the cost-aware one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from eagle3.tree import DraftTree, SizePolicy, TreeSpec
+
+
+@dataclass
+class TreePlan:
+    """A round's trees: drafted or not, a spec per row, and the sizers made for it (kept for the report)."""
+
+    specs: list[TreeSpec]
+    make_sizer: Callable[[int, int], SizePolicy] | None = None  # (row, tokens its catch-up read) -> sizer
+    drafted: bool = True  # False: a plain round, every tree the root alone
+    sizers: dict[int, SizePolicy] = field(default_factory=dict)
+
+    def sizer(self, row: int, read: int) -> SizePolicy | None:
+        """The sizer of a row's tree (None: the spec's fixed sizes)."""
+        if self.make_sizer is None:
+            return None
+        self.sizers[row] = self.make_sizer(row, read)
+        return self.sizers[row]
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What a round did: its plan, the verified trees, each row's accepted draft tokens, the phases' wall time."""
+
+    plan: TreePlan
+    trees: list[DraftTree]
+    accepted: list[int]  # per row: accepted draft tokens (the accepted path's depth)
+    contexts: list[int]  # per row: committed tokens before the round
+    draft_ms: float
+    verify_ms: float
+
+
+class TreePolicy(Protocol):
+    def size(self, report: RoundReport | None, contexts: list[int]) -> TreePlan: ...
+
+
+@dataclass
+class FixedTree:
+    """The same tree spec every round."""
+
+    spec: TreeSpec
+
+    def size(self, report: RoundReport | None, contexts: list[int]) -> TreePlan:
+        return TreePlan([self.spec] * len(contexts))
