@@ -413,24 +413,24 @@ def plots(summary: dict, out: Path) -> list[Path]:
     return written
 
 
-def holds_run(out: Path) -> bool:
-    return any((out / name).exists() for name in RUN_FILES)
+def holds_run(out: Path, run_files: tuple[str, ...] = RUN_FILES) -> bool:
+    return any((out / name).exists() for name in run_files)
 
 
-def check_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuses what would mix or lose runs: both flags, an OUT that is a file, an OUT holding a run without one
-    of the flags."""
+def check_out(out: Path, resume: bool, overwrite: bool, run_files: tuple[str, ...] = RUN_FILES) -> None:
+    """Refuses what would mix or lose runs: both flags, an OUT that is a file, an OUT holding a run (any of
+    run_files) without one of the flags."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pass one of them")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; bench writes a folder there")
-    if not (resume or overwrite) and holds_run(out):
+    if not (resume or overwrite) and holds_run(out, run_files):
         raise ValueError(f"{out} holds a bench run; pass --resume to continue it or --overwrite to start over")
 
 
-def clear_out(out: Path) -> None:
-    """Removes what bench writes in OUT (BENCH_FILES), nothing else."""
-    for name in BENCH_FILES:
+def clear_out(out: Path, files: tuple[str, ...] = BENCH_FILES) -> None:
+    """Removes what bench writes in OUT (files), nothing else."""
+    for name in files:
         (out / name).unlink(missing_ok=True)
 
 
@@ -667,10 +667,27 @@ def add_bench_parser(sub) -> None:
     options.add_runtime_arguments(p)
     p.add_argument("--out", required=True,
                    help="output folder: run.json and rows.jsonl as it goes, then results.json, results.md, *.png")
+    p.add_argument("--batch-size", type=batch_sizes_option, default=None, metavar="B[,B...]",
+                   help="throughput at these batch sizes instead (e.g. 1,2,4,8): each method decodes the suites' "
+                        "first turns B at a time, side by side (methods vanilla, eagle3, pld)")  # fmt: skip
     p.add_argument("--resume", action="store_true",
                    help="continue the stopped run in --out (the same options), skipping its finished questions")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds a run (removes only the files bench writes)")
+
+
+def batch_sizes_option(text: str) -> list[int]:
+    """--batch-size: comma-separated batch sizes, each in [1, 256]."""
+    import argparse
+
+    parse = options.integer(1, 256)
+    try:
+        sizes = [parse(x) for x in text.split(",") if x.strip()]
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"takes comma-separated batch sizes (e.g. 1,2,4,8): {err}") from None
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"takes comma-separated batch sizes (e.g. 1,2,4,8), got {text!r}")
+    return list(dict.fromkeys(sizes))
 
 
 def _draft_options(args) -> dict:
@@ -689,7 +706,14 @@ def bench_command(args) -> int:
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     out = Path(args.out)
-    check_out(out, args.resume, args.overwrite)  # before anything is loaded
+    if args.batch_size:
+        from eagle3.batchbench import BATCH_METHODS, RUN_FILES as BATCH_RUN_FILES
+
+        if any(m not in BATCH_METHODS for m in methods):
+            raise ValueError(f"--batch-size runs {', '.join(BATCH_METHODS)} (not {args.methods})")
+        check_out(out, args.resume, args.overwrite, BATCH_RUN_FILES)
+    else:
+        check_out(out, args.resume, args.overwrite)  # before anything is loaded
     data_dir(args.data_dir)  # fail on missing data before loading models
     draft_options = _draft_options(args)
     draft = resolve_draft(args.draft, args.target)
@@ -698,6 +722,13 @@ def bench_command(args) -> int:
         raise ValueError(f"method eagle3 needs a draft: pass --draft PATH{shipped}")
     options.apply_threads(args)
     target = load_target(args.target, dtype=args.dtype, device=args.device)
+    if args.batch_size:
+        from eagle3.batchbench import run_batch_bench
+
+        run_batch_bench(target, suites, methods, out, args.batch_size, args.max_new_tokens, args.limit, sampling,
+                        args.tree, draft, args.pld_tokens, **draft_options, data=args.data_dir,
+                        resume=args.resume, overwrite=args.overwrite)  # fmt: skip
+        return 0
     run_bench(target, suites, methods, out, args.max_new_tokens, args.limit, sampling, args.tree, draft,
               args.assistant, args.data_dir, args.pld_tokens, **draft_options, resume=args.resume,
               overwrite=args.overwrite)  # fmt: skip

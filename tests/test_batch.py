@@ -109,3 +109,46 @@ def test_a_full_batch_refuses_another_sequence(stories):
         engine.add(Request(stories.encode("Twice"), 5))
     with torch.inference_mode():
         assert engine.sequences[0].stopper.token_ids
+
+
+def test_bench_at_batch_sizes(tmp_path, capsys, monkeypatch):
+    """`eagle3 bench --batch-size`: every method at every batch size, outputs identical to plain decoding at
+    B=1, throughput reported; an interrupted run resumes from its finished cells."""
+    import json
+
+    from eagle3 import batchbench
+    from eagle3.cli import main
+
+    monkeypatch.setenv("EAGLE3_HOME", str(tmp_path / "home"))  # the auto tree's cost model is measured here
+    data = tmp_path / "eval"
+    data.mkdir()
+    (data / "mt_bench.jsonl").write_text("\n".join(json.dumps({"question_id": i, "turns": [p]})
+                                                   for i, p in enumerate(PROMPTS[:5])) + "\n")  # fmt: skip
+    assert main(["draft-init", str(tmp_path / "draft"), "--target", "stories260k"]) == 0
+    args = ["bench", "--target", "stories260k", "--draft", str(tmp_path / "draft"), "--methods", "vanilla,eagle3",
+            "--tree", "8,3,2", "auto", "--batch-size", "1,3", "--max-new-tokens", "20", "--data-dir", str(data),
+            "--out", str(tmp_path / "out"), "--threads", "1"]  # fmt: skip
+    real = batchbench.run_cell
+    calls = []
+
+    def stop_after_three(*a, **k):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(a[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(batchbench, "run_cell", stop_after_three)
+    calls.clear()
+    assert main(args) == 130 and "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(batchbench, "run_cell", real)
+    assert main(args + ["--resume"]) == 0
+    results = json.loads((tmp_path / "out" / "batch.json").read_text())
+    summary = results["summary"]
+    assert set(summary) == {"vanilla", "eagle3 8,3,2", "eagle3 auto"} and len(results["cells"]) == 6
+    for per in summary.values():
+        assert set(per) == {"1", "3"}
+        for entry in per.values():
+            assert entry["identical"] == entry["n"] == 5 and entry["tokens_per_s"] > 0
+    assert summary["eagle3 8,3,2"]["3"]["tau"] >= 1 and summary["vanilla"]["1"]["speedup"] == 1
+    assert (tmp_path / "out" / "throughput.png").stat().st_size > 1000
+    assert "| eagle3 auto |" in (tmp_path / "out" / "batch.md").read_text()
