@@ -260,7 +260,9 @@ def auto_tree(target, drafter, spec: TreeSpec) -> AutoTree:
     """An AutoTree for a target and EAGLE-3 drafter, on this machine's cost model (measured once, cached)."""
     from eagle3.cost import calibrate
 
-    draft = getattr(drafter, "draft", None)
-    if draft is None:
+    from eagle3.drafter import Eagle3Drafter
+
+    if not isinstance(drafter, Eagle3Drafter):
         raise ValueError("--tree auto needs an EAGLE-3 draft (its cost is part of the model); give a fixed tree")
-    return AutoTree(calibrate(target, draft), max_tokens=spec.total_tokens, max_depth=spec.depth, top_k=spec.top_k)
+    return AutoTree(calibrate(target, drafter.draft), max_tokens=spec.total_tokens, max_depth=spec.depth,
+                    top_k=spec.top_k)  # fmt: skip

@@ -24,10 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eagle3.config import ModelConfig, RopeConfig, _rope_from_hf
-from eagle3.model import (
-    FEW_ROWS, CacheWrite, KVCache, expand_mask_for_groups, few_rows_matmul, grouped_attention, region_mask,
-    rope_inv_freq,
-)  # fmt: skip
+from eagle3.cpu_layout import FEW_ROWS, few_rows_matmul
+from eagle3.model import CacheWrite, KVCache, expand_mask_for_groups, grouped_attention, region_mask, rope_inv_freq
 
 
 @dataclass(frozen=True)

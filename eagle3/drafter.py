@@ -209,8 +209,9 @@ class Eagle3Drafter:
             state, k = self.rows[row], len(node_tokens)
             tokens[row, :k] = node_tokens.to(device)
             hidden[row, :k] = torch.cat(state.outputs)[sources.to(device)]
+            # (the root step, row 0, is the row's last committed slot: always visible)
             columns = torch.tensor(state.tree_slots + list(range(before, before + k)), device=device)
-            mask[row, :k, columns] = node_mask.to(device)
+            mask[row, :k, columns] = node_mask[:, 1:].to(device)
         # The root sits at draft position committed - 1; a node at depth d (d >= 1) at committed - 1 + d.
         positions = torch.tensor([state.committed - 1 + depth for state in self.rows])[:, None].expand(B, width)
         h = draft(tokens, hidden, positions.to(device), mask, [state.slots for state in self.rows])
@@ -231,7 +232,7 @@ class Eagle3Drafter:
         draft, device, state = self.draft, self.draft.fc.weight.device, self.rows[0]
         hidden = torch.cat(state.outputs)[sources.to(device)]
         positions = torch.full((len(tokens),), state.committed - 1 + depth, device=device)
-        h = draft(tokens.view(1, -1).to(device), hidden.unsqueeze(0), positions, mask.to(device), state.slots)
+        h = draft(tokens.view(1, -1).to(device), hidden.unsqueeze(0), positions, mask[:, 1:].to(device), state.slots)
         self._level_slots += len(tokens)
         state.outputs.append(h[0])
         logp, ids = top_children(draft.logits(h[0]), self._top_ks[0])

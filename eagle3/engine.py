@@ -126,7 +126,7 @@ class Engine:
     def open(self, max_len: int) -> None:
         """An empty batch for sequences of up to max_len positions (capped by the context)."""
         max_len = min(max_len, self.target.context)
-        self.runtime.open(self.max_rows, max_len)
+        self.runtime.open(self.max_rows, max_len, spare=self.tree.total_tokens)  # (room for padding)
         self.drafter.open(self.max_rows, max_len + self.tree.depth * self.tree.top_k)  # room for tree rows
         self.sequences, self._report = [], None
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eagle3.config import ModelConfig, RopeConfig, load_config
+from eagle3.cpu_layout import FEW_ROWS, few_rows_matmul
 
 
 def default_device() -> torch.device:
@@ -226,23 +227,13 @@ def _constant(value: float, device: torch.device) -> Tensor:
     return _CONSTANTS[key]
 
 
-# Row counts for which a second, [out, in] copy of each weight is used on CPU (draft trees are this size).
-FEW_ROWS = range(2, 65)
-
-
-def few_rows_matmul(x: Tensor, weight_t: Tensor) -> Tensor:
-    """x @ weight_t.T for a few rows, computed as weight_t @ x.T: the layout MKL runs fast for 2..64 rows."""
-    rows = x.reshape(-1, x.shape[-1])
-    return (weight_t @ rows.t()).t().contiguous().view(*x.shape[:-1], -1)
-
-
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, weight_t: Tensor | None = None) -> Tensor:
     """x @ weight (+ bias) with weight stored [in, out], transposed from nn.Linear and HF: for one-row
     inputs (decoding, bound by reading the weights) MKL streams this layout faster on CPU.
 
-    weight_t, the same weight stored [out, in] (CPU only, see Transformer.add_few_row_copies), serves 2..64
+    weight_t, the same weight stored [out, in] (given on CPU by cpu_layout.add_few_row_copies), serves 2..64
     rows as weight_t @ x.T: MKL runs x @ weight for a few rows several times slower than for one, and the
-    [out, in] layout does not have that cliff (measurements: docs/design/cpu-weight-layout.md).
+    [out, in] layout does not have that cliff.
     """
     if weight_t is not None and x.numel() // x.shape[-1] in FEW_ROWS:
         y = few_rows_matmul(x, weight_t)
@@ -297,7 +288,7 @@ class Block(nn.Module):
         self.gate_up_bias = _param(2 * cfg.intermediate_size) if cfg.mlp_bias else None
         self.down_weight = _param(cfg.intermediate_size, cfg.hidden_size)
         self.down_bias = _param(cfg.hidden_size) if cfg.mlp_bias else None
-        self.few_row_weights: dict[str, Tensor] = {}  # [out, in] copies for 2..64 rows (see linear)
+        self.few_row_weights: dict[str, Tensor] = {}  # [out, in] copies for 2..64 rows (cpu_layout.py)
 
     def forward(self, x: Tensor, rotation: Tensor, cache: Tensor, write: CacheWrite, mask: Tensor | None) -> Tensor:
         x = x + self._attention(unit_rms_norm(x, self.eps), rotation, cache, write, mask)
@@ -334,7 +325,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.lm_head_weight = _param(cfg.hidden_size, cfg.vocab_size)  # [in, out], final norm folded in
-        self.lm_head_weight_t: Tensor | None = None  # [out, in] copy for 2..64 rows (add_few_row_copies)
+        self.lm_head_weight_t: Tensor | None = None  # [out, in] copy for 2..64 rows (cpu_layout.py)
         self.cache: KVCache | None = None
         self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         self._windows = cfg.sliding_windows or (None,) * cfg.num_layers
@@ -348,8 +339,8 @@ class Transformer(nn.Module):
         return self.lm_head_weight.dtype
 
     def setup_cache(self, max_len: int, batch_size: int = 1, padded: bool = False) -> KVCache:
-        """(Re)allocates the KV cache; max_len is capped by the model's context, unless the rows are left-padded
-        (padding takes slots but no positions, so slots may outnumber the context)."""
+        """(Re)allocates the KV cache; max_len is capped by the model's context, unless `padded` (padding nodes of
+        batched trees take slots but no positions, so slots may outnumber the context)."""
         if not padded:
             max_len = min(max_len, self.config.context_length)
         cfg = self.config
@@ -375,16 +366,14 @@ class Transformer(nn.Module):
         # [B or 1, n, 1, head_dim / 2]: broadcast over the head axis.
         return rope_rotation(positions, inv_freq).view(-1, positions.shape[-1], 1, cfg.head_dim // 2)
 
-    def _masks(
-        self, start: int, n: int, tree_mask: Tensor | None, positions: Tensor, max_position: int,
-        key_mask: Tensor | None = None,
-    ) -> dict[int | None, Tensor | None]:
+    def _masks(self, start: int, n: int, tree_mask: Tensor | None, positions: Tensor, max_position: int
+               ) -> dict[int | None, Tensor | None]:  # fmt: skip
         """Boolean attention masks [g*n, start+n] (True = attend) for rows in step sharing one tree mask, one
-        per distinct sliding window; with a per-row key_mask they are [B, 1, g*n, start+n]."""
+        per distinct sliding window (None: no mask needed)."""
         cfg = self.config
         windows = set(self._windows)
         needs_window = any(w is not None and max_position + 1 > w for w in windows)
-        if n == 1 and not needs_window and key_mask is None:
+        if n == 1 and not needs_window:
             return {w: None for w in windows}  # a single new token sees the whole cache
         dev = self.device
         new = torch.ones(n, n, dtype=torch.bool, device=dev).tril_() if tree_mask is None else tree_mask.to(dev)
@@ -393,24 +382,11 @@ class Transformer(nn.Module):
         masks: dict[int | None, Tensor | None] = {}
         for w in windows:
             mask = base
-            if w is not None:
-                # Key positions: committed slots hold positions 0..start-1; new slots hold `positions`.
-                # Left-padded batches (key_mask) shift positions per row, not distances: measure in slots.
+            if w is not None:  # key positions: committed slots hold positions 0..start-1, new slots `positions`
                 q_pos = positions.reshape(-1)[-n:].to(dev)
-                if key_mask is not None:
-                    q_pos = torch.arange(start, start + n, device=dev)
                 k_pos = torch.cat([torch.arange(start, device=dev), q_pos])
                 mask = mask & (q_pos[:, None] - k_pos[None, :] < w)
-            if key_mask is not None:
-                # Padding slots are hidden; each new token still sees itself, so that a padding query never
-                # has an empty (NaN) softmax whose output would reach the cache.
-                itself = torch.zeros_like(mask)
-                itself[:, start:].fill_diagonal_(True)
-                mask = (mask & key_mask[:, None, : start + n].to(dev)) | itself
-                mask = (mask.repeat(1, g, 1) if g > 1 else mask)[:, None]
-            else:
-                mask = expand_mask_for_groups(mask, g)
-            masks[w] = mask
+            masks[w] = expand_mask_for_groups(mask, g)
         return masks
 
     def _row_masks(self, starts: Sequence[int], n: int, tree_mask: Tensor | None, positions: Tensor, end: int
@@ -441,7 +417,6 @@ class Transformer(nn.Module):
         tree_mask: Tensor | None = None,
         logits: str = "all",
         taps: Sequence[int] = (),
-        key_mask: Tensor | None = None,
         rows: range | None = None,
     ) -> ForwardOutput:
         """Runs n new tokens [B, n] on top of the cache and appends their keys and values to each row.
@@ -451,8 +426,6 @@ class Transformer(nn.Module):
         logits: "all", "last", "none", or "hidden" (the last layer's outputs instead: `head` turns them into
         logits later, as offline features do). taps: decoder layers whose inputs to return as well (a draft's
         tap layers; 0 is the token embeddings), concatenated in layer order as SGLang and vLLM do; () for none.
-        key_mask: [B, slots] bool, False on cache slots a row must not see (left padding of batched prompts
-        of different lengths, see generate_batch).
         rows: the cache rows the B rows of tokens run on (default: all; range(r, r + 1) prefills a sequence
         joining the batch). Rows may hold different lengths: each writes its new tokens after its own last slot.
         """
@@ -477,7 +450,7 @@ class Transformer(nn.Module):
         rotation = self._rope(positions, max_position)
         write = CacheWrite.after(starts, n, tokens.device)
         if in_step and (tree_mask is None or tree_mask.dim() == 2):
-            masks = self._masks(starts[0], n, tree_mask, positions, max_position, key_mask)
+            masks = self._masks(starts[0], n, tree_mask, positions, max_position)
         else:
             masks = self._row_masks(starts, n, tree_mask, positions, write.end)
         kv = cache.kv if B == cache.rows else cache.kv.narrow(2, rows.start, B)
@@ -500,15 +473,6 @@ class Transformer(nn.Module):
     def head(self, hidden: Tensor) -> Tensor:
         """Logits from last-layer outputs (the final norm is folded into lm_head_weight)."""
         return linear(unit_rms_norm(hidden, self.config.rms_norm_eps), self.lm_head_weight, None, self.lm_head_weight_t)
-
-    def add_few_row_copies(self) -> None:
-        """Keeps an [out, in] copy of every matrix for forwards of 2..64 tokens (draft trees), which MKL runs
-        several times faster in that layout (see linear). CPU only: it doubles the weights' memory, and GPU
-        BLAS has no such cliff."""
-        for block in self.layers:
-            block.few_row_weights = {name: getattr(block, f"{name}_weight").t().contiguous()
-                                     for name in ("qkv", "o", "gate_up", "down")}  # fmt: skip
-        self.lm_head_weight_t = self.lm_head_weight.t().contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -669,6 +633,4 @@ def load_model(
         model = Transformer(cfg)
     state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    if device.type == "cpu":
-        model.add_few_row_copies()
     return model.eval().requires_grad_(False)

@@ -20,8 +20,11 @@ from eagle3.tree import DraftTree
 
 class TargetRuntime(Protocol):
     rows: int  # live rows (sequences)
+    max_len: int  # positions a row may hold
 
-    def open(self, max_rows: int, max_len: int) -> None: ...
+    def open(self, max_rows: int, max_len: int, spare: int = 0) -> None: ...
+
+    def length(self, row: int) -> int: ...
 
     def prefill(self, prompt_ids: Sequence[int]) -> tuple[int, Tensor, Tensor | None]: ...
 
@@ -54,21 +57,20 @@ class TorchRuntime:
         self.target, self.model = target, target.model
         self.tap_layers = tuple(tap_layers)
         self.rows = 0
+        self.max_len = 0  # positions a row may hold
         self._starts: list[int] = []  # each row's length before the last verify
 
-    def open(self, max_rows: int, max_len: int) -> None:
-        """Room for max_rows sequences of up to max_len positions (their trees included); no rows yet."""
+    def open(self, max_rows: int, max_len: int, spare: int = 0) -> None:
+        """Room for max_rows sequences of up to max_len positions (their trees included; capped by the context),
+        plus `spare` slots per row for the padding of other rows' larger trees; no rows yet."""
         model = self.model
         cache = model.cache
-        max_len = min(max_len, model.config.context_length)
-        if cache is None or cache.rows != max_rows or cache.max_len < max_len:
-            model.setup_cache(max_len, batch_size=max_rows)
+        self.max_len = min(max_len, model.config.context_length)
+        slots = self.max_len + spare
+        if cache is None or cache.rows != max_rows or cache.max_len < slots:
+            model.setup_cache(slots, batch_size=max_rows, padded=True)
         model.cache.truncate(0)
         self.rows = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.model.cache.max_len
 
     def length(self, row: int) -> int:
         """Tokens committed in a row's cache."""

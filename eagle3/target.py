@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from eagle3.fetch import DEFAULT_TARGET, resolve_model
+from eagle3.cpu_layout import for_device
 from eagle3.model import Transformer, load_model
 from eagle3.paths import eagle3_home
 
@@ -69,7 +70,7 @@ def load_target(
     path = resolve_model(name_or_path)
     hint = _rebuild_hint(path)
     try:
-        model = load_model(path, dtype=dtype, device=device)
+        model = for_device(load_model(path, dtype=dtype, device=device))
     except (ValueError, OSError) as err:
         if not hint:
             raise

@@ -123,9 +123,9 @@ class TreeGrowth:
         self.done = False
 
     def next_level(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(tokens [k], source rows [k], mask [k, tree rows]) of the frontier nodes to expand next, or None
-        when the tree is complete. Row 0 (the root step) is already committed in the draft cache: masks cover
-        the tree rows only."""
+        """(tokens [k], source rows [k], mask [k, rows]) of the frontier nodes to expand next, or None when
+        the tree is complete: mask[i, j] says whether new node i sees draft row j (row 0 is the root step; the
+        last k rows are the new nodes themselves)."""
         if self.done:
             return None
         self.depth += 1
@@ -149,7 +149,7 @@ class TreeGrowth:
         self.row_candidate += frontier.tolist()
         self.expanded.append(new)
         return (torch.from_numpy(self.tokens[frontier]), torch.from_numpy(self.sources[frontier]),
-                torch.from_numpy(np.ascontiguousarray(grown[old:, 1:])))  # fmt: skip
+                torch.from_numpy(np.ascontiguousarray(grown[old:])))  # fmt: skip
 
     def add_children(self, child_logp: Tensor, child_ids: Tensor) -> None:
         """The expanded nodes' top children (log-probs and target ids [k, k'])."""

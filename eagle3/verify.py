@@ -4,7 +4,9 @@ The target has scored every tree node in one forward pass (node i's logits predi
 Greedy: follow the children that equal the target's argmax. Sampling: recursive rejection for deterministic
 drafts, which leaves the output distributed exactly as the target's: at each node try the children in order,
 accepting child x with probability p(x); on rejection set p(x) = 0 and renormalize; when every child is
-rejected, draw the next token from what is left of p.
+rejected, draw the next token from what is left of p. Both walk the tree on the host, over numbers fetched
+from the device in one go per row (greedy: every node's argmax; sampling: each child's probability and a
+uniform).
 """
 
 from __future__ import annotations
@@ -36,23 +38,38 @@ def follow_greedy(tree: DraftTree, best: list[int]) -> tuple[list[int], int]:
 def accept_sampling(
     tree: DraftTree, logits: Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> tuple[list[int], int]:
-    """Recursive rejection sampling over the tree; the returned tokens follow the target's distribution."""
-    tokens = tree.tokens.tolist()
+    """Recursive rejection sampling over the tree; the returned tokens follow the target's distribution.
+
+    The walk runs on the host over numbers fetched in one go: every node's distribution is computed at once,
+    and every child's probability under its parent and one uniform per child come to the host together (one
+    device sync); the last step draws from the residual (a second). Trying the children of a node in order,
+    after rejecting siblings of mass R the next child x is accepted with probability p(x) / (1 - R), which is
+    p(x) renormalized after zeroing the rejected ones.
+    """
+    probs = probs_from_logits(logits[: tree.size], params)  # [N, V]
+    edges = [(node, child) for node, children in enumerate(tree.children) for child in children]
+    if edges:
+        parents = torch.tensor([node for node, _ in edges], device=probs.device)
+        children = tree.tokens[[child for _, child in edges]].to(probs.device)
+        uniforms = torch.rand(len(edges), generator=generator, device=probs.device)
+        edge_p, edge_u = torch.stack([probs[parents, children], uniforms]).tolist()
+        index = {child: i for i, (_, child) in enumerate(edges)}
     path = [0]
     while True:
-        node = path[-1]
-        p = probs_from_logits(logits[node], params)
-        accepted = None
+        node, rejected, accepted = path[-1], [], None
         for child in tree.children[node]:
-            x = tokens[child]
-            u = torch.rand((), generator=generator, device=p.device)
-            if u < p[x]:
+            p, u = edge_p[index[child]], edge_u[index[child]]
+            remaining = 1.0 - sum(edge_p[index[c]] for c in rejected)
+            # (a child holding all that is left is accepted surely, whatever float rounding says)
+            if p > 0 and (p >= remaining * (1 - 1e-6) or u * remaining < p):
                 accepted = child
                 break
-            p[x] = 0.0  # the residual max(p - q, 0) for a draft that proposed x with certainty
-            p = p / p.sum()
+            rejected.append(child)
         if accepted is None:
-            return path, int(sample_from_probs(p, generator))
+            residual = probs[node]
+            if rejected:
+                residual = residual.index_fill(0, tree.tokens[rejected].to(residual.device), 0.0)
+            return path, int(sample_from_probs(residual / residual.sum(), generator))
         path.append(accepted)
 
 

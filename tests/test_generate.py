@@ -163,3 +163,40 @@ def test_streamer_holds_back_a_possible_stop_prefix():
     assert "".join(out) == "abc"
     s.update("abcENx")
     assert "".join(out) == "abcENx"
+
+
+class CountingTokenizer:
+    """A tokenizer that records how many tokens each decode call read."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.lengths.append(len(ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("which", ["stories", "smollm2"])
+def test_incremental_text_equals_a_full_decode_and_stays_cheap(request, which):
+    """Stop strings and streaming see the text of every prefix of the output, decoded a few tokens at a time:
+    it equals the full decode of those tokens whenever that ends on a whole character, and no decode call
+    reads the whole output again."""
+    tokenizer = request.getfixturevalue(which).tokenizer
+    # Real text in several scripts: rare characters become byte tokens, so a character often spans tokens.
+    # (Random ids are no test: byte-fallback decoders rewrite invalid byte runs that later bytes extend.)
+    text = "Hello, world! 日本語のテキスト ✓ café naïve — «quoted» 🙂 Ωmega, 12·3 = 36. " * 8
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    counting = CountingTokenizer(tokenizer)
+    stopper = Stopper(counting, frozenset(), len(ids), stop_strings=("\x00never",))
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    complete = 0
+    for i, token in enumerate(ids):
+        stopper.extend([token])
+        full = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+        assert whole.startswith(stopper._text), i  # text once shown is never rewritten
+        if not full.endswith("\ufffd"):  # (mid-character, HF's decoders blank a whole byte run)
+            assert stopper._text == full, i
+            complete += 1
+    assert complete > len(ids) // 2
+    assert stopper.finish_reason == "length" and stopper.text() == tokenizer.decode(ids, skip_special_tokens=True)
+    assert max(counting.lengths) < 30

@@ -49,10 +49,10 @@ def test_tree_keeps_best_nodes_parents_first():
     for kids in tree.children:  # most probable first, distinct tokens among siblings
         assert [float(tree.scores[c]) for c in kids] == sorted((float(tree.scores[c]) for c in kids), reverse=True)
         assert len({int(tree.tokens[c]) for c in kids}) == len(kids)
-    # Frontier masks: each expanded node sees exactly its expanded ancestors and itself.
+    # Frontier masks: each expanded node sees the root step (row 0), its expanded ancestors and itself.
     tokens, sources, depth, mask = calls[1]
-    assert depth == 2 and mask.shape == (4, 8) and mask[:, 4:].equal(torch.eye(4, dtype=torch.bool))
-    assert all(mask[i, :4].sum() == 1 for i in range(4))
+    assert depth == 2 and mask.shape == (4, 9) and mask[:, 5:].equal(torch.eye(4, dtype=torch.bool))
+    assert mask[:, 0].all() and all(mask[i, 1:5].sum() == 1 for i in range(4))
 
 
 def test_tree_total_one_is_the_root_alone():
