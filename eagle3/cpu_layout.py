@@ -21,7 +21,8 @@ def few_rows_matmul(x: Tensor, weight_t: Tensor) -> Tensor:
 
 
 def add_few_row_copies(model: torch.nn.Module) -> torch.nn.Module:
-    """Gives every matrix of a model.Transformer its [out, in] copy; returns the model."""
+    """Gives every matrix of a model.Transformer its [out, in] copy; returns the model. Fold the norms first
+    (norm_folding.py): a copy does not follow later changes to its matrix."""
     for block in model.layers:
         block.few_row_weights = {name: getattr(block, f"{name}_weight").t().contiguous()
                                  for name in ("qkv", "o", "gate_up", "down")}  # fmt: skip

@@ -202,12 +202,17 @@ def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None) -> Tensor:
     return unit if weight is None else unit * weight
 
 
+def block_norm(x: Tensor, eps: float, weight: Tensor | None) -> Tensor:
+    """A decoder's RMSNorm: with its weight, or, once folded (weight None), the unit norm alone."""
+    return unit_rms_norm(x, eps) if weight is None else rms_norm(x, eps, weight)
+
+
 def unit_rms_norm(x: Tensor, eps: float) -> Tensor:
     """rms_norm(x) / sqrt(d) = x / sqrt(|x|^2 + d * eps), in three ops (norm, hypot, divide).
 
     Decoding on a CPU pays a fixed toll per op, several times larger right after a weight-streaming matmul has
-    flushed the caches, so the norm is cut to three ops and the constant sqrt(d), like the norm weights, is
-    folded into the matmul that follows (see convert_hf_state_dict).
+    flushed the caches, so the norm is cut to three ops and, once the norms are folded (norm_folding.py), the
+    constant sqrt(d) and the norm weight ride in the matmul that follows.
     """
     xf = x if x.dtype == torch.float32 else x.float()
     norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
@@ -269,14 +274,16 @@ class Block(nn.Module):
     """One decoder layer: x + attention(norm(x)), then + SwiGLU(norm(x)).
 
     Weights: q/k/v fused (rows of q and k interleaved for RoPE, see apply_rope_) and gate/up fused, all
-    stored [in, out], with the input norms' weights (and sqrt(hidden), see unit_rms_norm) folded into qkv and
-    gate_up.
+    stored [in, out]. attn_norm and mlp_norm are the RMSNorm weights before attention and the MLP; once
+    norm_folding.fold_norms has moved them into qkv and gate_up they are None.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
+        self.attn_norm: nn.Parameter | None = _param(cfg.hidden_size)
+        self.mlp_norm: nn.Parameter | None = _param(cfg.hidden_size)
         qkv_dim = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.qkv_weight = _param(cfg.hidden_size, qkv_dim)
         self.qkv_bias = _param(qkv_dim) if cfg.qkv_bias else None
@@ -291,9 +298,9 @@ class Block(nn.Module):
         self.few_row_weights: dict[str, Tensor] = {}  # [out, in] copies for 2..64 rows (cpu_layout.py)
 
     def forward(self, x: Tensor, rotation: Tensor, cache: Tensor, write: CacheWrite, mask: Tensor | None) -> Tensor:
-        x = x + self._attention(unit_rms_norm(x, self.eps), rotation, cache, write, mask)
+        x = x + self._attention(block_norm(x, self.eps, self.attn_norm), rotation, cache, write, mask)
         t = self.few_row_weights
-        gate, up = linear(unit_rms_norm(x, self.eps), self.gate_up_weight, self.gate_up_bias, t.get("gate_up")).chunk(2, dim=-1)
+        gate, up = linear(block_norm(x, self.eps, self.mlp_norm), self.gate_up_weight, self.gate_up_bias, t.get("gate_up")).chunk(2, dim=-1)
         return x + linear(F.silu(gate) * up, self.down_weight, self.down_bias, t.get("down"))
 
     def _attention(self, x: Tensor, rotation: Tensor, cache: Tensor, write: CacheWrite, mask: Tensor | None) -> Tensor:
@@ -324,7 +331,8 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.lm_head_weight = _param(cfg.hidden_size, cfg.vocab_size)  # [in, out], final norm folded in
+        self.norm: nn.Parameter | None = _param(cfg.hidden_size)  # the final norm's weight (None once folded)
+        self.lm_head_weight = _param(cfg.hidden_size, cfg.vocab_size)  # [in, out]
         self.lm_head_weight_t: Tensor | None = None  # [out, in] copy for 2..64 rows (cpu_layout.py)
         self.cache: KVCache | None = None
         self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
@@ -471,8 +479,8 @@ class Transformer(nn.Module):
         return ForwardOutput(out_logits, out_taps)
 
     def head(self, hidden: Tensor) -> Tensor:
-        """Logits from last-layer outputs (the final norm is folded into lm_head_weight)."""
-        return linear(unit_rms_norm(hidden, self.config.rms_norm_eps), self.lm_head_weight, None, self.lm_head_weight_t)
+        """Logits from last-layer outputs (the final norm, then lm_head)."""
+        return linear(block_norm(hidden, self.config.rms_norm_eps, self.norm), self.lm_head_weight, None, self.lm_head_weight_t)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -579,7 +587,8 @@ def check_hf_weights(hf: dict[str, Tensor], cfg: ModelConfig, where: str) -> Non
 
 def convert_hf_state_dict(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """HF Llama-family weights in this runtime's layout (see Block): q/k/v and gate/up fused, q/k rows
-    interleaved for RoPE, matrices stored [in, out], norm weights folded into the matmul that follows."""
+    interleaved for RoPE, matrices stored [in, out]. The norms keep their weights (norm_folding.py folds them
+    into the matmuls after loading)."""
     hf = {k.removeprefix("model."): v for k, v in hf.items()}
 
     def take(name: str) -> Tensor:
@@ -594,12 +603,11 @@ def convert_hf_state_dict(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, 
     state = {"embed.weight": take("embed_tokens.weight")}
     for i in range(cfg.num_layers):
         p, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
-        # unit_rms_norm leaves out sqrt(hidden): it goes into the next matmul with the norm weight.
-        attn_norm = take(p + "input_layernorm.weight")[:, None] * math.sqrt(cfg.hidden_size)
-        mlp_norm = take(p + "post_attention_layernorm.weight")[:, None] * math.sqrt(cfg.hidden_size)
-        state[p + "qkv_weight"] = qkv(a, "weight").t() * attn_norm
+        state[p + "attn_norm"] = take(p + "input_layernorm.weight")
+        state[p + "mlp_norm"] = take(p + "post_attention_layernorm.weight")
+        state[p + "qkv_weight"] = qkv(a, "weight").t()
         state[p + "o_weight"] = take(a + "o_proj.weight").t()
-        state[p + "gate_up_weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]).t() * mlp_norm
+        state[p + "gate_up_weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]).t()
         state[p + "down_weight"] = take(m + "down_proj.weight").t()
         if cfg.qkv_bias:
             state[p + "qkv_bias"] = qkv(a, "bias")
@@ -616,7 +624,8 @@ def convert_hf_state_dict(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, 
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in hf
     # A tied head gets its own copy: the embedding lookup wants rows, the head wants [in, out].
     head = state["embed.weight"] if tied else take("lm_head.weight")
-    state["lm_head_weight"] = head.t() * (take("norm.weight")[:, None] * math.sqrt(cfg.hidden_size))
+    state["norm"] = take("norm.weight")
+    state["lm_head_weight"] = head.t()
     return state
 
 

@@ -10,6 +10,7 @@ import torch
 from eagle3.fetch import DEFAULT_TARGET, resolve_model
 from eagle3.cpu_layout import for_device
 from eagle3.model import Transformer, load_model
+from eagle3.norm_folding import fold_norms
 from eagle3.paths import eagle3_home
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -70,7 +71,9 @@ def load_target(
     path = resolve_model(name_or_path)
     hint = _rebuild_hint(path)
     try:
-        model = for_device(load_model(path, dtype=dtype, device=device))
+        # Post-load steps, outside the model's definition: norms into matmuls (every device), then the
+        # device's weight layout (on a CPU, few-row copies of the folded matrices).
+        model = for_device(fold_norms(load_model(path, dtype=dtype, device=device)))
     except (ValueError, OSError) as err:
         if not hint:
             raise

@@ -5,7 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eagle3.config import default_tap_layers, load_config, UnsupportedModel, config_from_hf
+from eagle3.cpu_layout import add_few_row_copies
 from eagle3.model import load_model
+from eagle3.norm_folding import fold_norms
 
 TOL = 1e-4
 
@@ -55,23 +57,45 @@ def hf_reference(folder, ids):
 
 def check_parity(folder, ids, chunks=(None,), tap_layers=None):
     """Logits and taps equal transformers', whether the sequence runs in one prefill or in chunks; taps are
-    the inputs of the layers asked for (default: the EAGLE-3 defaults), concatenated in layer order."""
+    the inputs of the layers asked for (default: the EAGLE-3 defaults), concatenated in layer order. Both the
+    model as defined and after the post-load steps load_target applies (norms folded, few-row copies)."""
     ref = hf_reference(folder, ids)
-    model = load_model(folder, device="cpu")
-    model.setup_cache(ids.shape[1])
-    layers = tap_layers or default_tap_layers(model.config.num_layers)
-    n = ids.shape[1]
-    bounds = [0, *[c for c in chunks if c], n]
-    logits, taps = [], []
-    with torch.no_grad():
-        for a, b in zip(bounds, bounds[1:]):
-            out = model(ids[:, a:b], taps=layers)
-            logits.append(out.logits)
-            taps.append(out.taps)
-    logits, taps = torch.cat(logits, 1), torch.cat(taps, 1)
-    ref_taps = torch.cat([ref.hidden_states[i] for i in sorted(layers)], -1)
-    assert close(logits, ref.logits)
-    assert close(taps, ref_taps)
+    for model in (load_model(folder, device="cpu"), add_few_row_copies(fold_norms(load_model(folder, device="cpu")))):
+        model.setup_cache(ids.shape[1])
+        layers = tap_layers or default_tap_layers(model.config.num_layers)
+        n = ids.shape[1]
+        bounds = [0, *[c for c in chunks if c], n]
+        logits, taps = [], []
+        with torch.no_grad():
+            for a, b in zip(bounds, bounds[1:]):
+                out = model(ids[:, a:b], taps=layers)
+                logits.append(out.logits)
+                taps.append(out.taps)
+        logits, taps = torch.cat(logits, 1), torch.cat(taps, 1)
+        ref_taps = torch.cat([ref.hidden_states[i] for i in sorted(layers)], -1)
+        assert close(logits, ref.logits)
+        assert close(taps, ref_taps)
+
+
+def test_folding_norms_moves_them_into_the_matmuls(stories_path):
+    """fold_norms leaves no norm weight behind, changes the logits only by rounding, and a second fold is a
+    no-op (it must not scale the matrices twice)."""
+    ids = torch.randint(3, 512, (1, 24), generator=torch.Generator().manual_seed(1))
+
+    def logits(model):
+        model.setup_cache(24)
+        with torch.no_grad():
+            return model(ids).logits
+
+    plain = load_model(stories_path, device="cpu")
+    assert plain.norm is not None and plain.layers[0].attn_norm is not None
+    folded = fold_norms(load_model(stories_path, device="cpu"))
+    assert folded.norm is None and all(b.attn_norm is None and b.mlp_norm is None for b in folded.layers)
+    assert not any(name == "norm" or name.endswith(("attn_norm", "mlp_norm")) for name in folded.state_dict())
+    assert close(logits(folded), logits(plain))
+    once = folded.layers[0].qkv_weight.clone()
+    fold_norms(folded)
+    assert folded.layers[0].qkv_weight.equal(once)
 
 
 KINDS = ["llama3", "llama-linear", "llama-dynamic", "llama-bias-tied", "qwen2", "qwen3", "mistral-sliding"]
