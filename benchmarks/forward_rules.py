@@ -1,12 +1,11 @@
-"""A target forward of n tokens under two matmul rules, side by side: the runtime's current rule (x @ W for
-one row, the [out, in] copy as W @ x.T for 2..64) and a rule picked per row count from
-benchmarks/matmul_paths.py's table (F.linear for 2-3 rows, x @ W for 4-8, W @ x.T above). A probe for issue
-16: does the matmul table carry over to whole forwards? The picked rule is this machine's, written in here
-by hand; a runtime would measure its own.
+"""A target forward of n tokens under two matmul choices, side by side: the fixed rule the runtime had
+before issue 16 (cpu_layout.DEFAULT_PATHS: x @ W for one row, the [out, in] copy as W @ x.T for 2..64) and
+the path per row count that cpu_layout measures on this machine (what load_target now applies).
 
     python benchmarks/forward_rules.py [--target smollm2-135m] [--context 128] [--repeats 7]
 
-Reports the median ms of a forward of 1, 2, 3, 4, 8 and 16 new tokens (all logits) after `--context` tokens.
+Reports the median ms of a forward of 1, 2, 3, 4, 8 and 16 new tokens (all logits) after `--context` tokens,
+and the measured choice.
 """
 
 from __future__ import annotations
@@ -16,24 +15,11 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-import eagle3.model as model_module
-from eagle3.cpu_layout import few_rows_matmul
+from eagle3.cpu_layout import DEFAULT_PATHS, set_paths
 from eagle3.target import load_target
 
 COUNTS = (1, 2, 3, 4, 8, 16)
-
-
-def picked_rule(x, weight, bias, weight_t=None):
-    rows = x.numel() // x.shape[-1]
-    if weight_t is None or rows == 1 or 4 <= rows <= 8:
-        y = x @ weight
-    elif rows <= 3:
-        y = F.linear(x, weight_t)
-    else:
-        y = few_rows_matmul(x, weight_t)
-    return y if bias is None else y + bias
 
 
 def main() -> None:
@@ -46,26 +32,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_target(args.target).model
     vocab = model.config.vocab_size
-    rules = {"current": model_module.linear, "picked": picked_rule}
+    rules = {"fixed (before)": DEFAULT_PATHS, "measured": model.matmul_paths}
     times: dict[tuple[str, int], list[float]] = {}
     context = torch.randint(0, vocab, (1, args.context), generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.inference_mode():
-            model.setup_cache(args.context + max(COUNTS))
-            for repeat in range(args.repeats + 1):  # the first round warms up
-                for n in COUNTS:
-                    for name, rule in rules.items():
-                        model_module.linear = rule
-                        model.cache.truncate(0)
-                        model(context, logits="none")
-                        ids = torch.randint(0, vocab, (1, n))
-                        start = time.perf_counter()
-                        model(ids, logits="all")
-                        if repeat:
-                            times.setdefault((name, n), []).append((time.perf_counter() - start) * 1000)
-    finally:
-        model_module.linear = rules["current"]
+    with torch.inference_mode():
+        model.setup_cache(args.context + max(COUNTS))
+        for repeat in range(args.repeats + 1):  # the first round warms up
+            for n in COUNTS:
+                for name, paths in rules.items():
+                    set_paths(model, paths)
+                    model.cache.truncate(0)
+                    model(context, logits="none")
+                    ids = torch.randint(0, vocab, (1, n))
+                    start = time.perf_counter()
+                    model(ids, logits="all")
+                    if repeat:
+                        times.setdefault((name, n), []).append((time.perf_counter() - start) * 1000)
     print(f"{args.target}, forward of n tokens after {args.context}, median ms of {args.repeats}, {args.threads} threads")
+    print("measured choice:", ", ".join(f"{n} rows: {rules['measured'][n]}" for n in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)))
     print(f"| rule | {' | '.join(f'{n}' for n in COUNTS)} |")
     print("|---" * (len(COUNTS) + 1) + "|")
     for name in rules:

@@ -167,6 +167,7 @@ def cost_key(target, draft) -> str:
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "method": "interleaved median, monotone, to 256 tokens",
         "draft_int8": getattr(draft.lm_head, "int8", None) is not None,
+        "matmul_paths": list(getattr(model, "matmul_paths", ())),  # (cpu_layout's measured choice)
     }  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

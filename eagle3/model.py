@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eagle3.config import ModelConfig, RopeConfig, load_config
-from eagle3.cpu_layout import FEW_ROWS, few_rows_matmul
+from eagle3.cpu_layout import matmul
 
 
 def default_device() -> torch.device:
@@ -232,16 +232,18 @@ def _constant(value: float, device: torch.device) -> Tensor:
     return _CONSTANTS[key]
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None, weight_t: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, weight_t: Tensor | None = None,
+           paths: tuple[str, ...] = ()) -> Tensor:
     """x @ weight (+ bias) with weight stored [in, out], transposed from nn.Linear and HF: for one-row
-    inputs (decoding, bound by reading the weights) MKL streams this layout faster on CPU.
+    inputs (decoding, bound by reading the weights) MKL streams this layout fast on CPU.
 
-    weight_t, the same weight stored [out, in] (given on CPU by cpu_layout.add_few_row_copies), serves 2..64
-    rows as weight_t @ x.T: MKL runs x @ weight for a few rows several times slower than for one, and the
-    [out, in] layout does not have that cliff.
+    weight_t, the same weight stored [out, in] (given on CPU by cpu_layout.add_few_row_copies), serves a few
+    rows by the path `paths` names for that row count (cpu_layout.PATHS, measured per machine): for a few
+    rows, x @ weight can cost several times one row, and another layout or call does not.
     """
-    if weight_t is not None and x.numel() // x.shape[-1] in FEW_ROWS:
-        y = few_rows_matmul(x, weight_t)
+    rows = x.numel() // x.shape[-1]
+    if weight_t is not None and rows < len(paths):
+        y = matmul(paths[rows], x, weight, weight_t)
     else:
         y = x @ weight
     return y if bias is None else y + bias
@@ -295,19 +297,20 @@ class Block(nn.Module):
         self.gate_up_bias = _param(2 * cfg.intermediate_size) if cfg.mlp_bias else None
         self.down_weight = _param(cfg.intermediate_size, cfg.hidden_size)
         self.down_bias = _param(cfg.hidden_size) if cfg.mlp_bias else None
-        self.few_row_weights: dict[str, Tensor] = {}  # [out, in] copies for 2..64 rows (cpu_layout.py)
+        self.few_row_weights: dict[str, Tensor] = {}  # [out, in] copies for 2..64 rows (cpu_layout.py) ...
+        self.matmul_paths: tuple[str, ...] = ()  # ... and the matmul each row count takes
 
     def forward(self, x: Tensor, rotation: Tensor, cache: Tensor, write: CacheWrite, mask: Tensor | None) -> Tensor:
         x = x + self._attention(block_norm(x, self.eps, self.attn_norm), rotation, cache, write, mask)
         t = self.few_row_weights
-        gate, up = linear(block_norm(x, self.eps, self.mlp_norm), self.gate_up_weight, self.gate_up_bias, t.get("gate_up")).chunk(2, dim=-1)
-        return x + linear(F.silu(gate) * up, self.down_weight, self.down_bias, t.get("down"))
+        gate, up = linear(block_norm(x, self.eps, self.mlp_norm), self.gate_up_weight, self.gate_up_bias, t.get("gate_up"), self.matmul_paths).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, self.down_weight, self.down_bias, t.get("down"), self.matmul_paths)
 
     def _attention(self, x: Tensor, rotation: Tensor, cache: Tensor, write: CacheWrite, mask: Tensor | None) -> Tensor:
         B, n, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
         t = self.few_row_weights
-        qkv = linear(x, self.qkv_weight, self.qkv_bias, t.get("qkv")).view(B, n, H + 2 * KV, hd)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias, t.get("qkv"), self.matmul_paths).view(B, n, H + 2 * KV, hd)
         qk = qkv[:, :, : H + KV]
         if self.qk_norm is not None:
             qk.copy_(rms_norm(qk, self.eps, self.qk_norm))
@@ -316,7 +319,7 @@ class Block(nn.Module):
         write.put(cache, qkv[:, :, H:].view(B, n, 2, KV, hd).permute(2, 0, 3, 1, 4))
         keys, values = cache.narrow(3, 0, write.end).unbind(0)
         out = grouped_attention(qkv[:, :, :H], keys, values, mask)
-        return linear(out, self.o_weight, self.o_bias, t.get("o"))
+        return linear(out, self.o_weight, self.o_bias, t.get("o"), self.matmul_paths)
 
 
 class ForwardOutput(NamedTuple):
@@ -333,7 +336,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm: nn.Parameter | None = _param(cfg.hidden_size)  # the final norm's weight (None once folded)
         self.lm_head_weight = _param(cfg.hidden_size, cfg.vocab_size)  # [in, out]
-        self.lm_head_weight_t: Tensor | None = None  # [out, in] copy for 2..64 rows (cpu_layout.py)
+        self.lm_head_weight_t: Tensor | None = None  # [out, in] copy for 2..64 rows (cpu_layout.py) ...
+        self.matmul_paths: tuple[str, ...] = ()  # ... and the matmul each row count takes
         self.cache: KVCache | None = None
         self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         self._windows = cfg.sliding_windows or (None,) * cfg.num_layers
@@ -480,7 +484,8 @@ class Transformer(nn.Module):
 
     def head(self, hidden: Tensor) -> Tensor:
         """Logits from last-layer outputs (the final norm, then lm_head)."""
-        return linear(block_norm(hidden, self.config.rms_norm_eps, self.norm), self.lm_head_weight, None, self.lm_head_weight_t)
+        return linear(block_norm(hidden, self.config.rms_norm_eps, self.norm), self.lm_head_weight, None,
+                      self.lm_head_weight_t, self.matmul_paths)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- loading

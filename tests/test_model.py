@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eagle3.config import default_tap_layers, load_config, UnsupportedModel, config_from_hf
-from eagle3.cpu_layout import add_few_row_copies
+from eagle3.cpu_layout import PATHS, add_few_row_copies, set_paths
 from eagle3.model import load_model
 from eagle3.norm_folding import fold_norms
 
@@ -58,9 +58,11 @@ def hf_reference(folder, ids):
 def check_parity(folder, ids, chunks=(None,), tap_layers=None):
     """Logits and taps equal transformers', whether the sequence runs in one prefill or in chunks; taps are
     the inputs of the layers asked for (default: the EAGLE-3 defaults), concatenated in layer order. Both the
-    model as defined and after the post-load steps load_target applies (norms folded, few-row copies)."""
+    model as defined and after the post-load steps load_target applies (norms folded, few-row copies), with
+    each matmul path for every row count."""
     ref = hf_reference(folder, ids)
-    for model in (load_model(folder, device="cpu"), add_few_row_copies(fold_norms(load_model(folder, device="cpu")))):
+    served = [set_paths(add_few_row_copies(fold_norms(load_model(folder, device="cpu"))), (path,) * 65) for path in PATHS]
+    for model in (load_model(folder, device="cpu"), *served):  # as defined, and as served by every matmul path
         model.setup_cache(ids.shape[1])
         layers = tap_layers or default_tap_layers(model.config.num_layers)
         n = ids.shape[1]
