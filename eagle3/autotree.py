@@ -46,7 +46,7 @@ import numpy as np
 
 from eagle3.cost import CostModel
 from eagle3.policy import RoundReport, TreePlan
-from eagle3.tree import TreeSpec, best_first
+from eagle3.tree import PLAIN, TreeSpec, best_first
 
 
 @dataclass
@@ -171,7 +171,7 @@ class AutoTree:
         batch = len(contexts)
         if self.pause > 0:
             self.pause -= 1
-            return TreePlan([TreeSpec(1, 1, 1)] * batch, drafted=False)
+            return TreePlan([PLAIN] * batch, drafted=False)
         context = int(np.mean(contexts))
         prices = Prices(self.cost, batch, self.cost_scale("draft"),
                         self._verify_ms(context, batch) * self.verify_scales(batch), self._corrections())  # fmt: skip
@@ -207,7 +207,7 @@ class AutoTree:
         if key not in self._verify_tables:
             middle = key[0] * 64 + 32
             ms = np.array([self.cost.verify(batch * n, middle) for n in range(1, self.max_tokens + 1)])
-            self._verify_tables[key] = ms.clip(min=1e-3)  # (a tiny model can measure 0 ms: rates stay finite)
+            self._verify_tables[key] = ms.clip(min=1e-3)  # (a timer can read zero for a tiny model)
         return self._verify_tables[key]
 
     def _observe(self, report: RoundReport) -> None:

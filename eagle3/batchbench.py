@@ -31,7 +31,7 @@ from eagle3.pld import PromptLookupDrafter
 from eagle3.sampling import SamplingParams
 from eagle3.suites import data_dir, read_suite
 from eagle3.target import Target
-from eagle3.tree import TreeSpec
+from eagle3.tree import PLAIN, TreeSpec
 
 BATCH_METHODS = ("vanilla", "eagle3", "pld")
 RUN_FILES = ("batch_run.json", "cells.jsonl", "batch.json")
@@ -52,7 +52,7 @@ def engines(target: Target, labels: list[str], trees: list[TreeSpec], draft: str
     tree_of = dict(zip(method_labels(["eagle3"], trees), trees))
     for label in labels:
         if label == "vanilla":
-            made[label] = Engine(target, NoDrafter(), TreeSpec(1, 1, 1), method="vanilla")
+            made[label] = Engine(target, NoDrafter(), PLAIN, method="vanilla")
         elif label == "pld":
             pld = PromptLookupDrafter(pld_tokens)
             made[label] = Engine(target, pld, pld.tree, method="pld")

@@ -62,23 +62,23 @@ class NoDrafter:
     tap_layers = ()
 
     def __init__(self) -> None:
-        self.roots: list[int] = []  # each row's last committed token
+        self.roots: list[Tensor | None] = []  # each row's last committed token (read only when proposing)
 
     def open(self, max_rows: int, max_len: int) -> None:
         self.roots = []
 
     def join(self, row: int, prompt_ids: Sequence[int]) -> None:
-        self.roots.append(-1)
+        self.roots.append(None)
 
     def release(self, row: int) -> None:
         self.roots[row] = self.roots[-1]
         self.roots.pop()
 
     def commit(self, row: int, tokens: Tensor, features: Tensor | None) -> None:
-        self.roots[row] = int(tokens[-1])
+        self.roots[row] = tokens[-1]
 
     def propose(self, plan: TreePlan) -> Proposal:
-        return Proposal([root_only(root) for root in self.roots], [0] * len(self.roots))
+        return Proposal([root_only(int(root)) for root in self.roots], [0] * len(self.roots))
 
 
 @dataclass
@@ -131,13 +131,8 @@ class Eagle3Drafter:
         self.draft.cache.lengths[row] = 0
 
     def release(self, row: int) -> None:
-        cache, last = self.draft.cache, len(self.rows) - 1
-        if row != last:
-            slots = cache.lengths[last]
-            cache.kv[:, :, row, :, :slots] = cache.kv[:, :, last, :, :slots]
-            cache.lengths[row] = slots
-            self.rows[row] = self.rows[last]
-        cache.lengths[last] = 0
+        self.draft.cache.free_row(row, len(self.rows) - 1)
+        self.rows[row] = self.rows[-1]
         self.rows.pop()
 
     def commit(self, row: int, tokens: Tensor, features: Tensor | None) -> None:

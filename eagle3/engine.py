@@ -25,7 +25,7 @@ from eagle3.runtime import TorchRuntime
 from eagle3.sampling import SamplingParams, make_generator, next_token
 from eagle3.stopping import Stopper, TextStreamer
 from eagle3.target import Target
-from eagle3.tree import TreeSpec, root_only
+from eagle3.tree import PLAIN, TreeSpec, root_only
 from eagle3.verify import accept_rows
 
 
@@ -108,10 +108,11 @@ class Engine:
     def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeSpec = TreeSpec(),
                  policy: TreePolicy | None = None, max_rows: int = 1, method: str = "eagle3"):  # fmt: skip
         self.target, self.drafter = target, drafter or NoDrafter()
-        self.plain = isinstance(self.drafter, NoDrafter)
+        if isinstance(self.drafter, NoDrafter):  # nothing to draft: every round a plain one
+            tree, policy = PLAIN, None
         self.tree, self.method, self.max_rows = tree, method, max_rows
         if policy is None:
-            if tree.auto and not self.plain:
+            if tree.auto:
                 from eagle3.autotree import auto_tree
 
                 policy = auto_tree(target, self.drafter, tree)
@@ -170,7 +171,7 @@ class Engine:
         draft_start = time.perf_counter()
         contexts = [runtime.length(row) for row in range(len(sequences))]
         plan = self.policy.size(self._report, contexts)
-        drafted = plan.drafted and not self.plain
+        drafted = plan.drafted
         if drafted:
             plan.specs = [self._fit(spec, row) for row, spec in enumerate(plan.specs)]
             trees = self.drafter.propose(plan).trees

@@ -7,9 +7,7 @@ from typing import Callable, Sequence
 from eagle3.engine import Engine, GenerationResult, Request
 from eagle3.sampling import SamplingParams
 from eagle3.target import Target
-from eagle3.tree import TreeSpec
-
-PLAIN = TreeSpec(1, 1, 1)  # the root alone: a plain step
+from eagle3.tree import PLAIN
 
 
 def _plain(result) -> GenerationResult:

@@ -155,6 +155,14 @@ class KVCache:
             raise ValueError(f"cannot truncate a cache of lengths {self.lengths} to {lengths}")
         self.lengths = lengths
 
+    def free_row(self, row: int, last: int) -> None:
+        """Frees a row by moving row `last` (the last live one) into it, so that live rows stay 0 .. last - 1."""
+        if row != last:
+            length = self.lengths[last]
+            self.kv[:, :, row, :, :length] = self.kv[:, :, last, :, :length]
+            self.lengths[row] = length
+        self.lengths[last] = 0
+
 
 @dataclass
 class CacheWrite:

@@ -52,9 +52,9 @@ class TreePolicy(Protocol):
 
 @dataclass
 class FixedTree:
-    """The same tree spec every round."""
+    """The same tree spec every round (the root alone: plain rounds)."""
 
     spec: TreeSpec
 
     def size(self, report: RoundReport | None, contexts: list[int]) -> TreePlan:
-        return TreePlan([self.spec] * len(contexts))
+        return TreePlan([self.spec] * len(contexts), drafted=self.spec.total_tokens > 1)

@@ -113,11 +113,5 @@ class TorchRuntime:
 
     def release(self, row: int) -> None:
         """Frees a row: the last row moves into it, so the live rows stay 0 .. rows-1."""
-        cache = self.model.cache
-        last = self.rows - 1
-        if row != last:
-            length = cache.lengths[last]
-            cache.kv[:, :, row, :, :length] = cache.kv[:, :, last, :, :length]
-            cache.lengths[row] = length
-        cache.lengths[last] = 0
+        self.model.cache.free_row(row, self.rows - 1)
         self.rows -= 1

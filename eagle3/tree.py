@@ -56,6 +56,7 @@ class TreeSpec:
 
 
 AUTO_TREE = TreeSpec(64, 8, 8, auto=True)
+PLAIN = TreeSpec(1, 1, 1)  # the root alone: a plain decoding step
 
 
 @dataclass

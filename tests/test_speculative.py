@@ -97,8 +97,11 @@ def test_greedy_untrained_draft_equals_plain(stories, untrained, tree, monkeypat
         assert spec.token_ids == plain.token_ids
         # One target forward per round after the prefill, and the output is every accepted token (the prefill's
         # one, then each round's), cut only inside the last round.
-        assert len(calls) == 1 + spec.rounds == 1 + len(spec.accept_lengths)
-        assert len(spec.token_ids) <= 1 + sum(spec.accept_lengths) < len(spec.token_ids) + max(spec.accept_lengths)
+        # (The root-alone tree, 1,1,1, runs plain rounds: one token each.)
+        lengths = spec.accept_lengths + [1] * spec.plain_rounds
+        assert len(calls) == 1 + spec.rounds == 1 + len(lengths)
+        assert (spec.plain_rounds > 0) == (tree.total_tokens == 1)
+        assert len(spec.token_ids) <= 1 + sum(lengths) < len(spec.token_ids) + max(lengths)
 
 
 def test_int8_draft_head_is_close_and_lossless(stories):
