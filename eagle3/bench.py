@@ -721,7 +721,7 @@ def bench_command(args) -> int:
         shipped = " (no draft is shipped for this target)" if args.draft == "default" else ""
         raise ValueError(f"method eagle3 needs a draft: pass --draft PATH{shipped}")
     options.apply_threads(args)
-    target = load_target(args.target, dtype=args.dtype, device=args.device)
+    target = load_target(args.target, dtype=args.dtype, device=args.device, runtime=args.runtime)
     if args.batch_size:
         from eagle3.batchbench import run_batch_bench
 

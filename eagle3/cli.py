@@ -52,7 +52,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
     options.apply_threads(args)
-    target = load_target(args.target, dtype=args.dtype, device=args.device)
+    target = load_target(args.target, dtype=args.dtype, device=args.device, runtime=args.runtime)
     draft_path = resolve_draft(args.draft, args.target)
     prompt_ids = target.encode(args.prompt, chat=args.chat, system=args.system)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))

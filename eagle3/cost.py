@@ -100,32 +100,32 @@ def _median_ms(steps: dict[int, Callable[[], object]], repeats: int) -> dict[int
 
 
 @torch.inference_mode()
-def measure_target(model, taps: Sequence[int] = (), contexts=CONTEXTS, sizes=TREE_SIZES, repeats: int = 5
+def measure_target(target, taps: Sequence[int] = (), contexts=CONTEXTS, sizes=TREE_SIZES, repeats: int = 5
                    ) -> dict[int, dict[int, float]]:  # fmt: skip
-    """Target forward latency (ms) for n new tokens under a causal tree mask, after `context` cached tokens,
-    tapping the draft's layers as the decoding loop does."""
-    device = model.device
-    contexts = [min(c, model.config.context_length - max(sizes) - 1) for c in contexts]
+    """Target forward latency (ms) for n new tokens (a chain), after `context` cached tokens, through the
+    target's runtime as the decoding loop runs it (verify, then commit), tapping the draft's layers."""
+    from eagle3.runtime import make_runtime
+    from eagle3.tree import chain
+
+    runtime = make_runtime(target, taps)
+    cfg = target.model.config
+    contexts = [min(c, cfg.context_length - max(sizes) - 1) for c in contexts]
+    generator = torch.Generator().manual_seed(0)
     out: dict[int, dict[int, float]] = {}
     for context in contexts:
-        model.empty_cache(context + max(sizes))
-        generator = torch.Generator().manual_seed(0)
-        prefix = torch.randint(0, model.config.vocab_size, (1, context), generator=generator).to(device)
-        model(prefix, logits="none")
+        runtime.open(1, context + max(sizes) + 1, spare=max(sizes))
+        runtime.prefill(torch.randint(0, cfg.vocab_size, (context,), generator=generator).tolist())
         steps = {}
         for n in sizes:
-            tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=generator).to(device)
-            positions = torch.arange(context, context + n, device=device)
-            mask = torch.ones(n, n, dtype=torch.bool).tril_()
+            tree = chain(torch.randint(0, cfg.vocab_size, (n,), generator=generator))
 
-            def step(tokens=tokens, positions=positions, mask=mask):
-                model.cache.truncate(context)
-                model(tokens, positions, mask, taps=taps)
+            def step(tree=tree):
+                runtime.verify([tree])
+                runtime.commit([[]])  # (keeps nothing: the next step runs after the same context)
 
             steps[n] = step
-        points = _median_ms(steps, repeats)
-        out[context] = monotone(points)
-        model.cache.truncate(0)
+        out[context] = monotone(_median_ms(steps, repeats))
+        runtime.release(0)
     return out
 
 
@@ -168,6 +168,7 @@ def cost_key(target, draft) -> str:
         "method": "interleaved median, monotone, to 256 tokens",
         "draft_int8": getattr(draft.lm_head, "int8", None) is not None,
         "matmul_paths": list(getattr(model, "matmul_paths", ())),  # (cpu_layout's measured choice)
+        "runtime": target.runtime,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -194,7 +195,7 @@ def calibrate(target, draft, refresh: bool = False, quiet: bool = False) -> Cost
             return cached
     if not quiet:
         print(f"eagle3: measuring forward latencies for the cost model (cached in {path.parent})", file=sys.stderr)
-    model = CostModel(measure_target(target.model, draft.config.tap_layers or ()), measure_draft(draft), key)
+    model = CostModel(measure_target(target, draft.config.tap_layers or ()), measure_draft(draft), key)
     try:
         write_text(path, json.dumps(model.to_json(), indent=1))
     except OSError as err:
@@ -246,7 +247,7 @@ def calibrate_command(args) -> int:
     from eagle3.target import load_target
 
     options.apply_threads(args)
-    target = load_target(args.target, dtype=args.dtype, device=args.device)
+    target = load_target(args.target, dtype=args.dtype, device=args.device, runtime=args.runtime)
     draft_path = resolve_draft(args.draft, args.target)
     if draft_path is None:
         raise ValueError(f"no draft for {args.target}: pass --draft PATH")

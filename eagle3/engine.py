@@ -21,7 +21,7 @@ import torch
 
 from eagle3.drafter import Drafter, NoDrafter
 from eagle3.policy import FixedTree, RoundReport, TreePolicy
-from eagle3.runtime import TorchRuntime
+from eagle3.runtime import make_runtime
 from eagle3.sampling import SamplingParams, make_generator, next_token
 from eagle3.stopping import Stopper, TextStreamer
 from eagle3.target import Target
@@ -119,7 +119,7 @@ class Engine:
             else:
                 policy = FixedTree(tree)
         self.policy = policy
-        self.runtime = TorchRuntime(target, self.drafter.tap_layers)
+        self.runtime = make_runtime(target, self.drafter.tap_layers)
         self.sequences: list[_Sequence] = []
         self._report: RoundReport | None = None  # the last round's, for the policy
         self._ids = 0

@@ -116,12 +116,16 @@ text.__name__ = "text"
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, dtype_help: str = "float32 (default), bfloat16 or float16"
                           ) -> None:  # fmt: skip
-    """--dtype, --device and --threads, as every command that runs a model takes them."""
-    from eagle3.target import DTYPES
+    """--dtype, --device, --threads and --runtime, as every command that runs a model takes them."""
+    from eagle3.target import DTYPES, RUNTIMES
 
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help=dtype_help)
     parser.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--threads", type=threads, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="what runs the target: eagle3's PyTorch model (default; torch-int8: int8 weights on "
+                             "eagle3's native CPU kernels), or OpenVINO on the CPU with fp32 or int8 weights (pip "
+                             "install openvino)")  # fmt: skip
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -35,6 +35,15 @@ class TargetRuntime(Protocol):
     def release(self, row: int) -> None: ...
 
 
+def make_runtime(target: Target, tap_layers: Sequence[int] = ()) -> TargetRuntime:
+    """The runtime the target was loaded for (Target.runtime), tapping the drafter's layers."""
+    if target.runtime in ("torch", "torch-int8"):  # (int8: the model's own weights are int8)
+        return TorchRuntime(target, tap_layers)
+    from eagle3.openvino_runtime import OpenVINORuntime
+
+    return OpenVINORuntime(target.model, tap_layers, "int8" if target.runtime == "openvino-int8" else "fp32")
+
+
 def pad_trees(trees: list[DraftTree]) -> tuple[Tensor, Tensor, Tensor]:
     """Every row's tree padded to the largest: tokens [B, n], depths [B, n] and tree masks [B, n, n]. A padding
     node is token 0 at depth 0 that sees only itself; nothing sees it, and compaction drops it."""

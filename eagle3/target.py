@@ -9,12 +9,19 @@ import torch
 
 from eagle3.fetch import DEFAULT_TARGET, resolve_model
 from eagle3.cpu_layout import for_device
+from eagle3.int8_weights import to_int8
 from eagle3.model import Transformer, load_model
 from eagle3.norm_folding import fold_norms
 from eagle3.paths import eagle3_home
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+# What runs the target's forward passes (--runtime): eagle3's PyTorch model (with int8 weights on eagle3's
+# native CPU kernels: int8_weights.py), or its graph compiled by OpenVINO for the CPU with fp32 or int8 weights
+# (openvino_runtime.py).
+RUNTIMES = ("torch", "torch-int8", "openvino", "openvino-int8")
 
 
 class PromptTooLong(ValueError):
@@ -28,6 +35,7 @@ class Target:
     model: Transformer
     tokenizer: object  # a transformers tokenizer
     eos_token_ids: frozenset[int]
+    runtime: str = "torch"  # what runs the forward passes (runtime.RUNTIMES)
 
     @property
     def context(self) -> int:
@@ -59,10 +67,23 @@ class Target:
 
 
 def load_target(
-    name_or_path: str = DEFAULT_TARGET, dtype: str | torch.dtype = "float32", device: str | None = None
+    name_or_path: str = DEFAULT_TARGET, dtype: str | torch.dtype = "float32", device: str | None = None,
+    runtime: str = "torch",
 ) -> Target:
-    """Fetches (if needed) and loads a target by preset name, local folder or hub id."""
+    """Fetches (if needed) and loads a target by preset name, local folder or hub id, for a runtime (RUNTIMES)."""
     from transformers import AutoTokenizer
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if runtime.startswith("openvino"):
+        from eagle3 import openvino_runtime
+
+        openvino_runtime.check_request(dtype, device)
+        device = "cpu"
+    elif runtime == "torch-int8":
+        if dtype not in ("float32", "fp32", torch.float32) or (device is not None and torch.device(device).type != "cpu"):
+            raise ValueError("--runtime torch-int8 runs on the CPU from float32 weights; drop --dtype and --device")
+        device = "cpu"
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -72,12 +93,13 @@ def load_target(
     hint = _rebuild_hint(path)
     try:
         # Post-load steps, outside the model's definition: norms into matmuls (every device), then the
-        # device's weight layout (on a CPU, few-row copies of the folded matrices).
-        model = for_device(fold_norms(load_model(path, dtype=dtype, device=device)))
+        # device's weight layout (on a CPU, few-row copies of the folded matrices) or int8 weights.
+        model = fold_norms(load_model(path, dtype=dtype, device=device))
     except (ValueError, OSError) as err:
         if not hint:
             raise
         raise ValueError(f"{err}{hint}") from None
+    model = for_device(model) if runtime == "torch" else to_int8(model) if runtime == "torch-int8" else model
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # transformers raises many types for a broken tokenizer folder
@@ -85,7 +107,12 @@ def load_target(
     eos = set(model.config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
-    return Target(name=name_or_path, path=path, model=model, tokenizer=tokenizer, eos_token_ids=frozenset(eos))
+    if runtime.startswith("openvino"):
+        from eagle3.openvino_runtime import check_supported
+
+        check_supported(model)
+    return Target(name=name_or_path, path=path, model=model, tokenizer=tokenizer, eos_token_ids=frozenset(eos),
+                  runtime=runtime)  # fmt: skip
 
 
 def _rebuild_hint(path: Path) -> str:

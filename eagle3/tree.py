@@ -82,6 +82,14 @@ def root_only(root_token: int) -> DraftTree:
     return DraftTree(torch.tensor([root_token], dtype=torch.long), [-1], _ROOT_DEPTHS, _ROOT_MASK, [[]], _ROOT_SCORES)
 
 
+def chain(tokens: Tensor) -> DraftTree:
+    """A tree that is one path: each node the child of the one before (a cost measurement's tree)."""
+    n = len(tokens)
+    parents = list(range(-1, n - 1))
+    return DraftTree(tokens, parents, torch.arange(n), ancestor_mask(parents), [[i + 1] for i in range(n - 1)] + [[]],
+                     torch.zeros(n))  # fmt: skip
+
+
 def ancestor_mask(parents: list[int]) -> Tensor:
     """[N, N] bool, True where j is i or an ancestor of i (parents listed before children)."""
     n = len(parents)

@@ -1,0 +1,115 @@
+"""eagle3's native CPU kernels (kernels/linear.cpp): few-row matmuls that stream each weight row once for all
+rows, in fp32 and with int8 weights. Built once per machine with its C++ compiler (-O3 -march=native) into
+$EAGLE3_HOME/kernels, and loaded with ctypes: no torch headers, so a build takes seconds.
+
+They are one more path of cpu_layout's measured choice, taken only where they are measured fastest. Without
+a compiler, on a CPU without AVX2, or with EAGLE3_NATIVE=0, they are simply absent (`library()` is None and
+`why_unavailable()` says why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from eagle3.paths import eagle3_home
+
+SOURCE = Path(__file__).parent / "kernels" / "linear.cpp"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+_library: ctypes.CDLL | None = None
+_why: str | None = None  # why the library is unavailable, once a load failed
+_width = 0  # the kernels' vector width in floats: `in` must be a multiple of it
+
+
+def why_unavailable() -> str | None:
+    """None when the kernels load; otherwise the reason, in a few words."""
+    library()
+    return _why
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernels, built first when this machine has none yet; None when they cannot be had here."""
+    global _library, _why, _width
+    if _library is not None or _why is not None:
+        return _library
+    if os.environ.get("EAGLE3_NATIVE", "1") == "0":
+        _why = "EAGLE3_NATIVE=0"
+        return None
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if compiler is None:
+        _why = "no C++ compiler (g++) on this machine"
+        return None
+    try:
+        built = _build(compiler)
+        lib = ctypes.CDLL(str(built))
+    except (OSError, subprocess.SubprocessError) as err:
+        _why = f"the kernels did not build or load ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.eagle3_linear_f32.argtypes = [p, i, i, p, i, p]
+    lib.eagle3_linear_i8.argtypes = [p, i, i, p, p, i, p]
+    lib.eagle3_vector_width.restype = i
+    _library, _width = lib, lib.eagle3_vector_width()
+    return _library
+
+
+def _build(compiler: str) -> Path:
+    """The shared library for this source, compiler and CPU, compiled into the cache when missing (written
+    to a temporary name, then renamed: a concurrent or interrupted build never leaves a broken file)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode())
+    target = eagle3_home() / "kernels" / f"linear-{digest.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def supports(x: Tensor, weight_t: Tensor) -> bool:
+    """Whether the kernels can run this matmul: fp32 on the CPU, `in` a multiple of the vector width."""
+    return (library() is not None and x.dtype == torch.float32 and weight_t.dtype in (torch.float32, torch.int8)
+            and x.device.type == "cpu" and x.shape[-1] % _width == 0)  # fmt: skip
+
+
+def linear(x: Tensor, weight_t: Tensor, scale: Tensor | None = None) -> Tensor:
+    """x [..., in] @ weight_t [out, in]^T -> [..., out] in fp32; weight_t int8 takes `scale` [out] (one per
+    output row). The caller checks `supports` first."""
+    lib = library()
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = weight_t.shape[0]
+    y = torch.empty(rows.shape[0], out, dtype=torch.float32)
+    if weight_t.dtype == torch.int8:
+        lib.eagle3_linear_i8(rows.data_ptr(), rows.shape[0], rows.shape[1], weight_t.data_ptr(), scale.data_ptr(), out,
+                             y.data_ptr())  # fmt: skip
+    else:
+        lib.eagle3_linear_f32(rows.data_ptr(), rows.shape[0], rows.shape[1], weight_t.data_ptr(), out, y.data_ptr())
+    return y.view(*x.shape[:-1], out)

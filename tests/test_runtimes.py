@@ -1,0 +1,201 @@
+"""The runtimes besides the default one, against the PyTorch reference, with the losslessness tests run against
+each: int8 weights on eagle3's native kernels (torch-int8), OpenVINO fp32 and int8. Greedy speculative output
+equals plain output of the same runtime, token for token, for every drafter and batch size; sampled output
+draws from that runtime's own distribution."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from eagle3 import native
+from eagle3.draft import new_draft
+from eagle3.drafter import Eagle3Drafter, NoDrafter
+from eagle3.engine import Engine, Request
+from eagle3.generate import generate
+from eagle3.int8_weights import quantize
+from eagle3.model import load_model
+from eagle3.pld import PromptLookupDrafter
+from eagle3.runtime import TorchRuntime
+from eagle3.sampling import SamplingParams, probs_from_logits
+from eagle3.target import load_target
+from eagle3.tree import DraftTree, TreeSpec, ancestor_mask, chain
+from oracles import TargetOracle
+from test_sampling_exact import ALPHA, PARAMS, TREE, chi_square_p_value
+
+RUNTIMES = ["torch-int8", "openvino", "openvino-int8"]
+
+
+def openvino_runtime():
+    return pytest.importorskip("eagle3.openvino_runtime", reason="the OpenVINO runtime needs the openvino package")
+PROMPTS = ["Once upon a time", "Tom had a big red", "One day, a little girl named Lily went to the park with her mom",
+           "The cat", "Sara and Ben were playing in the garden when they saw a small bird"]  # fmt: skip
+BUDGETS = [60, 25, 90, 7, 40]
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def target(request, stories_path):
+    """stories260K on the OpenVINO runtime, with "." as a stop token too (rows end at different times)."""
+    if request.param.startswith("openvino"):
+        openvino_runtime()
+    elif native.library() is None:
+        pytest.skip(f"eagle3's native kernels are unavailable here: {native.why_unavailable()}")
+    loaded = load_target(str(stories_path), runtime=request.param)
+    period = loaded.tokenizer.convert_tokens_to_ids(".")
+    return dataclasses.replace(loaded, eos_token_ids=frozenset({*loaded.eos_token_ids, period}))
+
+
+def a_tree(tokens: list[int], parents: list[int]) -> DraftTree:
+    depths = [0] * len(parents)
+    for i, p in enumerate(parents[1:], start=1):
+        depths[i] = depths[p] + 1
+    children = [[j for j, p in enumerate(parents) if p == i] for i in range(len(parents))]
+    return DraftTree(torch.tensor(tokens), parents, torch.tensor(depths), ancestor_mask(parents), children,
+                     torch.zeros(len(parents)))  # fmt: skip
+
+
+@pytest.mark.openvino
+def test_forward_matches_the_pytorch_model(stories):
+    """Prefill and a tree verify in two rows of different lengths: OpenVINO fp32 logits and taps match the
+    PyTorch runtime's, and committing a path that is no prefix keeps the two caches in step."""
+    taps = (0, 2, 4)
+    ov, ref = openvino_runtime().OpenVINORuntime(stories.model, taps), TorchRuntime(stories, taps)
+    prompts = [stories.encode(PROMPTS[2]), stories.encode(PROMPTS[0])]
+    for runtime in (ov, ref):
+        runtime.open(2, 128, spare=8)
+    for prompt in prompts:
+        (_, a, ta), (_, b, tb) = ov.prefill(prompt), ref.prefill(prompt)
+        assert torch.allclose(a, b, atol=1e-4) and torch.allclose(ta, tb, atol=1e-4)
+    trees = [a_tree([5, 6, 7, 8, 9], [-1, 0, 0, 1, 2]), a_tree([11, 12, 13], [-1, 0, 1])]
+    for paths in ([[0, 2, 4], [0, 1]], [[0, 1], [0, 1, 2]]):
+        (la, ta), (lb, tb) = ov.verify(trees), ref.verify(trees)
+        assert la.shape == lb.shape == (2, 5, stories.model.config.vocab_size)
+        assert torch.allclose(la, lb, atol=1e-4) and torch.allclose(ta, tb, atol=1e-4)
+        ov.commit(paths)
+        ref.commit(paths)
+        assert [ov.length(r) for r in (0, 1)] == [ref.length(r) for r in (0, 1)]
+    ov.release(0)
+    ref.release(0)
+    (la, _), (lb, _) = ov.verify([chain(torch.tensor([3, 4]))]), ref.verify([chain(torch.tensor([3, 4]))])
+    assert torch.allclose(la, lb, atol=1e-4)
+
+
+@pytest.mark.openvino
+def test_cache_grows_past_its_first_slots(stories):
+    """A sequence longer than the first slots (the cache doubles) decodes as the PyTorch runtime does."""
+    ov_target = dataclasses.replace(stories, runtime="openvino")
+    prompt = stories.encode(PROMPTS[2])
+    n = openvino_runtime().OpenVINORuntime.FIRST_SLOTS + 40 - len(prompt)
+    assert generate(ov_target, prompt, n).token_ids == generate(stories, prompt, n).token_ids
+
+
+@pytest.mark.openvino
+def test_openvino_int8_weights_are_close():
+    w = torch.randn(64, 96).numpy()
+    q, scale = openvino_runtime().quantize_int8(w)
+    assert q.dtype.name == "int8" and scale.shape == (64, 1)
+    assert abs(q.astype("float32") * scale - w).max() <= scale.max() / 2 + 1e-7
+
+
+def drafters(target):
+    untrained = Eagle3Drafter(new_draft(target.model.config, seed=2).attach(target.model.embed.weight))
+    return {"eagle3": (untrained, TreeSpec(10, 3, 3)), "oracle": (TargetOracle(load_model(target.path, device="cpu")),
+            TreeSpec(12, 4, 2)), "pld": (PromptLookupDrafter(4), PromptLookupDrafter(4).tree)}  # fmt: skip
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_greedy_speculation_equals_plain_on_the_same_runtime(target, rows):
+    requests = [Request(target.encode(p), b) for p, b in zip(PROMPTS, BUDGETS)]
+    plain = [r.token_ids for r in Engine(target, NoDrafter(), max_rows=1).run(requests)]
+    assert [r.token_ids for r in Engine(target, NoDrafter(), max_rows=rows).run(requests)] == plain
+    for name, (drafter, tree) in drafters(target).items():
+        results = Engine(target, drafter, tree, max_rows=rows).run(requests)
+        assert [r.token_ids for r in results] == plain, (name, rows)
+        if name == "oracle" and target.runtime == "openvino":  # (the fp32 oracle matches the fp32 target)
+            assert max(max(r.accept_lengths, default=1) for r in results) > 2
+
+
+def runtime_triples(target, prompt, params):
+    """{(x1, x2, x3): probability} under the target's own runtime, each prefix prefilled in a row."""
+    runtime = Engine(target).runtime
+    runtime.open(1, len(prompt) + 3)
+
+    def probs(ids):
+        _, logits, _ = runtime.prefill(ids)
+        runtime.release(0)
+        return probs_from_logits(logits, params)
+
+    table = {}
+    p1 = probs(prompt)
+    for a in p1.nonzero().flatten().tolist():
+        p2 = probs(prompt + [a])
+        for b in p2.nonzero().flatten().tolist():
+            p3 = probs(prompt + [a, b])
+            for c in p3.nonzero().flatten().tolist():
+                table[(a, b, c)] = float(p1[a]) * float(p2[b]) * float(p3[c])
+    return table
+
+
+def test_sampling_draws_from_the_runtime_distribution(target):
+    prompt = target.encode("One day, Tom")
+    table = runtime_triples(target, prompt, SamplingParams(**PARAMS))
+    assert abs(sum(table.values()) - 1) < 1e-4
+    drafter = drafters(target)["eagle3"][0]
+    engine = Engine(target, drafter, TREE, max_rows=4)
+    samples = []
+    for run in range(25):
+        requests = [Request(prompt, 3, SamplingParams(**PARAMS, seed=4 * run + row)) for row in range(4)]
+        samples += [tuple(r.token_ids) for r in engine.run(requests)]
+    assert chi_square_p_value(samples, table) > ALPHA
+
+
+@pytest.mark.openvino
+def test_refuses_what_it_cannot_run(stories_path):
+    with pytest.raises(ValueError, match="unknown runtime"):
+        load_target(str(stories_path), runtime="tensorrt")
+    with pytest.raises(ValueError, match="float32"):
+        load_target(str(stories_path), dtype="bfloat16", runtime="torch-int8")
+    openvino_runtime()
+    with pytest.raises(ValueError, match="fp32"):
+        load_target(str(stories_path), dtype="bfloat16", runtime="openvino")
+
+
+# ---------------------------------------------------------------------------------------------- native kernels
+
+
+@pytest.fixture
+def kernels():
+    if native.library() is None:
+        pytest.skip(f"eagle3's native kernels are unavailable here: {native.why_unavailable()}")
+
+
+@pytest.mark.parametrize("out", [4, 7, 64])
+def test_native_kernels_match_torch_and_do_not_depend_on_the_row_count(kernels, out):
+    """fp32 and int8 results are close to torch's, and each row's result is bitwise the same whether it runs
+    alone or among 1..9 rows (what makes int8 speculation lossless)."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(9, 96, generator=gen), torch.randn(96, out, generator=gen)  # w [in, out]
+    int8 = quantize(w)
+    assert torch.allclose(native.linear(x, w.t().contiguous()), x @ w, atol=1e-4)
+    assert torch.allclose(int8.matmul(x), x @ (int8.q.float() * int8.scale[:, None]).t(), atol=1e-4)
+    assert (int8.q.float() * int8.scale[:, None] - w.t()).abs().max() <= int8.scale.max() / 2 + 1e-6
+    for rows in range(1, 10):
+        for r in range(rows):
+            assert torch.equal(native.linear(x[:rows], w.t().contiguous())[r], native.linear(x[r : r + 1], w.t().contiguous())[0])
+            assert torch.equal(int8.matmul(x[:rows])[r], int8.matmul(x[r : r + 1])[0])
+
+
+def test_native_kernels_absent_say_why(monkeypatch):
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_why", None)
+    monkeypatch.setenv("EAGLE3_NATIVE", "0")
+    assert native.library() is None and native.why_unavailable() == "EAGLE3_NATIVE=0"
+    monkeypatch.setattr(native, "_why", None)
+    monkeypatch.setenv("EAGLE3_NATIVE", "1")
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    assert native.library() is None and "compiler" in native.why_unavailable()
+    from eagle3.int8_weights import to_int8
+
+    with pytest.raises(ValueError, match="native kernels"):
+        to_int8(torch.nn.Module())  # (refused before the model is looked at)
