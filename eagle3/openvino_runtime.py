@@ -1,10 +1,10 @@
 """TargetRuntime on OpenVINO: the target's forward as one compiled OpenVINO graph on the CPU, with the KV cache
-kept by this runtime (numpy, slot-major) and passed in place.
+kept by this runtime (numpy) and passed in place.
 
-Why: on a CPU, eagle3's PyTorch forward pays a fixed toll on each of ~450 small ops a token and MKL streams a
-one-row matmul at well under the memory bandwidth; OpenVINO's CPU plugin fuses the graph and streams the
-weights faster (docs/design/fast-cpu-path.md). The PyTorch model stays the reference and the training path;
-this graph is built from its loaded weights (norms folded) and follows the same math:
+Why: eagle3's PyTorch forward pays a fixed toll on each of its many small ops a token; OpenVINO's CPU plugin
+compiles the whole graph and has int8 weight kernels. How it compares is measured, not assumed
+(docs/design/fast-cpu-path.md). The PyTorch model stays the reference and the training path; this graph is
+built from its loaded weights (norms folded) and follows the same math:
 
     tokens [B, n] -> embed -> blocks (unit RMSNorm, qkv, RoPE on interleaved pairs, GQA attention over
     [cache ; new] under a host-made mask, o, SwiGLU) -> taps (chosen layers' inputs) -> the rows asked for
@@ -195,7 +195,7 @@ def compile_target(model: Transformer, taps: Sequence[int], precision: str = "fp
 class OpenVINORuntime:
     """TargetRuntime on the compiled graph. Its cache [layers, 2, rows, KV, slots, hd] holds committed keys and
     values only; its slots grow by doubling (attention reads every slot, masked past a row's length, so the
-    slots stay within twice the longest row)."""
+    slots stay within twice the longest row so far)."""
 
     FIRST_SLOTS = 256
 

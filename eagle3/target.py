@@ -35,7 +35,7 @@ class Target:
     model: Transformer
     tokenizer: object  # a transformers tokenizer
     eos_token_ids: frozenset[int]
-    runtime: str = "torch"  # what runs the forward passes (runtime.RUNTIMES)
+    runtime: str = "torch"  # what runs the forward passes (RUNTIMES)
 
     @property
     def context(self) -> int:
@@ -92,13 +92,14 @@ def load_target(
     path = resolve_model(name_or_path)
     hint = _rebuild_hint(path)
     try:
-        # Post-load steps, outside the model's definition: norms into matmuls (every device), then the
-        # device's weight layout (on a CPU, few-row copies of the folded matrices) or int8 weights.
+        # Post-load steps, outside the model's definition: norms into matmuls (every device and runtime) ...
         model = fold_norms(load_model(path, dtype=dtype, device=device))
     except (ValueError, OSError) as err:
         if not hint:
             raise
         raise ValueError(f"{err}{hint}") from None
+    # ... then the runtime's: the device's weight layout (on a CPU, few-row copies of the folded matrices), or
+    # int8 weights; OpenVINO builds its own graph from the folded model.
     model = for_device(model) if runtime == "torch" else to_int8(model) if runtime == "torch-int8" else model
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
