@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eagle3.bench import check_out, clear_out, encode_messages, fits_context, method_labels
+from eagle3.bench import RUN_KEY_DEFAULTS, check_out, clear_out, encode_messages, fits_context, method_labels
 from eagle3.drafter import NoDrafter
 from eagle3.engine import Engine, Request
 from eagle3.files import atomic_path, end_torn_line, read_text, write_text
@@ -39,7 +39,7 @@ FILES = (*RUN_FILES, "batch.md", "throughput.png")
 # What makes a run the same run (--resume compares them).
 RUN_KEYS = ("target", "draft", "draft_int8", "draft_window", "tree", "suites", "methods", "batch_sizes",
             "max_new_tokens", "limit", "temperature", "top_p", "top_k", "seed", "pld_tokens", "dtype", "device",
-            "threads", "prompts")  # fmt: skip
+            "threads", "prompts", "runtime")  # fmt: skip
 
 
 def engines(target: Target, labels: list[str], trees: list[TreeSpec], draft: str | Path | None, pld_tokens: int,
@@ -196,14 +196,14 @@ def run_batch_bench(
         "batch_sizes": batch_sizes, "max_new_tokens": max_new_tokens, "limit": limit,
         "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed,
         "pld_tokens": pld_tokens, "dtype": str(target.model.dtype), "device": str(target.model.device),
-        "threads": torch.get_num_threads(), "prompts": len(prompts), "torch": torch.__version__,
+        "runtime": target.runtime, "threads": torch.get_num_threads(), "prompts": len(prompts), "torch": torch.__version__,
         "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
     }))  # fmt: skip
     cells_path = out / "cells.jsonl"
     done: dict = {}
     if resume and (out / "batch_run.json").is_file():
         stored = json.loads(read_text(out / "batch_run.json")[0])
-        differ = [k for k in RUN_KEYS if stored.get(k) != config[k]]
+        differ = [k for k in RUN_KEYS if stored.get(k, RUN_KEY_DEFAULTS.get(k)) != config[k]]
         if differ:
             raise ValueError(f"--resume: {out / 'batch_run.json'} is another run (its {', '.join(differ)} differ); "
                              "rerun with the same options, or pass --overwrite to start over")  # fmt: skip

@@ -59,7 +59,8 @@ RUN_FILES = ("run.json", "rows.jsonl", "results.json")  # any of them: OUT holds
 # configuration (date, torch version, skipped questions) is recorded, not compared.
 RUN_KEYS = ("target", "draft", "draft_int8", "draft_window", "tree", "suites", "methods", "max_new_tokens",
             "limit", "temperature", "top_p", "top_k", "seed", "pld_tokens", "assistant", "data", "dtype", "device",
-            "threads")  # fmt: skip
+            "threads", "runtime")  # fmt: skip
+RUN_KEY_DEFAULTS = {"runtime": "torch"}  # keys runs made before them lack, with the value those runs had
 
 OUTLIER_MADS = 5.0  # robust standard deviations (1.4826 MAD) from the median log ratio: see outliers
 OUTLIER_MIN_RATIO = 1.5  # never flag a question within this factor of the method's median ratio
@@ -474,9 +475,10 @@ def resumed_records(out: Path, config: dict, questions: list[Question]) -> dict[
         raise ValueError(f"{run_path} is not valid JSON ({err}); pass --overwrite to start over") from None
     if not isinstance(stored, dict):
         raise ValueError(f"{run_path} is not a bench configuration; pass --overwrite to start over")
-    differ = [k for k in RUN_KEYS if stored.get(k) != config[k]]
+    then = {k: stored.get(k, RUN_KEY_DEFAULTS.get(k)) for k in RUN_KEYS}
+    differ = [k for k in RUN_KEYS if then[k] != config[k]]
     if differ:
-        shown = ", ".join(f"{k} ({stored.get(k)!r} there, {config[k]!r} now)" for k in differ)
+        shown = ", ".join(f"{k} ({then[k]!r} there, {config[k]!r} now)" for k in differ)
         raise ValueError(f"--resume: {run_path} is another run, its {shown} differ; rerun with the same options, "
                          "or pass --overwrite to start over")  # fmt: skip
     records = read_records(rows_path)
@@ -576,7 +578,7 @@ def run_bench(
         "max_new_tokens": max_new_tokens, "limit": limit, "temperature": sampling.temperature,
         "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed, "pld_tokens": pld_tokens,
         "assistant": assistant, "data": str(folder.resolve()), "dtype": str(target.model.dtype),
-        "device": str(target.model.device), "threads": torch.get_num_threads(),
+        "device": str(target.model.device), "threads": torch.get_num_threads(), "runtime": target.runtime,
         "skipped": skipped,
         "malformed_rows": {f.path.stem: f.malformed for f in files if f.malformed},
         "undecodable_bytes": {f.path.stem: f.replaced for f in files if f.replaced},

@@ -24,9 +24,12 @@ of the same runtime and precision).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import sys
 import weakref
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -176,6 +179,34 @@ def build_graph(model: Transformer, taps: Sequence[int], precision: str = "fp32"
     return ov.Model(outputs, params, "eagle3_target")
 
 
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+@contextlib.contextmanager
+def _own_signal_stack() -> Iterator[None]:
+    """Restores the calling thread's alternate signal stack after OpenVINO ran. OpenVINO's CPU plugin installs
+    one of its own on the thread that compiles or infers, and that memory can be freed with the plugin's
+    objects; CPython runs its signal handlers on the alternate stack (SA_ONSTACK), so a later SIGINT or
+    SIGTERM then crashed the process (SIGSEGV at delivery)."""
+    if _LIBC is None:
+        yield
+        return
+    before = _SignalStack()
+    _LIBC.sigaltstack(None, ctypes.byref(before))
+    try:
+        yield
+    finally:
+        after = _SignalStack()
+        _LIBC.sigaltstack(None, ctypes.byref(after))
+        if (after.ss_sp, after.ss_size, after.ss_flags) != (before.ss_sp, before.ss_size, before.ss_flags):
+            before.ss_flags &= ~1  # (SS_ONSTACK is a state sigaltstack reports, not a flag it takes)
+            _LIBC.sigaltstack(ctypes.byref(before), None)
+
+
 # model -> {(taps, precision, threads): compiled model}: compiling takes seconds, and engines come and go.
 _COMPILED: "weakref.WeakKeyDictionary[Transformer, dict[tuple, object]]" = weakref.WeakKeyDictionary()
 
@@ -188,7 +219,8 @@ def compile_target(model: Transformer, taps: Sequence[int], precision: str = "fp
     if key not in compiled:
         config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": "f32"}  # (fp32 activations on every CPU, never bf16)
-        compiled[key] = ov.Core().compile_model(build_graph(model, taps, precision), "CPU", config)
+        with _own_signal_stack():
+            compiled[key] = ov.Core().compile_model(build_graph(model, taps, precision), "CPU", config)
     return compiled[key]
 
 
@@ -203,7 +235,8 @@ class OpenVINORuntime:
         if not model.device.type == "cpu":
             raise ValueError(f"the OpenVINO runtime runs on the CPU; the target is on {model.device}")
         self.model, self.tap_layers, self.precision = model, tuple(tap_layers), precision
-        self.request = compile_target(model, self.tap_layers, precision).create_infer_request()
+        with _own_signal_stack():
+            self.request = compile_target(model, self.tap_layers, precision).create_infer_request()
         cfg = model.config
         self._groups = cfg.num_heads // cfg.num_kv_heads
         self._windows = sorted({w for w in (cfg.sliding_windows or ()) if w is not None})
@@ -313,7 +346,8 @@ class OpenVINORuntime:
                 seen = allowed & (positions[:, :, None] - k_pos[:, None, :] < window)
             bias = np.where(seen, np.float32(0), np.float32(-np.inf))
             inputs[f"mask_{window or 'full'}"] = np.tile(bias, (1, self._groups, 1))[:, None]
-        self.request.infer(inputs, share_inputs=True)
+        with _own_signal_stack():
+            self.request.infer(inputs, share_inputs=True)
         out = self.request
         taps = out.get_tensor("taps").data if self.tap_layers else None
         return out.get_tensor("logits").data, taps, out.get_tensor("new_kv").data

@@ -7,13 +7,6 @@ import torch
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
-def pytest_collection_modifyitems(config, items):
-    """The OpenVINO runtime's tests run last. Known problem, not understood yet: after OpenVINO inference in
-    this process and several other test modules, test_train's self-sent SIGTERM crashed the process
-    (SIGSEGV) in 3 of 3 full runs; it never did without OpenVINO, or with OpenVINO and that test alone."""
-    items.sort(key=lambda item: item.get_closest_marker("openvino") is not None or "[openvino" in item.nodeid)
-
-
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
     """stories260K from the shared data folder ($EAGLE3_SHARED, else ../shared beside the checkout)."""

@@ -3,6 +3,7 @@ each: int8 weights on eagle3's native kernels (torch-int8), OpenVINO fp32 and in
 equals plain output of the same runtime, token for token, for every drafter and batch size; sampled output
 draws from that runtime's own distribution."""
 
+import ctypes
 import dataclasses
 
 import pytest
@@ -78,6 +79,26 @@ def test_forward_matches_the_pytorch_model(stories):
     ref.release(0)
     (la, _), (lb, _) = ov.verify([chain(torch.tensor([3, 4]))]), ref.verify([chain(torch.tensor([3, 4]))])
     assert torch.allclose(la, lb, atol=1e-4)
+
+
+@pytest.mark.openvino
+def test_the_thread_keeps_its_signal_stack(stories):
+    """OpenVINO installs an alternate signal stack of its own on the thread that runs it, in memory freed with
+    its objects; CPython handles signals on that stack, so a later SIGTERM crashed the process. The runtime
+    gives the thread its own back."""
+    ov = openvino_runtime()
+    if ov._LIBC is None:
+        pytest.skip("sigaltstack is read through Linux's libc")
+
+    def current():
+        stack = ov._SignalStack()
+        ov._LIBC.sigaltstack(None, ctypes.byref(stack))
+        return stack.ss_sp, stack.ss_size
+
+    before = current()
+    ov_target = dataclasses.replace(stories, runtime="openvino")
+    generate(ov_target, stories.encode(PROMPTS[0]), 5)
+    assert current() == before
 
 
 @pytest.mark.openvino
