@@ -27,7 +27,6 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 _library: ctypes.CDLL | None = None
 _why: str | None = None  # why the library is unavailable, once a load failed
-_width = 0  # the kernels' vector width in floats: `in` must be a multiple of it
 
 
 def why_unavailable() -> str | None:
@@ -38,7 +37,7 @@ def why_unavailable() -> str | None:
 
 def library() -> ctypes.CDLL | None:
     """The kernels, built first when this machine has none yet; None when they cannot be had here."""
-    global _library, _why, _width
+    global _library, _why
     if _library is not None or _why is not None:
         return _library
     if os.environ.get("EAGLE3_NATIVE", "1") == "0":
@@ -57,8 +56,7 @@ def library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.eagle3_linear_f32.argtypes = [p, i, i, p, i, p]
     lib.eagle3_linear_i8.argtypes = [p, i, i, p, p, i, p]
-    lib.eagle3_vector_width.restype = i
-    _library, _width = lib, lib.eagle3_vector_width()
+    _library = lib
     return _library
 
 
@@ -94,17 +92,12 @@ def _cpu_flags() -> str:
     return ""
 
 
-def supports(x: Tensor, weight_t: Tensor) -> bool:
-    """Whether the kernels can run this matmul: fp32 on the CPU, `in` a multiple of the vector width."""
-    return (library() is not None and x.dtype == torch.float32 and weight_t.dtype in (torch.float32, torch.int8)
-            and x.device.type == "cpu" and x.shape[-1] % _width == 0)  # fmt: skip
-
-
 def linear(x: Tensor, weight_t: Tensor, scale: Tensor | None = None) -> Tensor:
-    """x [..., in] @ weight_t [out, in]^T -> [..., out] in fp32; weight_t int8 takes `scale` [out] (one per
-    output row). The caller checks `supports` first."""
+    """x [..., in] @ weight_t [out, in]^T -> [..., out], x and the result fp32 on the CPU; weight_t int8 takes
+    `scale` [out] (one per output row). The caller checks `library()` first."""
     lib = library()
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    weight_t = weight_t.contiguous()
     out = weight_t.shape[0]
     y = torch.empty(rows.shape[0], out, dtype=torch.float32)
     if weight_t.dtype == torch.int8:

@@ -35,29 +35,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from eagle3.model import Transformer, rope_inv_freq
+from eagle3.int8_weights import quantize
+from eagle3.model import KVCache, Transformer, rope_inv_freq
 from eagle3.tree import DraftTree
 
 PRECISIONS = ("fp32", "int8")
 
 
-def _require_openvino():
+def require_openvino():
     try:
         import openvino as ov
     except ImportError:
         raise ValueError("the OpenVINO runtime needs the openvino package: pip install openvino") from None
     return ov
-
-
-def check_request(dtype: str | torch.dtype, device: str | None) -> None:
-    """Refuses, before loading, what this runtime cannot run: no openvino package, a device other than the CPU,
-    a dtype other than fp32 (int8 is the runtime's own choice, applied to fp32 weights)."""
-    _require_openvino()
-    if device is not None and torch.device(device).type != "cpu":
-        raise ValueError(f"the OpenVINO runtime runs on the CPU, not {device}; drop --device or use --runtime torch")
-    if dtype not in ("float32", "fp32", torch.float32):
-        raise ValueError(f"the OpenVINO runtime takes fp32 weights (--dtype float32), not {dtype}; "
-                         "for int8 use --runtime openvino-int8")
 
 
 def check_supported(model: Transformer) -> None:
@@ -69,17 +59,9 @@ def check_supported(model: Transformer) -> None:
         raise ValueError(f"the OpenVINO runtime builds from an fp32 model, not {model.dtype}; load with --dtype fp32")
 
 
-def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output channel of w [out, in]: (q int8 [out, in], scale fp32 [out, 1]), w ~ q * scale."""
-    amax = np.abs(w).max(axis=1, keepdims=True)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-    return q, scale
-
-
 def build_graph(model: Transformer, taps: Sequence[int], precision: str = "fp32"):
     """The target's forward as an openvino.Model (see the module docstring for its inputs and outputs)."""
-    ov = _require_openvino()
+    ov = require_openvino()
     from openvino import opset15 as ops
 
     if precision not in PRECISIONS:
@@ -104,12 +86,13 @@ def build_graph(model: Transformer, taps: Sequence[int], precision: str = "fp32"
         return ops.constant(np.array(v, dtype=np.int64))
 
     def matmul(x, weight_in_out: Tensor, bias: Tensor | None):
-        w = weight_in_out.detach().t().contiguous().numpy()  # [out, in]: the layout OpenVINO's FC kernels take
+        # [out, in]: the layout OpenVINO's FC kernels take; int8 as int8_weights quantizes (OpenVINO fuses the
+        # dequantizing multiply into its int8 kernel).
         if precision == "int8":
-            q, scale = quantize_int8(w)
-            w_node = ops.multiply(ops.convert(ops.constant(q), "f32"), ops.constant(scale))
+            int8 = quantize(weight_in_out)
+            w_node = ops.multiply(ops.convert(const(int8.q), "f32"), const(int8.scale[:, None]))
         else:
-            w_node = ops.constant(w)
+            w_node = const(weight_in_out.detach().t())
         y = ops.matmul(x, w_node, transpose_a=False, transpose_b=True)
         return y if bias is None else ops.add(y, const(bias))
 
@@ -213,7 +196,7 @@ _COMPILED: "weakref.WeakKeyDictionary[Transformer, dict[tuple, object]]" = weakr
 
 def compile_target(model: Transformer, taps: Sequence[int], precision: str = "fp32"):
     """The target's graph compiled for this CPU (once per model, taps, precision and thread count)."""
-    ov = _require_openvino()
+    ov = require_openvino()
     compiled = _COMPILED.setdefault(model, {})
     key = (tuple(taps), precision, torch.get_num_threads())
     if key not in compiled:
@@ -225,8 +208,8 @@ def compile_target(model: Transformer, taps: Sequence[int], precision: str = "fp
 
 
 class OpenVINORuntime:
-    """TargetRuntime on the compiled graph. Its cache [layers, 2, rows, KV, slots, hd] holds committed keys and
-    values only; its slots grow by doubling (attention reads every slot, masked past a row's length, so the
+    """TargetRuntime on the compiled graph. Its cache (a model.KVCache, read by OpenVINO through numpy views)
+    holds committed keys and values only; its slots grow by doubling (attention reads every slot, masked past a row's length, so the
     slots stay within twice the longest row so far)."""
 
     FIRST_SLOTS = 256
@@ -242,33 +225,31 @@ class OpenVINORuntime:
         self._windows = sorted({w for w in (cfg.sliding_windows or ()) if w is not None})
         self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings).double().numpy()
         self.rows, self.max_len = 0, 0
-        self.lengths: list[int] = []
-        self.cache = np.zeros((cfg.num_layers, 2, 0, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+        self.cache = self._empty_cache(0, 0)
         self._new_kv: np.ndarray | None = None  # the last verify's keys and values [layers, 2, B, KV, n, hd]
 
     def open(self, max_rows: int, max_len: int, spare: int = 0) -> None:
         """Room for max_rows sequences of up to max_len committed positions (tree nodes take no slots here, so
         `spare` is not needed); no rows yet."""
         self.max_len = min(max_len, self.model.config.context_length)
-        L, _, _, KV, _, hd = self.cache.shape
-        self.cache = np.zeros((L, 2, max_rows, KV, min(self.max_len, self.FIRST_SLOTS), hd), np.float32)
-        self.lengths, self.rows = [0] * max_rows, 0
+        self.cache = self._empty_cache(max_rows, min(self.max_len, self.FIRST_SLOTS))
+        self.rows = 0
 
     def length(self, row: int) -> int:
-        return self.lengths[row]
+        return self.cache.lengths[row]
 
     def prefill(self, prompt_ids: Sequence[int]) -> tuple[int, Tensor, Tensor | None]:
         """A new sequence in the next free row: (its row, the logits after its prompt [V], its taps [P, ...])."""
-        if self.rows >= len(self.lengths):
-            raise ValueError(f"no free row: the batch holds {len(self.lengths)} sequences")
+        if self.rows >= self.cache.rows:
+            raise ValueError(f"no free row: the batch holds {self.cache.rows} sequences")
         n = len(prompt_ids)
         self._reserve(n)
         row = self.rows
         tokens = np.asarray([list(prompt_ids)], dtype=np.int64)
         causal = np.tril(np.ones((n, n), dtype=bool))[None]
         logits, taps, new_kv = self._run(tokens, np.arange(n)[None], causal, range(row, row + 1), np.array([n - 1]))
-        self.cache[:, :, row, :, :n] = new_kv[:, :, 0]
-        self.lengths[row] = n
+        self.cache.kv[:, :, row, :, :n] = torch.from_numpy(new_kv[:, :, 0])
+        self.cache.lengths[row] = n
         self.rows += 1
         return row, torch.from_numpy(logits[0, -1].copy()), None if taps is None else torch.from_numpy(taps[0].copy())
 
@@ -279,7 +260,7 @@ class OpenVINORuntime:
         if len(trees) != self.rows:
             raise ValueError(f"{len(trees)} trees for {self.rows} rows")
         tokens, depths, masks = pad_trees(trees)
-        positions = np.asarray(self.lengths[: self.rows])[:, None] + depths.numpy()
+        positions = np.asarray(self.cache.lengths[: self.rows])[:, None] + depths.numpy()
         if int(positions.max()) >= self.model.config.context_length:
             raise ValueError(f"position {int(positions.max())} is beyond the model's context of {self.model.config.context_length}")
         n = tokens.shape[1]
@@ -289,35 +270,36 @@ class OpenVINORuntime:
     def commit(self, paths: list[list[int]]) -> None:
         """Each row keeps its accepted path of the tree it last verified: those nodes' keys and values go after
         the row's committed slots."""
-        new = self._new_kv
-        self._reserve(max(self.lengths[row] + len(path) for row, path in enumerate(paths)))
+        lengths = self.cache.lengths
+        self._reserve(max(lengths[row] + len(path) for row, path in enumerate(paths)))
+        kv, new = self.cache.kv.numpy(), self._new_kv
         for row, path in enumerate(paths):
             if path:
-                start = self.lengths[row]
-                self.cache[:, :, row, :, start : start + len(path)] = new[:, :, row][:, :, :, path]
-                self.lengths[row] = start + len(path)
+                start = lengths[row]
+                kv[:, :, row, :, start : start + len(path)] = new[:, :, row][:, :, :, path]
+                lengths[row] = start + len(path)
 
     def release(self, row: int) -> None:
         """Frees a row: the last row moves into it, so the live rows stay 0 .. rows-1."""
-        last = self.rows - 1
-        if row != last:
-            length = self.lengths[last]
-            self.cache[:, :, row, :, :length] = self.cache[:, :, last, :, :length]
-            self.lengths[row] = length
-        self.lengths[last] = 0
+        self.cache.free_row(row, self.rows - 1)
         self.rows -= 1
+
+    def _empty_cache(self, rows: int, slots: int) -> KVCache:
+        cfg = self.model.config
+        return KVCache(cfg.num_layers, rows, cfg.num_kv_heads, slots, cfg.head_dim, torch.float32, torch.device("cpu"))
 
     def _reserve(self, slots: int) -> None:
         """Room for `slots` committed slots in every row: the slots double until they fit."""
         if slots > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions; {slots} do not fit")
-        have = self.cache.shape[4]
+        have = self.cache.max_len
         if slots > have:
             size = have
             while size < slots:
                 size = min(2 * size, self.max_len)
-            grown = np.zeros((*self.cache.shape[:4], size, self.cache.shape[5]), np.float32)
-            grown[:, :, :, :, :have] = self.cache
+            grown = self._empty_cache(self.cache.rows, size)
+            grown.kv[:, :, :, :, :have] = self.cache.kv
+            grown.lengths = self.cache.lengths
             self.cache = grown
 
     def _run(self, tokens: np.ndarray, positions: np.ndarray, tree: np.ndarray, rows: range,
@@ -326,17 +308,17 @@ class OpenVINORuntime:
         where tree [B, n, n] allows, and its row's committed slots; returns logits, taps and the new keys and
         values."""
         B, n = tokens.shape
-        slots = self.cache.shape[4]
+        slots, kv = self.cache.max_len, self.cache.kv.numpy()
         angles = positions[..., None] * self._inv_freq  # [B, n, hd / 2]
         cos, sin = np.cos(angles), np.sin(angles)
         inputs = {"tokens": tokens, "logit_rows": logit_rows.astype(np.int64), "split_sizes": np.array([slots, n]),
                   "cos": np.repeat(cos, 2, axis=-1).astype(np.float32),
                   "sin": np.stack([-sin, sin], axis=-1).reshape(B, n, -1).astype(np.float32)}  # fmt: skip
-        for i in range(self.cache.shape[0]):  # (rows are consecutive: each layer's block is contiguous)
-            inputs[f"k_{i}"] = self.cache[i, 0, rows.start : rows.stop]
-            inputs[f"v_{i}"] = self.cache[i, 1, rows.start : rows.stop]
+        for i in range(kv.shape[0]):  # (rows are consecutive: each layer's block is contiguous)
+            inputs[f"k_{i}"] = kv[i, 0, rows.start : rows.stop]
+            inputs[f"v_{i}"] = kv[i, 1, rows.start : rows.stop]
         # Keys: the cache's slots (row b's valid below its length), then the n new tokens.
-        lengths = np.asarray(self.lengths[rows.start : rows.stop])
+        lengths = np.asarray(self.cache.lengths[rows.start : rows.stop])
         committed = np.arange(slots)[None, :] < lengths[:, None]  # [B, slots]
         allowed = np.concatenate([np.broadcast_to(committed[:, None, :], (B, n, slots)), tree], axis=2)
         for window in [None, *self._windows]:

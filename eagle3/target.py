@@ -75,14 +75,14 @@ def load_target(
 
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
-    if runtime.startswith("openvino"):
-        from eagle3 import openvino_runtime
-
-        openvino_runtime.check_request(dtype, device)
-        device = "cpu"
-    elif runtime == "torch-int8":
+    if runtime != "torch":  # (the others build their own weights from fp32 ones, on the CPU)
         if dtype not in ("float32", "fp32", torch.float32) or (device is not None and torch.device(device).type != "cpu"):
-            raise ValueError("--runtime torch-int8 runs on the CPU from float32 weights; drop --dtype and --device")
+            raise ValueError(f"--runtime {runtime} runs on the CPU from float32 weights (int8 is its own choice); "
+                             "drop --dtype and --device")  # fmt: skip
+        if runtime.startswith("openvino"):
+            from eagle3.openvino_runtime import require_openvino
+
+            require_openvino()
         device = "cpu"
 
     if isinstance(dtype, str):

@@ -16,7 +16,7 @@ from eagle3.pld import PromptLookupDrafter
 from eagle3.sampling import SamplingParams
 from eagle3.tree import TreeSpec
 from oracles import TargetOracle
-from test_sampling_exact import ALPHA, PARAMS, TREE, chi_square_p_value, exact_triples
+from test_sampling_exact import ALPHA, PARAMS, TREE, batched_triples, chi_square_p_value, exact_triples
 
 PROMPTS = ["Once upon a time", "Tom had a big red", "One day, a little girl named Lily went to the park with her mom",
            "The cat", "Sara and Ben were playing in the garden when they saw a small bird", "Max",
@@ -90,11 +90,7 @@ def test_batched_sampling_matches_the_target_distribution(stories, which):
     prompt = stories.encode("One day, Tom")
     table = exact_triples(stories, prompt, SamplingParams(**PARAMS))
     drafter = drafters(stories)[which][0]
-    engine = Engine(stories, drafter, TREE, max_rows=4)
-    samples = []
-    for run in range(25):
-        requests = [Request(prompt, 3, SamplingParams(**PARAMS, seed=4 * run + row)) for row in range(4)]
-        samples += [tuple(r.token_ids) for r in engine.run(requests)]
+    samples = batched_triples(Engine(stories, drafter, TREE, max_rows=4), prompt)
     assert chi_square_p_value(samples, table) > ALPHA
     # Rows are independent: the same seed in another row, or alone, draws the same tokens.
     alone = Engine(stories, drafter, TREE).run([Request(prompt, 3, SamplingParams(**PARAMS, seed=5))])[0]

@@ -45,6 +45,7 @@ from scipy.stats import chi2
 from eagle3 import verify
 from eagle3.draft import new_draft
 from eagle3.drafter import Eagle3Drafter
+from eagle3.engine import Request
 from eagle3.model import load_model
 from eagle3.sampling import SamplingParams, probs_from_logits, sample_from_probs
 from eagle3.speculative import speculative_generate
@@ -307,6 +308,15 @@ def exact_triples(target, prompt, params):
         for c in p3[j].nonzero().flatten().tolist():
             table[(a, b, c)] = base * float(p3[j, c])
     return table
+
+
+def batched_triples(engine, prompt, runs=25, rows=4):
+    """First three tokens of runs x rows sequences of one prompt, decoded `rows` at a time, each with a seed."""
+    samples = []
+    for run in range(runs):
+        requests = [Request(prompt, 3, SamplingParams(**PARAMS, seed=rows * run + row)) for row in range(rows)]
+        samples += [tuple(r.token_ids) for r in engine.run(requests)]
+    return samples
 
 
 def speculative_triples(target, drafter, prompt, params_kw, n, seed0=0):

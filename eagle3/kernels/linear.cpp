@@ -34,14 +34,19 @@ static inline vec vload_i8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_c
 
 static const int PREFETCH = 64 * 8;  // elements ahead of the current position in a weight row
 
-// Weight rows [o, o + 4) against R input rows; `in` is a multiple of WIDTH (the caller checks).
+static inline float weight_at(const float* row, int i) { return row[i]; }
+static inline float weight_at(const int8_t* row, int i) { return (float)row[i]; }
+
+// Weight rows [o, o + 4) against R input rows. The last in % WIDTH columns are summed one by one, after the
+// vector lanes: every input row takes the same order whatever R is.
 template <int R, typename W>
 static inline void block(const float* x, int in, const W* w, int o, float* y, int out, const float* scale) {
   vec acc[R][4];
   for (int r = 0; r < R; r++)
     for (int j = 0; j < 4; j++) acc[r][j] = vzero();
   const W* rows[4] = {w + (int64_t)o * in, w + (int64_t)(o + 1) * in, w + (int64_t)(o + 2) * in, w + (int64_t)(o + 3) * in};
-  for (int i = 0; i < in; i += WIDTH) {
+  const int body = in - in % WIDTH;
+  for (int i = 0; i < body; i += WIDTH) {
     vec wv[4];
     for (int j = 0; j < 4; j++) {
       _mm_prefetch((const char*)(rows[j] + i + PREFETCH), _MM_HINT_T0);
@@ -54,7 +59,11 @@ static inline void block(const float* x, int in, const W* w, int o, float* y, in
     }
   }
   for (int r = 0; r < R; r++)
-    for (int j = 0; j < 4; j++) y[(int64_t)r * out + o + j] = scale ? vsum(acc[r][j]) * scale[o + j] : vsum(acc[r][j]);
+    for (int j = 0; j < 4; j++) {
+      float sum = vsum(acc[r][j]);
+      for (int i = body; i < in; i++) sum += weight_at(rows[j], i) * x[(int64_t)r * in + i];
+      y[(int64_t)r * out + o + j] = scale ? sum * scale[o + j] : sum;
+    }
 }
 
 // One weight row (the tail when out is not a multiple of 4).
@@ -63,13 +72,16 @@ static inline void single(const float* x, int rows, int in, const W* w, int o, f
   for (int r = 0; r < rows; r++) {
     vec acc = vzero();
     const W* row = w + (int64_t)o * in;
-    for (int i = 0; i < in; i += WIDTH) {
+    const int body = in - in % WIDTH;
+    for (int i = 0; i < body; i += WIDTH) {
       vec wv;
       if constexpr (sizeof(W) == 1) wv = vload_i8((const int8_t*)row + i);
       else wv = vload((const float*)row + i);
       acc = vfma(wv, vload(x + (int64_t)r * in + i), acc);
     }
-    y[(int64_t)r * out + o] = scale ? vsum(acc) * scale[o] : vsum(acc);
+    float sum = vsum(acc);
+    for (int i = body; i < in; i++) sum += weight_at(row, i) * x[(int64_t)r * in + i];
+    y[(int64_t)r * out + o] = scale ? sum * scale[o] : sum;
   }
 }
 
@@ -95,8 +107,6 @@ static void linear(const float* x, int rows, int in, const W* w, int out, float*
 }
 
 extern "C" {
-int eagle3_vector_width() { return WIDTH; }
-
 void eagle3_linear_f32(const float* x, int rows, int in, const float* w, int out, float* y) {
   linear<float>(x, rows, in, w, out, y, nullptr);
 }
