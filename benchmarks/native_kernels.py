@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from eagle3 import native
-from eagle3.int8_weights import quantize
+from eagle3.native_weights import quantize
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)] * 30 + [(576, 49152)]  # SmolLM2-135M, [in, out]
 

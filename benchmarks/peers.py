@@ -1,6 +1,6 @@
 """eagle3's runtimes and precisions side by side in one run, on the same prompts: plain decoding and EAGLE-3
-(the shipped draft, auto tree) on the PyTorch runtime in fp32 and int8 and on OpenVINO fp32 and int8, with transformers'
-`generate` as the outside reference.
+(the shipped draft, auto tree) on the PyTorch runtime, on eagle3's native kernels in fp32 and int8 and on OpenVINO
+fp32 and int8, with transformers' `generate` as the outside reference.
 
     python benchmarks/peers.py [--limit 5] [--max-new-tokens 128] [--out runs/peers]
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-RUNTIMES = ("torch", "torch-int8", "openvino", "openvino-int8")
+RUNTIMES = ("torch", "native", "native-int8", "openvino", "openvino-int8")
 
 
 def rss_mb() -> float:

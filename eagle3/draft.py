@@ -160,6 +160,7 @@ class Eagle3Draft(nn.Module):
         self.embed_weight: Tensor | None = None
         self.cache: KVCache | None = None
         self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        self.native = None  # native_draft.NativeDraft, when the step runs on the native kernels instead
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -201,6 +202,8 @@ class Eagle3Draft(nn.Module):
         (per row, or one for all rows; default: the first new slot) through the new ones, True where attention
         is allowed; a row's earlier slots are always visible. Default mask: causal among the new tokens.
         """
+        if self.native is not None:
+            return self.native.forward(tokens, hidden, positions, mask, mask_start)
         cfg, cache = self.config, self.cache
         if cache is None:
             raise RuntimeError("call setup_cache() before forward()")
@@ -263,6 +266,8 @@ class Eagle3Draft(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         """Logits over the draft vocabulary."""
+        if self.native is not None:
+            return self.native.logits(h)
         return dense(self.lm_head, self.norm(h))
 
 

@@ -244,8 +244,9 @@ def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
                  prompt_window: int | None = DEFAULT_PROMPT_WINDOW) -> Eagle3Drafter:  # fmt: skip
     """An EAGLE-3 drafter from a checkpoint folder, checked against and attached to the target; it taps the
     target layers its config names (the target's defaults when it names none). int8: run the draft's lm_head
-    in int8 (draft.quantize_int8); default: wherever it is supported (float32 on CPU). prompt_window: how many
-    of a prompt's last tokens the draft reads (None: all)."""
+    in int8 (draft.quantize_int8); default: wherever it is supported (float32 on CPU). On the native runtimes
+    the draft's step runs on the native kernels too (native_draft.py). prompt_window: how many of a prompt's
+    last tokens the draft reads (None: all)."""
     from eagle3.checkpoint import load_draft
     from eagle3.draft import int8_supported, quantize_int8
 
@@ -253,7 +254,12 @@ def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
         raise ValueError(f"the draft's prompt window must be at least 1 token (None: the whole prompt), got {prompt_window}")
     model = target.model
     draft = load_draft(path, model.config, device=model.device, dtype=model.dtype)
-    if int8 or (int8 is None and int8_supported(model.device, model.dtype)):
+    int8 = int8 or (int8 is None and int8_supported(model.device, model.dtype))
+    if target.runtime.startswith("native"):
+        from eagle3.native_draft import NativeDraft
+
+        draft.native = NativeDraft(draft, head_int8=bool(int8))
+    elif int8:
         quantize_int8(draft)
     return Eagle3Drafter(draft.attach(model.embed.weight), prompt_window)
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from eagle3.config import ModelConfig, RopeConfig, load_config
 from eagle3.cpu_layout import matmul
-from eagle3.int8_weights import Int8Weight
+from eagle3.native_weights import NativeWeight
 
 
 def default_device() -> torch.device:
@@ -241,7 +241,7 @@ def _constant(value: float, device: torch.device) -> Tensor:
     return _CONSTANTS[key]
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None, weight_t: Tensor | Int8Weight | None = None,
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, weight_t: Tensor | NativeWeight | None = None,
            paths: tuple[str, ...] = ()) -> Tensor:
     """x @ weight (+ bias) with weight stored [in, out], transposed from nn.Linear and HF: for one-row
     inputs (decoding, bound by reading the weights) MKL streams this layout fast on CPU.
@@ -250,7 +250,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, weight_t: Tensor | In
     rows by the path `paths` names for that row count (cpu_layout.PATHS, measured per machine): for a few
     rows, x @ weight can cost several times one row, and another layout or call does not.
     """
-    if isinstance(weight_t, Int8Weight):  # (int8_weights.to_int8: the matrix lives there alone)
+    if isinstance(weight_t, NativeWeight):  # (native_weights.to_native: the matrix lives there alone)
         y = weight_t.matmul(x)
         return y if bias is None else y + bias
     rows = x.numel() // x.shape[-1]

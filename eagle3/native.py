@@ -1,5 +1,6 @@
-"""eagle3's native CPU kernels (kernels/linear.cpp): few-row matmuls that stream each weight row once for all
-rows, in fp32 and with int8 weights. Built once per machine with its C++ compiler (-O3 -march=native) into
+"""eagle3's native CPU kernels (kernels/*.cpp): few-row matmuls that stream each weight row once for all
+rows, in fp32 and with int8 weights (linear.cpp), and a forward's decoder layers as one call (forward.cpp: the
+target's for native_forward.py, the EAGLE-3 draft's for native_draft.py). Built once per machine with its C++ compiler (-O3 -march=native) into
 $EAGLE3_HOME/kernels, and loaded with ctypes: no torch headers, so a build takes seconds.
 
 They are one more path of cpu_layout's measured choice, taken only where they are measured fastest. Without
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from eagle3.paths import eagle3_home
 
-SOURCE = Path(__file__).parent / "kernels" / "linear.cpp"
+KERNELS = Path(__file__).parent / "kernels"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 _library: ctypes.CDLL | None = None
@@ -56,6 +57,9 @@ def library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.eagle3_linear_f32.argtypes = [p, i, i, p, i, p]
     lib.eagle3_linear_i8.argtypes = [p, i, i, p, p, i, p]
+    lib.eagle3_forward.argtypes = [p, p, ctypes.c_float, p, p, p, p, p, p, p, i, p]
+    lib.eagle3_draft_forward.argtypes = [p, p, ctypes.c_float, p, p, p, p, p, p, p]
+    lib.eagle3_draft_logits.argtypes = [p, i, i, i, ctypes.c_float, p, p]
     _library = lib
     return _library
 
@@ -64,15 +68,18 @@ def _build(compiler: str) -> Path:
     """The shared library for this source, compiler and CPU, compiled into the cache when missing (written
     to a temporary name, then renamed: a concurrent or interrupted build never leaves a broken file)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode())
-    target = eagle3_home() / "kernels" / f"linear-{digest.hexdigest()[:16]}.so"
+    sources = sorted(KERNELS.glob("*.cpp"))
+    digest = hashlib.sha256(version.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode())
+    for path in sorted(KERNELS.glob("*.[ch]pp")):
+        digest.update(path.name.encode() + path.read_bytes())
+    target = eagle3_home() / "kernels" / f"eagle3-{digest.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+        result = subprocess.run([compiler, *FLAGS, *map(str, sources), "-o", tmp], capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             raise OSError(f"{compiler} failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
         os.replace(tmp, target)

@@ -123,9 +123,9 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, dtype_help: str = "fl
     parser.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--threads", type=threads, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
-                        help="what runs the target: eagle3's PyTorch model (default; torch-int8: int8 weights on "
-                             "eagle3's native CPU kernels), or OpenVINO on the CPU with fp32 or int8 weights (pip "
-                             "install openvino)")  # fmt: skip
+                        help="what runs the target: eagle3's PyTorch model (default), the same model on eagle3's "
+                             "native CPU kernels with fp32 or int8 weights, or OpenVINO on the CPU with fp32 or int8 "
+                             "weights (pip install openvino)")  # fmt: skip
 
 
 def apply_threads(args: argparse.Namespace) -> None:

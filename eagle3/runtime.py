@@ -37,8 +37,10 @@ class TargetRuntime(Protocol):
 
 def make_runtime(target: Target, tap_layers: Sequence[int] = ()) -> TargetRuntime:
     """The runtime the target was loaded for (Target.runtime), tapping the drafter's layers."""
-    if target.runtime in ("torch", "torch-int8"):  # (int8: the model's own weights are int8)
+    if target.runtime == "torch":
         return TorchRuntime(target, tap_layers)
+    if target.runtime.startswith("native"):
+        return NativeRuntime(target, tap_layers)
     from eagle3.openvino_runtime import OpenVINORuntime
 
     return OpenVINORuntime(target.model, tap_layers, "int8" if target.runtime == "openvino-int8" else "fp32")
@@ -124,3 +126,23 @@ class TorchRuntime:
         """Frees a row: the last row moves into it, so the live rows stay 0 .. rows-1."""
         self.model.cache.free_row(row, self.rows - 1)
         self.rows -= 1
+
+
+class NativeRuntime(TorchRuntime):
+    """TargetRuntime on eagle3's PyTorch model with its weights on the native kernels (native_weights.py): the
+    prompt runs through the model, every verify through native_forward (its layers in one native call), on
+    the same KV cache."""
+
+    def __init__(self, target: Target, tap_layers: Sequence[int] = ()):
+        from eagle3.native_forward import NativeLayers
+
+        super().__init__(target, tap_layers)
+        self.layers = NativeLayers(target.model)
+
+    def verify(self, trees: list[DraftTree]) -> tuple[Tensor, Tensor | None]:
+        if len(trees) != self.rows:
+            raise ValueError(f"{len(trees)} trees for {self.rows} rows")
+        self._starts = list(self.model.cache.lengths[: self.rows])
+        tokens, depths, masks = pad_trees(trees)
+        out = self.layers.forward(tokens, torch.tensor(self._starts)[:, None] + depths, masks, self.tap_layers)
+        return out.logits, out.taps

@@ -9,8 +9,8 @@ import torch
 
 from eagle3.fetch import DEFAULT_TARGET, resolve_model
 from eagle3.cpu_layout import for_device
-from eagle3.int8_weights import to_int8
 from eagle3.model import Transformer, load_model
+from eagle3.native_weights import to_native
 from eagle3.norm_folding import fold_norms
 from eagle3.paths import eagle3_home
 
@@ -18,10 +18,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-# What runs the target's forward passes (--runtime): eagle3's PyTorch model (with int8 weights on eagle3's
-# native CPU kernels: int8_weights.py), or its graph compiled by OpenVINO for the CPU with fp32 or int8 weights
-# (openvino_runtime.py).
-RUNTIMES = ("torch", "torch-int8", "openvino", "openvino-int8")
+# What runs the target's forward passes (--runtime): eagle3's PyTorch model; the same model with its weights
+# on eagle3's native CPU kernels, fp32 or int8, and its decoder layers one native call per verify
+# (native_weights.py, native_forward.py); or its graph compiled by OpenVINO for the CPU with fp32 or int8
+# weights (openvino_runtime.py).
+RUNTIMES = ("torch", "native", "native-int8", "openvino", "openvino-int8")
 
 
 class PromptTooLong(ValueError):
@@ -99,8 +100,11 @@ def load_target(
             raise
         raise ValueError(f"{err}{hint}") from None
     # ... then the runtime's: the device's weight layout (on a CPU, few-row copies of the folded matrices), or
-    # int8 weights; OpenVINO builds its own graph from the folded model.
-    model = for_device(model) if runtime == "torch" else to_int8(model) if runtime == "torch-int8" else model
+    # the native kernels' (fp32 or int8); OpenVINO builds its own graph from the folded model.
+    if runtime == "torch":
+        model = for_device(model)
+    elif runtime.startswith("native"):
+        model = to_native(model, "int8" if runtime == "native-int8" else "fp32")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # transformers raises many types for a broken tokenizer folder

@@ -1,5 +1,5 @@
 """The runtimes besides the default one, against the PyTorch reference, with the losslessness tests run against
-each: int8 weights on eagle3's native kernels (torch-int8), OpenVINO fp32 and int8. Greedy speculative output
+each: eagle3's native kernels with fp32 and int8 weights (native, native-int8), OpenVINO fp32 and int8. Greedy speculative output
 equals plain output of the same runtime, token for token, for every drafter and batch size; sampled output
 draws from that runtime's own distribution."""
 
@@ -14,17 +14,21 @@ from eagle3.draft import new_draft
 from eagle3.drafter import Eagle3Drafter, NoDrafter
 from eagle3.engine import Engine, Request
 from eagle3.generate import generate
-from eagle3.int8_weights import quantize
+from eagle3.native_weights import quantize
 from eagle3.model import load_model
 from eagle3.pld import PromptLookupDrafter
-from eagle3.runtime import TorchRuntime
+from eagle3.native_draft import NativeDraft
+from eagle3.native_weights import to_native
+from eagle3.norm_folding import fold_norms
+from eagle3.runtime import NativeRuntime, TorchRuntime, make_runtime
 from eagle3.sampling import SamplingParams, probs_from_logits
 from eagle3.target import load_target
 from eagle3.tree import DraftTree, TreeSpec, ancestor_mask, chain
 from oracles import TargetOracle
+from test_model import close, tiny_config
 from test_sampling_exact import ALPHA, PARAMS, TREE, batched_triples, chi_square_p_value
 
-RUNTIMES = ["torch-int8", "openvino", "openvino-int8"]
+RUNTIMES = ["native", "native-int8", "openvino", "openvino-int8"]
 
 
 def openvino_runtime():
@@ -111,7 +115,11 @@ def test_cache_grows_past_its_first_slots(stories):
 
 
 def drafters(target):
-    untrained = Eagle3Drafter(new_draft(target.model.config, seed=2).attach(target.model.embed.weight))
+    """On the native runtimes the EAGLE-3 draft steps natively too (as load_drafter sets it up)."""
+    draft = new_draft(target.model.config, seed=2).attach(target.model.embed.weight)
+    if target.runtime.startswith("native"):
+        draft.native = NativeDraft(draft)
+    untrained = Eagle3Drafter(draft)
     return {"eagle3": (untrained, TreeSpec(10, 3, 3)), "oracle": (TargetOracle(load_model(target.path, device="cpu")),
             TreeSpec(12, 4, 2)), "pld": (PromptLookupDrafter(4), PromptLookupDrafter(4).tree)}  # fmt: skip
 
@@ -163,7 +171,7 @@ def test_refuses_what_it_cannot_run(stories_path):
     with pytest.raises(ValueError, match="unknown runtime"):
         load_target(str(stories_path), runtime="tensorrt")
     with pytest.raises(ValueError, match="float32"):
-        load_target(str(stories_path), dtype="bfloat16", runtime="torch-int8")
+        load_target(str(stories_path), dtype="bfloat16", runtime="native-int8")
     openvino_runtime()
     with pytest.raises(ValueError, match="float32"):
         load_target(str(stories_path), dtype="bfloat16", runtime="openvino")
@@ -187,8 +195,8 @@ def test_native_kernels_match_torch_and_do_not_depend_on_the_row_count(kernels, 
     x, w = torch.randn(9, width, generator=gen), torch.randn(width, out, generator=gen)  # w [in, out]
     int8 = quantize(w)
     assert torch.allclose(native.linear(x, w.t().contiguous()), x @ w, atol=1e-4)
-    assert torch.allclose(int8.matmul(x), x @ (int8.q.float() * int8.scale[:, None]).t(), atol=1e-4)
-    assert (int8.q.float() * int8.scale[:, None] - w.t()).abs().max() <= int8.scale.max() / 2 + 1e-6
+    assert torch.allclose(int8.matmul(x), x @ (int8.data.float() * int8.scale[:, None]).t(), atol=1e-4)
+    assert (int8.data.float() * int8.scale[:, None] - w.t()).abs().max() <= int8.scale.max() / 2 + 1e-6
     for rows in range(1, 10):
         for r in range(rows):
             assert torch.equal(native.linear(x[:rows], w.t().contiguous())[r], native.linear(x[r : r + 1], w.t().contiguous())[0])
@@ -205,7 +213,93 @@ def test_native_kernels_absent_say_why(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     assert native.library() is None and "compiler" in native.why_unavailable()
-    from eagle3.int8_weights import to_int8
-
     with pytest.raises(ValueError, match="native kernels"):
-        to_int8(torch.nn.Module())  # (refused before the model is looked at)
+        to_native(torch.nn.Module(), "int8")  # (refused before the model is looked at)
+
+
+# ---------------------------------------------------------------------------------------------- native forward
+
+
+@pytest.mark.parametrize("kind", ["llama3", "llama-bias-tied", "qwen3", "mistral-sliding"])
+def test_native_forward_matches_the_pytorch_model(kernels, tmp_path, kind):
+    """The native runtime's layers in one call (fp32) against the PyTorch model, for each family's features
+    (GQA, biases, Qwen3's q/k norm, a sliding window the rows outgrow): three rows of different lengths
+    verify trees of their own, then keep paths that are no prefix, twice; logits and taps match."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config(kind)).save_pretrained(tmp_path)
+    taps = (0, 3, 6)
+    ref = TorchRuntime(dataclasses.make_dataclass("T", ["model"])(fold_norms(load_model(tmp_path, device="cpu"))), taps)
+    nat = NativeRuntime(dataclasses.make_dataclass("T", ["model"])(to_native(fold_norms(load_model(tmp_path, device="cpu")))), taps)
+    for runtime in (ref, nat):
+        runtime.open(3, 64, spare=8)
+    for prompt in (list(range(3, 23)), list(range(10, 15)), list(range(40, 70))):
+        (_, a, ta), (_, b, tb) = nat.prefill(prompt), ref.prefill(prompt)
+        assert close(a, b) and close(ta, tb)
+    trees = [a_tree([5, 6, 7, 8, 9], [-1, 0, 0, 1, 2]), a_tree([11, 12, 13], [-1, 0, 1]), a_tree([1, 2], [-1, 0])]
+    for paths in ([[0, 2, 4], [0, 1], [0]], [[0, 1], [0, 1, 2], [0, 1]]):
+        (la, ta), (lb, tb) = nat.verify(trees), ref.verify(trees)
+        assert la.shape == lb.shape == (3, 5, 97)
+        assert close(la, lb) and close(ta, tb)
+        nat.commit(paths)
+        ref.commit(paths)
+    nat.release(0)
+    ref.release(0)
+    (la, _), (lb, _) = nat.verify([chain(torch.tensor([3, 4]))] * 2), ref.verify([chain(torch.tensor([3, 4]))] * 2)
+    assert close(la, lb)
+
+
+@pytest.mark.parametrize("runtime", ["native", "native-int8"])
+def test_native_tree_logits_are_bitwise_its_path_decoded_token_by_token(kernels, stories_path, runtime):
+    """What makes the native runtimes lossless by construction: a tree verified beside another row gives, at
+    each node of a path, bitwise the logits of that path decoded one token at a time alone."""
+    target = load_target(str(stories_path), runtime=runtime)
+    runtime = make_runtime(target)
+    runtime.open(2, 128, spare=8)
+    prompt = target.encode(PROMPTS[2])
+    runtime.prefill(prompt)
+    runtime.prefill(target.encode(PROMPTS[0]))
+    tree_logits, _ = runtime.verify([a_tree([5, 6, 7, 8, 9], [-1, 0, 0, 1, 2]), a_tree([11, 12, 13], [-1, 0, 1])])
+    runtime.open(1, 128)
+    runtime.prefill(prompt)
+    for node, token in ((0, 5), (2, 7), (4, 9)):
+        logits, _ = runtime.verify([chain(torch.tensor([token]))])
+        assert torch.equal(logits[0, 0], tree_logits[0, node])
+        runtime.commit([[0]])
+
+
+@pytest.mark.parametrize("head_int8", [False, True])
+def test_native_draft_step_matches_the_pytorch_draft(kernels, stories, head_int8):
+    """The draft's step on the native kernels against its PyTorch step: a catch-up of two rows, then two tree
+    levels whose masks reach back into the earlier level (rows at different slots); outputs and logits match
+    (the int8 head within its rounding)."""
+    torch.manual_seed(0)
+    draft = new_draft(stories.model.config, seed=1).attach(stories.model.embed.weight)
+    for p in draft.parameters():
+        if p.dim() == 1:  # (norm weights away from 1, so that folding them is tested)
+            p.data.normal_(1.0, 0.1)
+    H = stories.model.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(0, 500, shape, generator=gen) for shape in ((2, 7), (2, 3), (2, 2))]
+    features = [torch.randn(2, 7, 3 * H, generator=gen), torch.randn(2, 3, H, generator=gen), torch.randn(2, 2, H, generator=gen)]
+    level1 = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool).repeat(2, 1, 1)
+    level2 = torch.zeros(2, 2, 5, dtype=torch.bool)
+    level2[:, :, 0] = level2[:, 0, 3] = level2[:, 1, 4] = level2[:, 1, 1] = True
+
+    def steps(native_draft):
+        draft.native = native_draft
+        draft.setup_cache(64, 2)
+        h = [draft(tokens[0], features[0], torch.arange(7)[None].expand(2, 7))]
+        draft.cache.lengths = [5, 7]  # (rows at different slots, as after a ragged catch-up)
+        h.append(draft(tokens[1], features[1], torch.tensor([[5, 6, 6], [7, 8, 8]]), level1, [5, 7]))
+        h.append(draft(tokens[2], features[2], torch.tensor([[7, 7], [9, 9]]), level2, [5, 7]))
+        return h, draft.logits(h[-1])
+
+    (ref, ref_logits), (got, got_logits) = steps(None), steps(NativeDraft(draft, head_int8))
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(got_logits, ref_logits, atol=2e-2 if head_int8 else 1e-5)
+    with pytest.raises(ValueError, match="mask"):
+        draft.native = NativeDraft(draft)
+        draft(tokens[1], features[1], torch.tensor([[5, 6, 6], [7, 8, 8]]), level2, [5, 7])

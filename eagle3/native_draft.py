@@ -1,0 +1,95 @@
+"""The EAGLE-3 draft's step as one native call (kernels/forward.cpp), a step applied to a loaded draft for the
+native runtimes: its layer and its head read weights laid out for the native kernels, norms folded into the
+matmuls after them, q and k rows interleaved for RoPE.
+
+A draft step is one small layer, so on a CPU PyTorch's per-op toll is most of its cost, and a round runs
+several. Only the proposals depend on the draft; verification keeps exactly the target's tokens whatever it
+proposes, so this path is free to round differently from the PyTorch draft.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from eagle3 import native
+from eagle3.model import interleave_rope_rows
+from eagle3.native_weights import NativeWeight, quantize
+
+FIELDS = 19  # forward.cpp's DraftField: fc, qkv, o, gate_up, down, lm_head (data, scale, bias each), inv_freq
+
+
+class NativeDraft:
+    """An Eagle3Draft's forward and logits on the native kernels, on the draft's own KV cache. Its layer stays
+    fp32; its lm_head is int8 when `head_int8` (the PyTorch draft's --draft-int8 choice, same scheme)."""
+
+    def __init__(self, draft, head_int8: bool = False):
+        if native.library() is None:
+            raise ValueError(f"the native draft needs eagle3's native kernels, unavailable here: {native.why_unavailable()}")
+        cfg, layer = draft.config, draft.midlayer
+        attn, mlp = layer.self_attn, layer.mlp
+        root_h = math.sqrt(cfg.hidden_size)  # (unit norms leave out sqrt(d): it rides in the matrices)
+        with torch.no_grad():
+            qkv = torch.cat([interleave_rope_rows(attn.q_proj.weight.float(), cfg.num_heads),
+                             interleave_rope_rows(attn.k_proj.weight.float(), cfg.num_kv_heads), attn.v_proj.weight.float()])
+            qkv = qkv * torch.cat([layer.input_layernorm.weight, layer.hidden_norm.weight]).float() * root_h
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float()
+            gate_up = gate_up * layer.post_attention_layernorm.weight.float() * root_h
+            head = draft.lm_head.weight.float() * draft.norm.weight.float() * root_h
+            fp32 = lambda w: NativeWeight(w.detach().float().contiguous(), None)  # noqa: E731 ([out, in] already)
+            matrices = [fp32(draft.fc.weight), fp32(qkv), fp32(attn.o_proj.weight), fp32(gate_up),
+                        fp32(mlp.down_proj.weight), quantize(head.t()) if head_int8 else fp32(head)]  # fmt: skip
+        biases = [draft.fc.bias, None, None, None, None, None]
+        self._keep: list[Tensor] = [draft._inv_freq.float().contiguous()]  # what the table points to
+        table = torch.zeros(FIELDS, dtype=torch.int64)
+        for m, (weight, bias) in enumerate(zip(matrices, biases)):
+            for k, tensor in enumerate((weight.data, weight.scale, bias)):
+                if tensor is not None:
+                    tensor = tensor.detach().float().contiguous() if tensor.is_floating_point() else tensor.contiguous()
+                    self._keep.append(tensor)
+                    table[3 * m + k] = tensor.data_ptr()
+        table[18] = self._keep[0].data_ptr()
+        self.table, self.draft, self.vocab = table, draft, head.shape[0]
+        self.shape = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size]
+
+    def forward(self, tokens: Tensor, hidden: Tensor, positions: Tensor, mask: Tensor | None = None,
+                mask_start: Sequence[int] | int | None = None) -> Tensor:  # fmt: skip
+        """Eagle3Draft.forward's contract: h [B, n, H] of n inputs per row on top of the draft's cache."""
+        draft, cache, cfg = self.draft, self.draft.cache, self.draft.config
+        if cache is None:
+            raise RuntimeError("call setup_cache() before forward()")
+        B, n = tokens.shape
+        cache.check_room(n, range(B))
+        starts = cache.lengths[:B]
+        region = starts if mask_start is None else [mask_start] * B if isinstance(mask_start, int) else list(mask_start)
+        if mask is None:
+            mask = torch.ones(n, n, dtype=torch.bool).tril_()
+        R = mask.shape[-1]
+        if any(s - r + n != R for s, r in zip(starts, region)):
+            raise ValueError(f"a mask of {R} columns does not end at the new tokens of rows at {starts} from {region}")
+        mask = mask.to(torch.bool).expand(B, n, R).contiguous()
+        positions = positions.to(torch.int64).expand(B, n).contiguous()
+        embedding = torch.nn.functional.embedding(tokens, draft.embed_weight).float().contiguous()
+        features = hidden.float().contiguous()
+        h = torch.empty(B, n, cfg.hidden_size)
+        region = torch.tensor(region, dtype=torch.int32)  # (every tensor the call reads is held until it returns)
+        dims = torch.tensor(self.shape + [features.shape[-1], B, n, cache.rows, cache.max_len, R], dtype=torch.int64)
+        native.library().eagle3_draft_forward(
+            self.table.data_ptr(), dims.data_ptr(), cfg.rms_norm_eps, embedding.data_ptr(), features.data_ptr(),
+            cache.kv.data_ptr(), region.data_ptr(), mask.data_ptr(),
+            positions.data_ptr(), h.data_ptr(),
+        )  # fmt: skip
+        for r in range(B):
+            cache.lengths[r] += n
+        return h
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Logits over the draft vocabulary [..., draft vocab] from outputs h [..., H]."""
+        rows = h.reshape(-1, h.shape[-1]).float().contiguous()
+        out = torch.empty(rows.shape[0], self.vocab)
+        native.library().eagle3_draft_logits(self.table.data_ptr(), rows.shape[0], rows.shape[1], self.vocab,
+                                             self.draft.config.rms_norm_eps, rows.data_ptr(), out.data_ptr())  # fmt: skip
+        return out.view(*h.shape[:-1], self.vocab)

@@ -1,0 +1,81 @@
+"""A target's forward of a few new tokens per row with its decoder layers in one native call
+(kernels/forward.cpp), for a model whose weights live on the native kernels (native_weights.to_native).
+
+Decoding a token through PyTorch runs ~450 small ops, each paying a fixed toll that is a large share of a
+small model's step on a CPU. Here the embedding lookup, the RoPE table and the head stay in PyTorch and the
+layers are one call. It computes every token on its own, in the same order whatever the batch and the tree,
+so speculative output equals plain output of this runtime bitwise.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from eagle3 import native
+from eagle3.model import ForwardOutput, Transformer
+from eagle3.native_weights import MATRICES, NativeWeight
+
+FIELDS = 14  # one layer's row of the table (forward.cpp's TargetField): 4 matrices x (data, scale, bias), q/k norm, window
+
+
+class NativeLayers:
+    """The decoder layers of a model on the native kernels, as forward.cpp reads them."""
+
+    def __init__(self, model: Transformer):
+        weights = [[block.few_row_weights.get(name) for name in MATRICES] for block in model.layers]
+        if not all(isinstance(w, NativeWeight) for layer in weights for w in layer):
+            raise ValueError("the native forward runs a model whose matrices are on the native kernels (to_native)")
+        if any(block.attn_norm is not None or block.mlp_norm is not None for block in model.layers):
+            raise ValueError("the native forward runs a model whose norms are folded into its matrices (fold_norms)")
+        self.model = model
+        cfg = model.config
+        self._keep: list[Tensor] = []  # every tensor the table points to lives as long as the table
+        table = torch.zeros(len(model.layers), FIELDS, dtype=torch.int64)
+        for l, (block, layer) in enumerate(zip(model.layers, weights)):
+            biases = [block.qkv_bias, block.o_bias, block.gate_up_bias, block.down_bias]
+            for m, (weight, bias) in enumerate(zip(layer, biases)):
+                table[l, 3 * m : 3 * m + 3] = torch.tensor([self._pointer(weight.data), self._pointer(weight.scale),
+                                                            self._pointer(bias)])  # fmt: skip
+            table[l, 12] = self._pointer(block.qk_norm)
+            table[l, 13] = model._windows[l] or 0
+        self.table = table
+        self.shape = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.num_layers]
+
+    def _pointer(self, tensor: Tensor | None) -> int:
+        if tensor is None:
+            return 0
+        tensor = tensor.detach().contiguous()  # (the weights already are: no copy)
+        self._keep.append(tensor)
+        return tensor.data_ptr()
+
+    def forward(self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, taps: Sequence[int] = ()) -> ForwardOutput:
+        """n new tokens [B, n] on top of cache rows 0 .. B-1, at positions [B, n] (host), each row's token i
+        seeing its committed slots and the new tokens tree_mask [B, n, n] allows: all logits [B, n, V] and the
+        taps [B, n, len(taps) * H] (None without taps); appends the keys and values to each row."""
+        model, cache, cfg = self.model, self.model.cache, self.model.config
+        B, n = tokens.shape
+        rows = range(B)
+        cache.check_room(n, rows)
+        max_position = int(positions.max())
+        if max_position >= cfg.context_length:
+            raise ValueError(f"position {max_position} is beyond the model's context of {cfg.context_length}")
+        starts = torch.tensor(cache.lengths[:B], dtype=torch.int32)
+        positions = positions.to(torch.int64).expand(B, n).contiguous()
+        rope = torch.view_as_real(model._rope(positions, max_position)).expand(B, n, 1, -1, 2).contiguous()
+        mask = tree_mask.to(torch.bool).expand(B, n, n).contiguous()
+        order = sorted(set(taps))
+        tap_index = torch.tensor([order.index(l) if l in order else -1 for l in range(cfg.num_layers)], dtype=torch.int32)
+        tapped = torch.empty(B, n, len(order), cfg.hidden_size)
+        x = model.embed(tokens).float().contiguous()
+        dims = torch.tensor(self.shape + [B, n, cache.rows, cache.max_len], dtype=torch.int64)
+        native.library().eagle3_forward(
+            self.table.data_ptr(), dims.data_ptr(), cfg.rms_norm_eps, x.data_ptr(), cache.kv.data_ptr(),
+            starts.data_ptr(), mask.data_ptr(), rope.data_ptr(), positions.data_ptr(), tap_index.data_ptr(),
+            len(order), tapped.data_ptr(),
+        )  # fmt: skip
+        for r in rows:
+            cache.lengths[r] += n
+        return ForwardOutput(model.head(x), tapped.view(B, n, -1) if order else None)
