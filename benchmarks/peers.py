@@ -1,28 +1,41 @@
 """eagle3's runtimes and precisions side by side in one run, on the same prompts: plain decoding and EAGLE-3
 (the shipped draft, auto tree) on the PyTorch runtime, on eagle3's native kernels in fp32 and int8 and on OpenVINO
-fp32 and int8, with transformers' `generate` as the outside reference.
+fp32 and int8, with transformers' `generate` as the outside reference, and llama.cpp (GGUF F32 and Q8_0, converted
+from the target's own safetensors by llama.cpp's convert_hf_to_gguf.py) when llama-cpp-python is installed.
 
-    python benchmarks/peers.py [--limit 5] [--max-new-tokens 128] [--out runs/peers]
+    python benchmarks/peers.py [--limit 5] [--max-new-tokens 128] [--out runs/peers] [--no-llama-cpp]
+    bash scripts/install_peers.sh   # once, for llama.cpp; without it the summary says it was not run
 
 Every engine decodes each prompt in turn (the order rotates with the prompt), greedy, through the chat template,
 so machine noise hits them alike. Reports the median tokens/s per engine, its ratio to eagle3's PyTorch plain
 decoding, EAGLE-3 over plain decoding per runtime, whether EAGLE-3's outputs equal plain decoding's on the same
-runtime (they must), and the resident memory each runtime's target added when loaded (RSS growth, in load
-order). llama.cpp and OpenVINO GenAI are not run by this script yet (partial: issue 16 asks for them when
-installed). Writes rows.json and summary.md under --out.
+runtime (they must), how many of llama.cpp F32's outputs equal eagle3's PyTorch plain decoding's (informational:
+different arithmetic), and the resident memory each runtime's target added when loaded (RSS growth, in load
+order). llama.cpp gets the same prompt token ids as the other engines and decodes greedily (argmax of its logits)
+until max-new-tokens or one of the target's EOS tokens. OpenVINO GenAI is not run by this script yet (partial:
+issue 16 asks for it when installed). Writes rows.json and summary.md under --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:  # optional (scripts/install_peers.sh)
+    from llama_cpp import Llama
+
 RUNTIMES = ("torch", "native", "native-int8", "openvino", "openvino-int8")
+LLAMA_CPP_TYPES = {"F32": "f32", "Q8_0": "q8_0"}  # engine label -> convert_hf_to_gguf.py --outtype
+INSTALL_PEERS = "bash scripts/install_peers.sh"
 
 
 def rss_mb() -> float:
@@ -32,11 +45,78 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def llama_cpp_missing() -> str | None:
+    """Why llama.cpp cannot run here (a line for the summary), or None when llama_cpp imports."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return f"not installed ({INSTALL_PEERS})"
+    except OSError as err:  # the package is there but its shared library does not load
+        return f"does not load ({err}); rebuild it with {INSTALL_PEERS}"
+    return None
+
+
+def to_gguf(folder: Path, outtype: str, home: Path) -> Path:
+    """The target's float32 safetensors folder as GGUF of outtype, converted once by llama.cpp's own script and
+    reused afterwards. Exits with a one-line message when the script is missing or the conversion fails."""
+    out = home / "peers" / "gguf" / f"{folder.name}-{outtype}.gguf"
+    if out.is_file():
+        return out
+    script = home / "peers" / "llama.cpp" / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        sys.exit(f"peers: llama.cpp's converter {script} is missing; run {INSTALL_PEERS} (or pass --no-llama-cpp)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(f"{out.name}.{os.getpid()}.part")  # renamed when complete: no half file is ever reused
+    print(f"converting {folder} to GGUF {outtype} (once) ...", flush=True)
+    cmd = [sys.executable, str(script), str(folder), "--outtype", outtype, "--outfile", str(part)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not part.is_file():
+        part.unlink(missing_ok=True)
+        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        sys.exit(f"peers: converting {folder} to GGUF {outtype} failed: {last}")
+    part.replace(out)
+    return out
+
+
+def load_llama_cpp(path: Path, n_ctx: int, threads: int) -> Llama:
+    import llama_cpp
+
+    # n_threads_batch too: its default is every core, which would give llama.cpp's prefill more threads than the
+    # other engines get.
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                           n_batch=512, verbose=False)  # fmt: skip
+
+
+def llama_cpp_decode(llm: Llama, prompt: list[int], max_new_tokens: int, eos: frozenset[int]
+                     ) -> tuple[list[int], float]:  # fmt: skip
+    """Greedy decoding of prompt's token ids on a llama_cpp.Llama; returns the new tokens (an EOS token included,
+    as eagle3's engines report it) and the wall time from the start of prefill to the last token."""
+    import llama_cpp
+    import numpy as np
+
+    # An empty KV cache for every prompt: Llama.generate would reuse the prefix shared with the previous prompt
+    # (the chat template's), which the other engines do not get.
+    llm.reset()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+    n_vocab = llm.n_vocab()
+    tokens: list[int] = []
+    start = time.perf_counter()
+    llm.eval(prompt)
+    while True:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+        tokens.append(int(logits.argmax()))
+        if tokens[-1] in eos or len(tokens) >= max_new_tokens:
+            break
+        llm.eval(tokens[-1:])
+    return tokens, time.perf_counter() - start
+
+
 def main() -> None:
     from eagle3.autotree import auto_tree
     from eagle3.drafter import load_drafter
     from eagle3.engine import Engine, Request
     from eagle3.fetch import shipped_draft
+    from eagle3.paths import eagle3_home
     from eagle3.suites import data_dir, load_suite
     from eagle3.target import load_target
     from eagle3.tree import TreeSpec
@@ -48,6 +128,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runtimes", default=",".join(RUNTIMES))
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     parser.add_argument("--out", default="runs/peers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,10 +147,25 @@ def main() -> None:
         engines[f"{runtime} plain"] = Engine(target, method="vanilla")
         engines[f"{runtime} eagle3"] = Engine(target, drafter, tree, auto_tree(target, drafter, tree))
         engines[f"{runtime} plain"].run([Request(target.encode("Hello", chat=True), 8)])  # compile, warm up
-        memory[runtime] = rss_mb() - before
+        memory[f"{runtime} plain"] = rss_mb() - before
         targets[runtime] = target
     any_target = next(iter(targets.values()))
     prompts = [any_target.encode(q.turns[0], chat=True) for q in questions]
+    llama_note = "skipped (--no-llama-cpp)" if args.no_llama_cpp else llama_cpp_missing()
+    llamas: dict[str, Llama] = {}
+    if llama_note is None:
+        import llama_cpp
+
+        n_ctx = max(len(p) for p in prompts) + args.max_new_tokens + 1
+        for label, outtype in LLAMA_CPP_TYPES.items():
+            model_file = to_gguf(Path(any_target.path), outtype, eagle3_home())
+            before = rss_mb()
+            llm = load_llama_cpp(model_file, n_ctx, args.threads)
+            llama_cpp_decode(llm, any_target.encode("Hello", chat=True), 8, any_target.eos_token_ids)  # warm up
+            memory[f"llama.cpp {label} plain"] = rss_mb() - before
+            llamas[f"llama.cpp {label} plain"] = llm
+        llama_note = (f"llama-cpp-python {llama_cpp.__version__}; GGUF F32 and Q8_0 converted from the same "
+                      "safetensors by llama.cpp's convert_hf_to_gguf.py; the same prompt token ids; greedy")
     hf = None
     if not args.no_transformers:
         from transformers import AutoModelForCausalLM
@@ -78,7 +174,7 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(any_target.path, dtype=torch.float32).eval()
         memory["transformers"] = rss_mb() - before
 
-    names = list(engines) + (["transformers"] if hf is not None else [])
+    names = list(engines) + list(llamas) + (["transformers"] if hf is not None else [])
     rows = []
     for i, prompt in enumerate(prompts):
         order = names[i % len(names):] + names[: i % len(names)]
@@ -89,6 +185,9 @@ def main() -> None:
                     ids = hf.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens, do_sample=False)
                 wall = time.perf_counter() - start
                 tokens = ids[0, len(prompt):].tolist()
+                tau = None
+            elif name in llamas:
+                tokens, wall = llama_cpp_decode(llamas[name], prompt, args.max_new_tokens, any_target.eos_token_ids)
                 tau = None
             else:
                 r = engines[name].run([Request(prompt, args.max_new_tokens)])[0]
@@ -114,11 +213,16 @@ def main() -> None:
             same = f"{sum(by[(n, i)]['token_ids'] == by[(plain, i)]['token_ids'] for i in range(len(prompts)))}/{len(prompts)}"
             taus = [by[(n, i)]["tau"] for i in range(len(prompts)) if by[(n, i)]["tau"]]
             tau = f"{statistics.mean(taus):.2f}" if taus else ""
-        mem = f"{memory[runtime if n != 'transformers' else 'transformers']:.0f}" if not n.endswith("eagle3") else ""
+        mem = f"{memory[n]:.0f}" if n in memory else ""
         lines.append(f"| {n} | {speed[n]:.1f} | {speed[n] / base:.2f}x | {ratio} | {tau} | {same} | {mem} |")
     lines += ["", "EAGLE-3 / plain is the median of per-prompt ratios on the same runtime. RSS added: the process's "
               "resident memory growth while that runtime's target (and draft) loaded and warmed up, in load order.",
-              "llama.cpp and OpenVINO GenAI: not run by this script yet."]  # fmt: skip
+              f"llama.cpp: {llama_note}."]  # fmt: skip
+    if "torch plain" in names:
+        for n in llamas:  # informational: other arithmetic, so a late near-tie may flip a token
+            same = sum(by[(n, i)]["token_ids"] == by[("torch plain", i)]["token_ids"] for i in range(len(prompts)))
+            lines.append(f"{n} outputs = torch plain token for token: {same}/{len(prompts)} (informational).")
+    lines.append("OpenVINO GenAI: not run by this script yet.")
     (out / "rows.json").write_text(json.dumps(rows))
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

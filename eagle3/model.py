@@ -381,14 +381,17 @@ class Transformer(nn.Module):
         cache.truncate(0)
         return cache
 
-    def _rope(self, positions: Tensor, max_position: int) -> Tensor:
+    def rope_frequencies(self, max_position: int) -> Tensor:
+        """RoPE's inverse frequencies for a forward reaching max_position (dynamic scaling stretches them)."""
         cfg = self.config
         if cfg.rope.type == "dynamic" and max_position + 1 > cfg.max_position_embeddings:
-            inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, max_position + 1)
-        else:
-            inv_freq = self._inv_freq
+            return rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, max_position + 1)
+        return self._inv_freq
+
+    def _rope(self, positions: Tensor, max_position: int) -> Tensor:
         # [B or 1, n, 1, head_dim / 2]: broadcast over the head axis.
-        return rope_rotation(positions, inv_freq).view(-1, positions.shape[-1], 1, cfg.head_dim // 2)
+        rotation = rope_rotation(positions, self.rope_frequencies(max_position))
+        return rotation.view(-1, positions.shape[-1], 1, self.config.head_dim // 2)
 
     def _masks(self, start: int, n: int, tree_mask: Tensor | None, positions: Tensor, max_position: int
                ) -> dict[int | None, Tensor | None]:  # fmt: skip

@@ -52,7 +52,7 @@ class NativeDraft:
                     self._keep.append(tensor)
                     table[3 * m + k] = tensor.data_ptr()
         table[18] = self._keep[0].data_ptr()
-        self.table, self.draft, self.vocab = table, draft, head.shape[0]
+        self.table, self.draft, self.vocab, self.head_int8 = table, draft, head.shape[0], head_int8
         self.shape = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size]
 
     def forward(self, tokens: Tensor, hidden: Tensor, positions: Tensor, mask: Tensor | None = None,

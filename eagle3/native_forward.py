@@ -2,8 +2,8 @@
 (kernels/forward.cpp), for a model whose weights live on the native kernels (native_weights.to_native).
 
 Decoding a token through PyTorch runs ~450 small ops, each paying a fixed toll that is a large share of a
-small model's step on a CPU. Here the embedding lookup, the RoPE table and the head stay in PyTorch and the
-layers are one call. It computes every token on its own, in the same order whatever the batch and the tree,
+small model's step on a CPU. Here the embedding lookup and the lm_head's matmul stay in PyTorch and the
+layers, the final norm included, are one call. It computes every token on its own, in the same order whatever the batch and the tree,
 so speculative output equals plain output of this runtime bitwise.
 """
 
@@ -26,9 +26,9 @@ class NativeLayers:
 
     def __init__(self, model: Transformer):
         weights = [[block.few_row_weights.get(name) for name in MATRICES] for block in model.layers]
-        if not all(isinstance(w, NativeWeight) for layer in weights for w in layer):
+        if not all(isinstance(w, NativeWeight) for w in [model.lm_head_weight_t, *sum(weights, [])]):
             raise ValueError("the native forward runs a model whose matrices are on the native kernels (to_native)")
-        if any(block.attn_norm is not None or block.mlp_norm is not None for block in model.layers):
+        if model.norm is not None or any(b.attn_norm is not None or b.mlp_norm is not None for b in model.layers):
             raise ValueError("the native forward runs a model whose norms are folded into its matrices (fold_norms)")
         self.model = model
         cfg = model.config
@@ -64,7 +64,7 @@ class NativeLayers:
             raise ValueError(f"position {max_position} is beyond the model's context of {cfg.context_length}")
         starts = torch.tensor(cache.lengths[:B], dtype=torch.int32)
         positions = positions.to(torch.int64).expand(B, n).contiguous()
-        rope = torch.view_as_real(model._rope(positions, max_position)).expand(B, n, 1, -1, 2).contiguous()
+        inv_freq = model.rope_frequencies(max_position).float().contiguous()
         mask = tree_mask.to(torch.bool).expand(B, n, n).contiguous()
         order = sorted(set(taps))
         tap_index = torch.tensor([order.index(l) if l in order else -1 for l in range(cfg.num_layers)], dtype=torch.int32)
@@ -73,9 +73,12 @@ class NativeLayers:
         dims = torch.tensor(self.shape + [B, n, cache.rows, cache.max_len], dtype=torch.int64)
         native.library().eagle3_forward(
             self.table.data_ptr(), dims.data_ptr(), cfg.rms_norm_eps, x.data_ptr(), cache.kv.data_ptr(),
-            starts.data_ptr(), mask.data_ptr(), rope.data_ptr(), positions.data_ptr(), tap_index.data_ptr(),
+            starts.data_ptr(), mask.data_ptr(), inv_freq.data_ptr(), positions.data_ptr(), tap_index.data_ptr(),
             len(order), tapped.data_ptr(),
         )  # fmt: skip
         for r in rows:
             cache.lengths[r] += n
-        return ForwardOutput(model.head(x), tapped.view(B, n, -1) if order else None)
+        # x left the call through the final norm: the lm_head's matmul is what the head has left to do (on the
+        # native kernel for any row count, so a token's logits never depend on how many rows ran).
+        head = model.lm_head_weight_t
+        return ForwardOutput(native.linear(x, head.data, head.scale), tapped.view(B, n, -1) if order else None)

@@ -62,6 +62,15 @@ static inline void rotate(float* v, const float* rope, int hd) {
   }
 }
 
+// (cos, sin) of position * inv_freq[p] for each pair p, in fp32 as PyTorch's rope tables compute the angle.
+static inline void rope_table(int64_t position, const float* inv_freq, int hd, float* rope) {
+  for (int p = 0; p < hd / 2; p++) {
+    float angle = (float)position * inv_freq[p];
+    rope[2 * p] = std::cos(angle);
+    rope[2 * p + 1] = std::sin(angle);
+  }
+}
+
 // Which cache slots the new tokens see. Row b's token i is written to slot first_new(b) + i; it sees the
 // row's slots [0, region[b]) and, of the R slots from region[b] (the last n of them the new tokens), those
 // mask [b, i, :] allows. A sliding window (window > 0; then R == n) drops keys window positions back or more:
@@ -161,13 +170,13 @@ enum DraftDim { D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_IN, D_ROWS
                 DRAFT_DIMS };
 
 extern "C" {
-// x [T, hidden] (T = rows * tokens) runs through every layer in place. cache: the model's KV cache
-// [layers, 2, cache_rows, kv_heads, slots, head_dim]; row b's new token i goes to slot starts[b] + i and sees
-// the row's slots [0, starts[b]) and the new tokens mask [b, i, :] allows (see Sight, with region = starts
-// and R = tokens). rope [T, head_dim / 2, 2]: (cos, sin) per pair; positions [T]. tap_index [layers]: where
-// layer l's input goes in taps [T, ntaps, hidden], or -1.
+// x [T, hidden] (T = rows * tokens) runs through every layer in place, then through the final norm (folded
+// into the lm_head). cache: the model's KV cache [layers, 2, cache_rows, kv_heads, slots, head_dim]; row b's
+// new token i goes to slot starts[b] + i and sees the row's slots [0, starts[b]) and the new tokens mask
+// [b, i, :] allows (see Sight, with region = starts and R = tokens). positions [T]; inv_freq [head_dim / 2]
+// the RoPE frequencies. tap_index [layers]: where layer l's input goes in taps [T, ntaps, hidden], or -1.
 void eagle3_forward(const int64_t* table, const int64_t* dims, float eps, float* x, float* cache,
-                    const int32_t* starts, const uint8_t* mask, const float* rope, const int64_t* positions,
+                    const int32_t* starts, const uint8_t* mask, const float* inv_freq, const int64_t* positions,
                     const int32_t* tap_index, int ntaps, float* taps) {
   const int H = dims[HIDDEN], heads = dims[HEADS], kv_heads = dims[KV_HEADS], hd = dims[HEAD_DIM];
   const int inter = dims[INTER], layers = dims[LAYERS], B = dims[ROWS], n = dims[TOKENS];
@@ -175,6 +184,8 @@ void eagle3_forward(const int64_t* table, const int64_t* dims, float eps, float*
   const int64_t head_stride = dims[SLOTS] * hd, row_stride = kv_heads * head_stride;
   const int64_t kind_stride = dims[CACHE_ROWS] * row_stride;
   std::vector<float> h((size_t)T * H), qkv((size_t)T * qkv_dim), attn((size_t)T * heads * hd), y((size_t)T * H);
+  std::vector<float> rope((size_t)T * hd);
+  for (int t = 0; t < T; t++) rope_table(positions[t], inv_freq, hd, rope.data() + (int64_t)t * hd);
 
   for (int l = 0; l < layers; l++) {
     const int64_t* layer = table + (int64_t)l * T_FIELDS;
@@ -193,7 +204,7 @@ void eagle3_forward(const int64_t* table, const int64_t* dims, float eps, float*
           float inv = 1.f / std::sqrt(sum / hd + eps);
           for (int i = 0; i < hd; i++) v[i] = v[i] * inv * qk_norm[head * hd + i];
         }
-        rotate(v, rope + (int64_t)t * hd, hd);
+        rotate(v, rope.data() + (int64_t)t * hd, hd);
       }
     Sight sight{B, n, n, starts, mask, positions, layer[T_WINDOW]};
     Cache layer_cache{cache + 2 * l * kind_stride, cache + (2 * l + 1) * kind_stride, row_stride, head_stride};
@@ -202,6 +213,7 @@ void eagle3_forward(const int64_t* table, const int64_t* dims, float eps, float*
     for (int64_t e = 0; e < (int64_t)T * H; e++) x[e] += y[e];
     swiglu(x, T, H, inter, eps, Matrix::at(layer + T_GATE_UP), Matrix::at(layer + T_DOWN));
   }
+  unit_norm(x, T, H, eps, x, H);
 }
 
 // The EAGLE-3 draft's step. embedding [T, hidden] (the tokens' target embeddings), features [T, in] (target
@@ -228,11 +240,7 @@ void eagle3_draft_forward(const int64_t* table, const int64_t* dims, float eps, 
   unit_norm(h, T, H, eps, both.data() + H, 2 * H);
   matmul(both.data(), T, 2 * H, Matrix::at(table + D_QKV), qkv_dim, qkv.data());
   for (int t = 0; t < T; t++) {
-    for (int p = 0; p < hd / 2; p++) {
-      float angle = (float)positions[t] * inv_freq[p];
-      rope[2 * p] = std::cos(angle);
-      rope[2 * p + 1] = std::sin(angle);
-    }
+    rope_table(positions[t], inv_freq, hd, rope.data());
     for (int head = 0; head < heads + kv_heads; head++) rotate(qkv.data() + (int64_t)t * qkv_dim + head * hd, rope.data(), hd);
   }
   Sight sight{B, n, (int)dims[D_R], region, mask, positions, 0};
