@@ -25,7 +25,9 @@ at 1 so that sizes not yet seen get tried when the ones seen are slow).
 
 A round whose trees, drafting included, are expected to yield fewer tokens per ms than a plain step pauses
 drafting for a while, so drafting costs about what plain decoding costs where it does not pay, up to the rounds
-spent finding that out.
+spent finding that out. Expectations can stay wrong where estimates are close (a weak draft on a fast target),
+so the tokens per ms that drafted rounds actually yielded (their catch-up beyond a token taken out, as the
+expectation does) are held against those of plain rounds too, and drafting pauses when they fall short.
 
 Batches: B rows each verify their tree in one forward, and each draft level runs every row, so a round costs
 what B times as many tokens cost in one row (weight-streaming kernels price rows, not sequences; attention is
@@ -69,6 +71,26 @@ class TimeRatio:
         prior = prior_rounds * self.predicted / self.rounds
         return (self.observed + prior * prior_ratio) / (self.predicted + prior)
 
+
+@dataclass
+class Throughput:
+    """Tokens and wall time of recent rounds of one kind, drafted or plain (decayed sums)."""
+
+    tokens: float = 0.0
+    ms: float = 0.0
+    rounds: float = 0.0
+
+    def add(self, tokens: float, ms: float, decay: float) -> None:
+        self.tokens = decay * self.tokens + tokens
+        self.ms = decay * self.ms + ms
+        self.rounds = decay * self.rounds + 1
+
+    def rate(self) -> float:
+        return self.tokens / max(self.ms, 1e-9)
+
+
+# Drafted rounds seen (decayed) before their realized tokens per ms may pause drafting.
+REALIZED_ROUNDS = 3.0
 
 # Tokens per verification (all rows' trees together) whose verify times are pooled for the per-size correction
 # (a size counts toward the first bucket at or above it): verification cost is far from linear on a CPU
@@ -152,11 +174,12 @@ class AutoTree:
     prior_rounds: float = 2.0  # pseudo-rounds of ratio 1 before any observation
     predicted: list[float] = field(default_factory=list)  # per depth (1-based at index d-1), decayed sums
     observed: list[float] = field(default_factory=list)
-    max_pause: int = 16
+    max_pause: int = 64
     pause: int = 0  # plain rounds left before drafting again
     backoff: int = 1  # the next pause's length: doubles while drafting keeps not paying
     phase_time: dict[str, TimeRatio] = field(default_factory=lambda: {"draft": TimeRatio(), "verify": TimeRatio()})
     verify_time: list[TimeRatio] = field(default_factory=lambda: [TimeRatio() for _ in VERIFY_BUCKETS])  # per size
+    realized: dict[str, Throughput] = field(default_factory=lambda: {"drafted": Throughput(), "plain": Throughput()})
     _verify_tables: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -225,6 +248,13 @@ class AutoTree:
             if predicted > 0:
                 self.phase_time[phase].add(observed, predicted, self.decay)
         self.verify_time[verify_bucket(batch * size)].add(report.verify_ms, predicted_verify, self.decay)
+        round_ms = report.draft_ms + report.verify_ms
+        if not report.plan.drafted:
+            self.realized["plain"].add(batch, round_ms, self.decay)
+        elif sizers:  # (a long catch-up, after a prompt or a pause, is not what a steady drafted round costs)
+            catch_up = predicted_draft - max(s.steady_draft_ms() for s in sizers)
+            steady_ms = max(round_ms - self.cost_scale("draft") * catch_up, 1e-3)
+            self.realized["drafted"].add(sum(1 + a for a in report.accepted), steady_ms, self.decay)
         if report.plan.drafted:
             for tree, accepted in zip(report.trees, report.accepted):
                 self._observe_acceptance(tree, accepted)
@@ -233,12 +263,15 @@ class AutoTree:
 
     def _pause_unless_paying(self, sizers: list[RoundSizer], verify_ms: np.ndarray, batch: int) -> None:
         """Would rounds like this one pay (their catch-up a token or two)? Tokens per ms of the batch, drafting
-        against plain steps; a batch whose best trees are all the root alone does not."""
+        against plain steps, as expected and as drafted rounds realized them; a batch whose best trees are all
+        the root alone does not."""
         draft_ms = self.cost_scale("draft") * max(s.steady_draft_ms() for s in sizers)
         largest = max(s.best for s in sizers)
         drafted_rate = sum(1.0 + s.gain for s in sizers) / (draft_ms + float(verify_ms[largest]))
         plain_rate = batch / float(verify_ms[0])
-        if largest == 0 or drafted_rate < plain_rate:
+        plain, drafted = self.realized["plain"], self.realized["drafted"]
+        fell_short = drafted.rounds >= REALIZED_ROUNDS and drafted.rate() < (plain.rate() if plain.rounds else plain_rate)
+        if largest == 0 or drafted_rate < plain_rate or fell_short:
             self.pause, self.backoff = self.backoff, min(2 * self.backoff, self.max_pause)
         else:
             self.backoff = 1

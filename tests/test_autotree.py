@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from eagle3.autotree import AutoTree
+from eagle3.autotree import AutoTree, Throughput
 from eagle3.cost import CostModel, calibrate, cost_path, interpolate, monotone
 from eagle3.draft import new_draft
 from eagle3.drafter import Eagle3Drafter
@@ -151,10 +151,30 @@ def test_pauses_drafting_while_it_does_not_pay():
     pauses = [len(run) for run in "".join("d" if d else "p" for d in drafted).split("d")[1:-1]]
     assert pauses[:3] == [1, 2, 4]  # plain rounds between drafted ones, backing off exponentially
     rounds.policy.pause, rounds.report = 0, None
-    plan, _ = rounds.round(p_top=0.9)  # drafting pays again: the back-off resets
+    plan = rounds.plan()  # drafting pays again, as expected and as realized: the back-off resets
+    trees = rounds.grow(plan, 0.9)
+    rounds.report_on(plan, trees, accepted=int(trees[0].depths.max()))
     rounds.plan()
     assert plan.drafted
     assert rounds.policy.pause == 0 and rounds.policy.backoff == 1
+
+
+def test_drafted_rounds_that_realize_less_than_plain_ones_pause_drafting():
+    """Expected to pay, and each round accepts its whole chain; but plain rounds were seen to yield more tokens
+    per ms than the drafted ones realized: drafting pauses (the backstop for expectations that stay wrong)."""
+    rounds = Rounds(AutoTree(cost_model(1.0)))
+    for _ in range(5):
+        plan = rounds.plan()
+        trees = rounds.grow(plan, 0.9)
+        rounds.report_on(plan, trees, accepted=int(trees[0].depths.max()))
+    rounds.plan()
+    assert rounds.policy.pause == 0 and rounds.policy.realized["drafted"].rounds >= 3
+    rounds.policy.realized["plain"] = Throughput(tokens=10.0, ms=1.0, rounds=10.0)  # plain rounds: 10 tokens/ms
+    plan = rounds.plan()
+    trees = rounds.grow(plan, 0.9)
+    rounds.report_on(plan, trees, accepted=int(trees[0].depths.max()))
+    rounds.plan()
+    assert rounds.policy.backoff > 1
 
 
 def test_slow_drafting_observed_pauses_it():
