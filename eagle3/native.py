@@ -1,7 +1,7 @@
 """eagle3's native CPU kernels (kernels/*.cpp): few-row matmuls that stream each weight row once for all
 rows, in fp32 and with int8 weights (linear.cpp), and a forward's decoder layers as one call (forward.cpp: the
-target's for native_forward.py, the EAGLE-3 draft's for native_draft.py). Built once per machine with its C++ compiler (-O3 -march=native) into
-$EAGLE3_HOME/kernels, and loaded with ctypes: no torch headers, so a build takes seconds.
+target's for native_forward.py, the EAGLE-3 draft's for native_draft.py). Built once per machine with its C++
+compiler (-O3 -march=native) into $EAGLE3_HOME/kernels, and loaded with ctypes: no torch headers, so a build takes seconds.
 
 They are one more path of cpu_layout's measured choice, taken only where they are measured fastest. Without
 a compiler, on a CPU without AVX2, or with EAGLE3_NATIVE=0, they are simply absent (`library()` is None and
@@ -113,3 +113,19 @@ def linear(x: Tensor, weight_t: Tensor, scale: Tensor | None = None) -> Tensor:
     else:
         lib.eagle3_linear_f32(rows.data_ptr(), rows.shape[0], rows.shape[1], weight_t.data_ptr(), out, y.data_ptr())
     return y.view(*x.shape[:-1], out)
+
+
+def pointer_table(rows: list[list[Tensor | int | None]]) -> tuple[Tensor, list[Tensor]]:
+    """The int64 table [rows, fields] a kernel reads its weights from: each tensor's data pointer, 0 for None,
+    ints as they are; and the tensors pointed to, which the caller keeps for as long as it uses the table."""
+    table = torch.zeros(len(rows), len(rows[0]), dtype=torch.int64)
+    keep = []
+    for r, row in enumerate(rows):
+        for f, entry in enumerate(row):
+            if isinstance(entry, Tensor):
+                entry = entry.detach().contiguous()  # (weights already are: no copy)
+                keep.append(entry)
+                table[r, f] = entry.data_ptr()
+            elif entry is not None:
+                table[r, f] = int(entry)
+    return table, keep

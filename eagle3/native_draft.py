@@ -19,9 +19,6 @@ from eagle3 import native
 from eagle3.model import interleave_rope_rows
 from eagle3.native_weights import NativeWeight, quantize
 
-FIELDS = 19  # forward.cpp's DraftField: fc, qkv, o, gate_up, down, lm_head (data, scale, bias each), inv_freq
-
-
 class NativeDraft:
     """An Eagle3Draft's forward and logits on the native kernels, on the draft's own KV cache. Its layer stays
     fp32; its lm_head is int8 when `head_int8` (the PyTorch draft's --draft-int8 choice, same scheme)."""
@@ -43,15 +40,8 @@ class NativeDraft:
             matrices = [fp32(draft.fc.weight), fp32(qkv), fp32(attn.o_proj.weight), fp32(gate_up),
                         fp32(mlp.down_proj.weight), quantize(head.t()) if head_int8 else fp32(head)]  # fmt: skip
         biases = [draft.fc.bias, None, None, None, None, None]
-        self._keep: list[Tensor] = [draft._inv_freq.float().contiguous()]  # what the table points to
-        table = torch.zeros(FIELDS, dtype=torch.int64)
-        for m, (weight, bias) in enumerate(zip(matrices, biases)):
-            for k, tensor in enumerate((weight.data, weight.scale, bias)):
-                if tensor is not None:
-                    tensor = tensor.detach().float().contiguous() if tensor.is_floating_point() else tensor.contiguous()
-                    self._keep.append(tensor)
-                    table[3 * m + k] = tensor.data_ptr()
-        table[18] = self._keep[0].data_ptr()
+        entries = [t for w, b in zip(matrices, biases) for t in (w.data, w.scale, b)] + [draft._inv_freq.float()]
+        (table,), self._keep = native.pointer_table([entries])  # (forward.cpp's DraftField order)
         self.table, self.draft, self.vocab, self.head_int8 = table, draft, head.shape[0], head_int8
         self.shape = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size]
 

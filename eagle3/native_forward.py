@@ -3,8 +3,8 @@
 
 Decoding a token through PyTorch runs ~450 small ops, each paying a fixed toll that is a large share of a
 small model's step on a CPU. Here the embedding lookup and the lm_head's matmul stay in PyTorch and the
-layers, the final norm included, are one call. It computes every token on its own, in the same order whatever the batch and the tree,
-so speculative output equals plain output of this runtime bitwise.
+layers, the final norm included, are one call. It computes every token on its own, in the same order whatever
+the batch and the tree, so speculative output equals plain output of this runtime bitwise.
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ from eagle3 import native
 from eagle3.model import ForwardOutput, Transformer
 from eagle3.native_weights import MATRICES, NativeWeight
 
-FIELDS = 14  # one layer's row of the table (forward.cpp's TargetField): 4 matrices x (data, scale, bias), q/k norm, window
-
-
 class NativeLayers:
     """The decoder layers of a model on the native kernels, as forward.cpp reads them."""
 
@@ -32,24 +29,13 @@ class NativeLayers:
             raise ValueError("the native forward runs a model whose norms are folded into its matrices (fold_norms)")
         self.model = model
         cfg = model.config
-        self._keep: list[Tensor] = []  # every tensor the table points to lives as long as the table
-        table = torch.zeros(len(model.layers), FIELDS, dtype=torch.int64)
+        rows = []
         for l, (block, layer) in enumerate(zip(model.layers, weights)):
             biases = [block.qkv_bias, block.o_bias, block.gate_up_bias, block.down_bias]
-            for m, (weight, bias) in enumerate(zip(layer, biases)):
-                table[l, 3 * m : 3 * m + 3] = torch.tensor([self._pointer(weight.data), self._pointer(weight.scale),
-                                                            self._pointer(bias)])  # fmt: skip
-            table[l, 12] = self._pointer(block.qk_norm)
-            table[l, 13] = model._windows[l] or 0
-        self.table = table
+            rows.append([t for w, b in zip(layer, biases) for t in (w.data, w.scale, b)]
+                        + [block.qk_norm, model._windows[l] or 0])  # fmt: skip
+        self.table, self._keep = native.pointer_table(rows)  # (forward.cpp's TargetField order)
         self.shape = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.num_layers]
-
-    def _pointer(self, tensor: Tensor | None) -> int:
-        if tensor is None:
-            return 0
-        tensor = tensor.detach().contiguous()  # (the weights already are: no copy)
-        self._keep.append(tensor)
-        return tensor.data_ptr()
 
     def forward(self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, taps: Sequence[int] = ()) -> ForwardOutput:
         """n new tokens [B, n] on top of cache rows 0 .. B-1, at positions [B, n] (host), each row's token i
