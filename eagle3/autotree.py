@@ -23,11 +23,13 @@ two phases, drafting and verifying; the ratio of observed to predicted time scal
 the verify predictions per tree size (pooled in buckets, each starting from the ratio over all sizes, capped
 at 1 so that sizes not yet seen get tried when the ones seen are slow).
 
-A round whose trees, drafting included, are expected to yield fewer tokens per ms than a plain step pauses
-drafting for a while, so drafting costs about what plain decoding costs where it does not pay, up to the rounds
-spent finding that out. Expectations can stay wrong where estimates are close (a weak draft on a fast target),
-so the tokens per ms that drafted rounds actually yielded (their catch-up beyond a token taken out, as the
-expectation does) are held against those of plain rounds too, and drafting pauses when they fall short.
+Whether to draft at all is decided on what rounds realized: the tokens per ms that drafted rounds actually
+yielded (their catch-up beyond a token taken out) against those of plain rounds; drafting pauses while it falls
+short, for twice as long each time it still does, so it costs about what plain decoding costs where it does
+not pay. Expectations alone stay wrong where they are close (a weak draft on a fast target), and one round's
+draft confidence says little about the next round's: a round whose tree is the root alone still counts, as the
+drafting it wasted. A plain round every PROBE_EVERY drafted ones keeps the plain rate current. Until both
+kinds of round have been seen, a round expected to yield fewer tokens per ms than a plain step pauses drafting.
 
 Batches: B rows each verify their tree in one forward, and each draft level runs every row, so a round costs
 what B times as many tokens cost in one row (weight-streaming kernels price rows, not sequences; attention is
@@ -89,8 +91,11 @@ class Throughput:
         return self.tokens / max(self.ms, 1e-9)
 
 
-# Drafted rounds seen (decayed) before their realized tokens per ms may pause drafting.
+# Drafted rounds seen (decayed) before their realized tokens per ms decide whether drafting pays.
 REALIZED_ROUNDS = 3.0
+
+# Drafted rounds in a row after which one plain round is run, to measure what plain decoding yields now.
+PROBE_EVERY = 16
 
 # Tokens per verification (all rows' trees together) whose verify times are pooled for the per-size correction
 # (a size counts toward the first bucket at or above it): verification cost is far from linear on a CPU
@@ -176,6 +181,7 @@ class AutoTree:
     observed: list[float] = field(default_factory=list)
     max_pause: int = 64
     pause: int = 0  # plain rounds left before drafting again
+    streak: int = 0  # drafted rounds since the last plain one
     backoff: int = 1  # the next pause's length: doubles while drafting keeps not paying
     phase_time: dict[str, TimeRatio] = field(default_factory=lambda: {"draft": TimeRatio(), "verify": TimeRatio()})
     verify_time: list[TimeRatio] = field(default_factory=lambda: [TimeRatio() for _ in VERIFY_BUCKETS])  # per size
@@ -192,9 +198,10 @@ class AutoTree:
         if report is not None:
             self._observe(report)
         batch = len(contexts)
-        if self.pause > 0:
-            self.pause -= 1
+        if self.pause > 0 or self.streak >= PROBE_EVERY:
+            self.pause, self.streak = max(self.pause - 1, 0), 0
             return TreePlan([PLAIN] * batch, drafted=False)
+        self.streak += 1
         context = int(np.mean(contexts))
         prices = Prices(self.cost, batch, self.cost_scale("draft"),
                         self._verify_ms(context, batch) * self.verify_scales(batch), self._corrections())  # fmt: skip
@@ -262,19 +269,23 @@ class AutoTree:
                 self._pause_unless_paying(sizers, verify_table * self.verify_scales(batch), batch)
 
     def _pause_unless_paying(self, sizers: list[RoundSizer], verify_ms: np.ndarray, batch: int) -> None:
-        """Would rounds like this one pay (their catch-up a token or two)? Tokens per ms of the batch, drafting
-        against plain steps, as expected and as drafted rounds realized them; a batch whose best trees are all
-        the root alone does not."""
-        draft_ms = self.cost_scale("draft") * max(s.steady_draft_ms() for s in sizers)
-        largest = max(s.best for s in sizers)
-        drafted_rate = sum(1.0 + s.gain for s in sizers) / (draft_ms + float(verify_ms[largest]))
-        plain_rate = batch / float(verify_ms[0])
+        """Does drafting pay? Tokens per ms of the batch, drafted rounds against plain ones, as realized once
+        both have been seen; before that, as expected for rounds like this one (their catch-up a token or two),
+        a batch whose best trees are all the root alone not paying."""
         plain, drafted = self.realized["plain"], self.realized["drafted"]
-        fell_short = drafted.rounds >= REALIZED_ROUNDS and drafted.rate() < (plain.rate() if plain.rounds else plain_rate)
-        if largest == 0 or drafted_rate < plain_rate or fell_short:
-            self.pause, self.backoff = self.backoff, min(2 * self.backoff, self.max_pause)
+        if drafted.rounds >= REALIZED_ROUNDS and plain.rounds > 0:
+            paying = drafted.rate() >= plain.rate()
         else:
+            draft_ms = self.cost_scale("draft") * max(s.steady_draft_ms() for s in sizers)
+            largest = max(s.best for s in sizers)
+            drafted_rate = sum(1.0 + s.gain for s in sizers) / (draft_ms + float(verify_ms[largest]))
+            plain_rate = batch / float(verify_ms[0])
+            fell_short = drafted.rounds >= REALIZED_ROUNDS and drafted.rate() < plain_rate
+            paying = largest > 0 and drafted_rate >= plain_rate and not fell_short
+        if paying:
             self.backoff = 1
+        else:
+            self.pause, self.backoff = self.backoff, min(2 * self.backoff, self.max_pause)
 
     def _observe_acceptance(self, tree, accepted_depth: int) -> None:
         depths = np.asarray(tree.depths[1:])

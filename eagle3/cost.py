@@ -166,8 +166,9 @@ def cost_key(target, draft) -> str:
         if model.device.type == "cuda" else os.uname().machine, "dtype": str(model.dtype),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "method": "interleaved median, monotone, to 256 tokens",
-        "draft_int8": getattr(draft.lm_head, "int8", None) is not None or getattr(draft.native, "head_int8", False),
-        "draft_native": getattr(draft, "native", None) is not None,  # (native_draft.py: the step on native kernels)
+        "draft_int8": getattr(draft.lm_head, "int8", None) is not None,
+        # (native_draft.py: the step on native kernels, every matrix in int8 or fp32)
+        "draft_native": None if draft.native is None else "int8" if draft.native.int8 else "fp32",
         "matmul_paths": list(getattr(model, "matmul_paths", ())),  # (cpu_layout's measured choice)
         "runtime": target.runtime,
     }  # fmt: skip

@@ -243,10 +243,10 @@ DEFAULT_PROMPT_WINDOW = 256
 def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
                  prompt_window: int | None = DEFAULT_PROMPT_WINDOW) -> Eagle3Drafter:  # fmt: skip
     """An EAGLE-3 drafter from a checkpoint folder, checked against and attached to the target; it taps the
-    target layers its config names (the target's defaults when it names none). int8: run the draft's lm_head
-    in int8 (draft.quantize_int8); default: wherever it is supported (float32 on CPU). On the native runtimes
-    the draft's step runs on the native kernels too (native_draft.py). prompt_window: how many of a prompt's
-    last tokens the draft reads (None: all)."""
+    target layers its config names (the target's defaults when it names none). int8: the draft in int8, its
+    lm_head on the PyTorch runtimes (draft.quantize_int8) and every matrix on the native ones, where the draft's
+    step runs on the native kernels too (native_draft.py); default: wherever supported (a float32 draft on a
+    CPU). prompt_window: how many of a prompt's last tokens the draft reads (None: all)."""
     from eagle3.checkpoint import load_draft
     from eagle3.draft import int8_supported, quantize_int8
 
@@ -258,7 +258,7 @@ def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
     if target.runtime.startswith("native"):
         from eagle3.native_draft import NativeDraft
 
-        draft.native = NativeDraft(draft, head_int8=bool(int8))
+        draft.native = NativeDraft(draft, int8=bool(int8))
     elif int8:
         quantize_int8(draft)
     return Eagle3Drafter(draft.attach(model.embed.weight), prompt_window)
@@ -270,7 +270,8 @@ INT8_CHOICES = {"auto": None, "on": True, "off": False}  # the CLI's --draft-int
 def add_drafter_arguments(parser, window: bool = True) -> None:
     """--draft-int8 and (with window) --draft-window, read back by drafter_options."""
     parser.add_argument("--draft-int8", choices=tuple(INT8_CHOICES), default="auto",
-                        help="the draft's lm_head in int8: auto (default: where supported, float32 on CPU), on or off")
+                        help="the draft in int8 (its lm_head; on the native runtimes all its matrices): auto (default: on "
+                             "for a float32 draft on a CPU), on or off")
     if window:
         parser.add_argument("--draft-window", type=options.nonnegative, default=DEFAULT_PROMPT_WINDOW,
                             help=f"prompt tokens the draft reads, from the end (default {DEFAULT_PROMPT_WINDOW}; 0: "

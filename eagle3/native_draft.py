@@ -20,10 +20,11 @@ from eagle3.model import interleave_rope_rows
 from eagle3.native_weights import NativeWeight, quantize
 
 class NativeDraft:
-    """An Eagle3Draft's forward and logits on the native kernels, on the draft's own KV cache. Its layer stays
-    fp32; its lm_head is int8 when `head_int8` (the PyTorch draft's --draft-int8 choice, same scheme)."""
+    """An Eagle3Draft's forward and logits on the native kernels, on the draft's own KV cache. With `int8`
+    (--draft-int8) every matrix is int8, per output row, the layer's as well as the lm_head's: the int8 kernel
+    reads a quarter of the bytes, and the draft's numerics reach only its proposals, never the output."""
 
-    def __init__(self, draft, head_int8: bool = False):
+    def __init__(self, draft, int8: bool = False):
         if native.library() is None:
             raise ValueError(f"the native draft needs eagle3's native kernels, unavailable here: {native.why_unavailable()}")
         cfg, layer = draft.config, draft.midlayer
@@ -36,13 +37,13 @@ class NativeDraft:
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float()
             gate_up = gate_up * layer.post_attention_layernorm.weight.float() * root_h
             head = draft.lm_head.weight.float() * draft.norm.weight.float() * root_h
-            fp32 = lambda w: NativeWeight(w.detach().float().contiguous(), None)  # noqa: E731 ([out, in] already)
-            matrices = [fp32(draft.fc.weight), fp32(qkv), fp32(attn.o_proj.weight), fp32(gate_up),
-                        fp32(mlp.down_proj.weight), quantize(head.t()) if head_int8 else fp32(head)]  # fmt: skip
+            stored = ((lambda w: quantize(w.detach().float().t())) if int8  # ([out, in] already)
+                      else (lambda w: NativeWeight(w.detach().float().contiguous(), None)))  # fmt: skip
+            matrices = [stored(w) for w in (draft.fc.weight, qkv, attn.o_proj.weight, gate_up, mlp.down_proj.weight, head)]
         biases = [draft.fc.bias, None, None, None, None, None]
         entries = [t for w, b in zip(matrices, biases) for t in (w.data, w.scale, b)] + [draft._inv_freq.float()]
         (table,), self._keep = native.pointer_table([entries])  # (forward.cpp's DraftField order)
-        self.table, self.draft, self.vocab, self.head_int8 = table, draft, head.shape[0], head_int8
+        self.table, self.draft, self.vocab, self.int8 = table, draft, head.shape[0], int8
         self.shape = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size]
 
     def forward(self, tokens: Tensor, hidden: Tensor, positions: Tensor, mask: Tensor | None = None,
