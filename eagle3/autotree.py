@@ -24,7 +24,7 @@ the verify predictions per tree size (pooled in buckets, each starting from the 
 at 1 so that sizes not yet seen get tried when the ones seen are slow).
 
 Whether to draft at all is decided on what rounds realized: the tokens per ms that drafted rounds actually
-yielded (their catch-up beyond a token taken out) against those of plain rounds; drafting pauses while it falls
+yielded (their catch-up beyond a token taken out) against those of plain rounds with as many rows; drafting pauses while it falls
 short, for twice as long each time it still does, so it costs about what plain decoding costs where it does
 not pay. Expectations alone stay wrong where they are close (a weak draft on a fast target), and one round's
 draft confidence says little about the next round's: a round whose tree is the root alone still counts, as the
@@ -185,7 +185,7 @@ class AutoTree:
     backoff: int = 1  # the next pause's length: doubles while drafting keeps not paying
     phase_time: dict[str, TimeRatio] = field(default_factory=lambda: {"draft": TimeRatio(), "verify": TimeRatio()})
     verify_time: list[TimeRatio] = field(default_factory=lambda: [TimeRatio() for _ in VERIFY_BUCKETS])  # per size
-    realized: dict[str, Throughput] = field(default_factory=lambda: {"drafted": Throughput(), "plain": Throughput()})
+    realized: dict[int, dict[str, Throughput]] = field(default_factory=dict)  # per batch size: drafted, plain
     _verify_tables: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -206,6 +206,13 @@ class AutoTree:
         prices = Prices(self.cost, batch, self.cost_scale("draft"),
                         self._verify_ms(context, batch) * self.verify_scales(batch), self._corrections())  # fmt: skip
         return TreePlan([self.spec] * batch, lambda row, read: RoundSizer(prices, read, self.max_tokens, self.max_depth))
+
+    def realized_at(self, batch: int) -> dict[str, Throughput]:
+        """Tokens and time of recent drafted and plain rounds of `batch` rows (a batch's rate is only comparable
+        with rounds of as many rows: a server's batch grows and shrinks as requests come and go)."""
+        if batch not in self.realized:
+            self.realized[batch] = {"drafted": Throughput(), "plain": Throughput()}
+        return self.realized[batch]
 
     def cost_scale(self, phase: str) -> float:
         """Observed / predicted time of a round's "draft" or "verify" phase."""
@@ -256,12 +263,13 @@ class AutoTree:
                 self.phase_time[phase].add(observed, predicted, self.decay)
         self.verify_time[verify_bucket(batch * size)].add(report.verify_ms, predicted_verify, self.decay)
         round_ms = report.draft_ms + report.verify_ms
+        realized = self.realized_at(batch)
         if not report.plan.drafted:
-            self.realized["plain"].add(batch, round_ms, self.decay)
+            realized["plain"].add(batch, round_ms, self.decay)
         elif sizers:  # (a long catch-up, after a prompt or a pause, is not what a steady drafted round costs)
             catch_up = predicted_draft - max(s.steady_draft_ms() for s in sizers)
             steady_ms = max(round_ms - self.cost_scale("draft") * catch_up, 1e-3)
-            self.realized["drafted"].add(sum(1 + a for a in report.accepted), steady_ms, self.decay)
+            realized["drafted"].add(sum(1 + a for a in report.accepted), steady_ms, self.decay)
         if report.plan.drafted:
             for tree, accepted in zip(report.trees, report.accepted):
                 self._observe_acceptance(tree, accepted)
@@ -269,10 +277,10 @@ class AutoTree:
                 self._pause_unless_paying(sizers, verify_table * self.verify_scales(batch), batch)
 
     def _pause_unless_paying(self, sizers: list[RoundSizer], verify_ms: np.ndarray, batch: int) -> None:
-        """Does drafting pay? Tokens per ms of the batch, drafted rounds against plain ones, as realized once
-        both have been seen; before that, as expected for rounds like this one (their catch-up a token or two),
+        """Does drafting pay? Tokens per ms of the batch, drafted rounds against plain ones of as many rows, as
+        realized once both have been seen; before that, as expected for rounds like this one (their catch-up a token or two),
         a batch whose best trees are all the root alone not paying."""
-        plain, drafted = self.realized["plain"], self.realized["drafted"]
+        plain, drafted = self.realized_at(batch)["plain"], self.realized_at(batch)["drafted"]
         if drafted.rounds >= REALIZED_ROUNDS and plain.rounds > 0:
             paying = drafted.rate() >= plain.rate()
         else:

@@ -308,6 +308,13 @@ def summarize(rows: list[dict], methods: list[str], greedy: bool) -> dict:
     return summary
 
 
+def _int8_note(config: dict) -> str:
+    """What --draft-int8 made int8: every draft matrix on the native runtimes, the lm_head on PyTorch."""
+    if not config.get("draft_int8"):
+        return ""
+    return " (int8 matrices)" if str(config.get("runtime", "torch")).startswith("native") else " (lm_head int8)"
+
+
 def _window_note(window: int | None) -> str:
     return f", draft prompt window {window}" if window else ""
 
@@ -341,7 +348,7 @@ def markdown(summary: dict, config: dict, reruns: list[str] | None = None, flagg
     malformed = config.get("malformed_rows") or {}
     head = [
         f"# eagle3 bench: {config['target']}", "",
-        f"draft `{config['draft']}`{' (lm_head int8)' if config.get('draft_int8') else ''}"
+        f"runtime {config.get('runtime', 'torch')}, draft `{config['draft']}`{_int8_note(config)}"
         f"{_window_note(config.get('draft_window', 0))}, tree {config['tree']}, "
         f"temperature {config['temperature']}, "
         f"max_new_tokens {config['max_new_tokens']}, {config['threads']} threads, {config['device']}, "

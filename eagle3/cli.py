@@ -1,4 +1,4 @@
-"""The `eagle3` command line: fetch, generate, bench, train, regenerate, calibrate, convert, draft-init."""
+"""The `eagle3` command line: fetch, generate, serve, bench, train, regenerate, calibrate, convert, draft-init."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from eagle3.cost import add_calibrate_parser, calibrate_command
 from eagle3.drafter import add_drafter_arguments
 from eagle3.fetch import DEFAULT_TARGET, PRESETS, ModelNotFound
 from eagle3.regenerate import add_regenerate_parser, regenerate_command
+from eagle3.serving.server import add_serve_parser, serve_command
 from eagle3.train import add_train_parser, train_command
 
 
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="materialize a model and print its local folder (last line)")
     p.add_argument("name", help=f"preset ({', '.join(PRESETS)}), local folder or hub id")
     _add_generate(sub)
+    add_serve_parser(sub)
     add_cli_parsers(sub)
     add_bench_parser(sub)
     add_train_parser(sub)
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"fetch": _fetch, "generate": _generate, "bench": bench_command, "train": train_command,
+COMMANDS = {"fetch": _fetch, "generate": _generate, "serve": serve_command, "bench": bench_command, "train": train_command,
             "regenerate": regenerate_command, "calibrate": calibrate_command, **CLI_COMMANDS}
 
 

@@ -33,7 +33,7 @@ from eagle3.verify import accept_rows
 class GenerationResult:
     text: str
     token_ids: list[int]  # new tokens only
-    finish_reason: str  # "eos", "stop" or "length"
+    finish_reason: str  # "eos", "stop" or "length" ("cancelled": Engine.cancel)
     prompt_tokens: int
     wall_s: float  # from the request's prefill to its last token
     prefill_s: float
@@ -124,6 +124,11 @@ class Engine:
         self._report: RoundReport | None = None  # the last round's, for the policy
         self._ids = 0
 
+    @property
+    def last_round(self) -> RoundReport | None:
+        """What the last round did (None before the first round of a batch)."""
+        return self._report
+
     def open(self, max_len: int) -> None:
         """An empty batch for sequences of up to max_len positions (capped by the context)."""
         max_len = min(max_len, self.target.context)
@@ -145,6 +150,8 @@ class Engine:
         row, logits, taps = self.runtime.prefill(request.prompt_ids)
         root = int(next_token(logits, request.sampling, generator))
         stopper.extend([root])
+        if streamer:
+            streamer.update(stopper.text())
         self.drafter.join(row, request.prompt_ids)
         # The drafter pairs the feature of position t with token t + 1.
         tokens = torch.tensor([*list(request.prompt_ids)[1:], root], dtype=torch.long, device=self.target.model.device)
@@ -165,9 +172,6 @@ class Engine:
 
     def _round(self) -> None:
         sequences, runtime = self.sequences, self.runtime
-        for seq in sequences:
-            if seq.streamer:
-                seq.streamer.update(seq.stopper.text())
         draft_start = time.perf_counter()
         contexts = [runtime.length(row) for row in range(len(sequences))]
         plan = self.policy.size(self._report, contexts)
@@ -196,26 +200,44 @@ class Engine:
         done = time.perf_counter()
         self._report = RoundReport(plan, trees, [len(path) - 1 for path, _ in accepted], contexts,
                                    (verify_start - draft_start) * 1000, (done - verify_start) * 1000)  # fmt: skip
+        for seq in sequences:  # (after the round's timing: the policy prices the round, not the printing)
+            if seq.streamer and not seq.stopper.done:
+                seq.streamer.update(seq.stopper.text())
 
     def _fit(self, spec: TreeSpec, row: int) -> TreeSpec:
         """Near the end of the context a row's tree shrinks to what still fits, down to the root alone."""
         room = self.runtime.max_len - self.runtime.length(row)
         return spec if room >= spec.total_tokens else replace(spec, total_tokens=max(room, 1))
 
+    @torch.inference_mode()
+    def cancel(self, seq_id: int) -> SpeculativeResult | None:
+        """Takes a sequence out between rounds (its client went away), freeing its row; returns what it had
+        generated (finish_reason "cancelled"), or None when no running sequence has that id."""
+        row = next((row for row, seq in enumerate(self.sequences) if seq.id == seq_id), None)
+        if row is None:
+            return None
+        seq = self.sequences[row]
+        if not seq.stopper.done:
+            seq.stopper.finish_reason = "cancelled"
+        self._remove(row)
+        return self._result(seq)
+
     def _leave(self) -> list[tuple[int, SpeculativeResult]]:
-        """Finished rows (stopped, or out of room) leave, the highest first (the last row moves into a freed
-        one); returns their results."""
+        """Finished rows (stopped, or out of room) leave, the highest first; returns their results."""
         done = []
         for row in reversed(range(len(self.sequences))):
             seq = self.sequences[row]
-            if not (seq.stopper.done or self.runtime.length(row) >= self.runtime.max_len):
-                continue
-            done.append((seq.id, self._result(seq)))
-            self.runtime.release(row)
-            self.drafter.release(row)
-            self.sequences[row] = self.sequences[-1]
-            self.sequences.pop()
+            if seq.stopper.done or self.runtime.length(row) >= self.runtime.max_len:
+                self._remove(row)
+                done.append((seq.id, self._result(seq)))
         return done[::-1]
+
+    def _remove(self, row: int) -> None:
+        """Frees a row: the last row moves into it (runtime, drafter and sequence list alike)."""
+        self.runtime.release(row)
+        self.drafter.release(row)
+        self.sequences[row] = self.sequences[-1]
+        self.sequences.pop()
 
     def _result(self, seq: _Sequence) -> SpeculativeResult:
         if seq.streamer:

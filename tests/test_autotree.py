@@ -168,13 +168,29 @@ def test_drafted_rounds_that_realize_less_than_plain_ones_pause_drafting():
         trees = rounds.grow(plan, 0.9)
         rounds.report_on(plan, trees, accepted=int(trees[0].depths.max()))
     rounds.plan()
-    assert rounds.policy.pause == 0 and rounds.policy.realized["drafted"].rounds >= 3
-    rounds.policy.realized["plain"] = Throughput(tokens=10.0, ms=1.0, rounds=10.0)  # plain rounds: 10 tokens/ms
+    assert rounds.policy.pause == 0 and rounds.policy.realized_at(1)["drafted"].rounds >= 3
+    rounds.policy.realized_at(1)["plain"] = Throughput(tokens=10.0, ms=1.0, rounds=10.0)  # plain: 10 tokens/ms
     plan = rounds.plan()
     trees = rounds.grow(plan, 0.9)
     rounds.report_on(plan, trees, accepted=int(trees[0].depths.max()))
     rounds.plan()
     assert rounds.policy.backoff > 1
+
+
+def test_realized_rates_are_compared_at_the_same_batch_size():
+    """A server's batch grows and shrinks: slow plain rounds of one row must not make drafted rounds of four
+    rows look good when plain rounds of four rows yield more (tokens per ms grow with the rows)."""
+    rounds = Rounds(AutoTree(cost_model(1.0)), batch=4)
+    policy = rounds.policy
+    policy.realized_at(1)["plain"] = Throughput(tokens=0.01, ms=1000.0, rounds=1000.0)  # (pooled: far below)
+    policy.realized_at(4)["plain"] = Throughput(tokens=10.0, ms=1.0, rounds=10.0)
+    for _ in range(4):
+        plan = rounds.plan()
+        trees = rounds.grow(plan, 0.9)
+        rounds.report_on(plan, trees, accepted=int(trees[0].depths.max()))
+    rounds.plan()
+    assert policy.realized_at(4)["drafted"].rounds >= 3 and policy.backoff > 1
+    assert policy.realized_at(1)["drafted"].rounds == 0
 
 
 def test_slow_drafting_observed_pauses_it():
