@@ -33,7 +33,10 @@ from eagle3.autotree import auto_tree
 from eagle3.tree import TreeSpec
 from eagle3.generate import generate
 from eagle3.speculative import speculative_generate
-from eagle3.bench import encode_messages
+try:
+    from eagle3.target import encode_messages
+except ImportError:  # (older checkouts kept it in bench)
+    from eagle3.bench import encode_messages
 target = load_target(sys.argv[2], device="cpu")
 drafter = load_drafter(shipped_draft(sys.argv[2]), target)
 tree = TreeSpec.parse("auto")

@@ -215,8 +215,9 @@ def load(args: argparse.Namespace, out: Path, prompts: list[list[dict]]) -> None
         shared = set(row["answers"]) & set(other["answers"])
         row["equal"] = sum(row["answers"][p] == other["answers"][p] for p in shared)
         row["compared"] = len(shared)
-    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": [{k: v for k, v in r.items() if k != "answers"}
-              for r in rows], "server_metrics": metrics, "host": os.uname().nodename}  # fmt: skip
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    table = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
+    report = {"args": settings, "rows": table, "server_metrics": metrics, "host": os.uname().nodename}
     write_text(out / "load.json", json.dumps(report, indent=1))
     write_text(out / "load.md", load_table(rows, args))
     plot(rows, out / "load.png")
@@ -314,8 +315,8 @@ def soak(args: argparse.Namespace, out: Path, prompts: list[list[dict]]) -> None
                f"{report['answered']} answered, {report['hung_up']} hung up by the client, "
                f"{report['refused_or_failed']} refused or failed ({report['unexplained_failures']} without an error "
                f"message); server RSS {report['rss_first_mb']:.0f} MB at start, {report['rss_last_mb']:.0f} MB at the "
-               f"end (second-half max {report['rss_second_half_max_mb']:.0f} MB); at the end {report['queue_depth_at_end']:.0f} "
-               f"queued, {report['running_at_end']:.0f} running")  # fmt: skip
+               f"end (second-half max {report['rss_second_half_max_mb']:.0f} MB); at the end "
+               f"{report['queue_depth_at_end']:.0f} queued, {report['running_at_end']:.0f} running")  # fmt: skip
     write_text(out / "soak.md", summary + "\n")
     print(summary)
     if unexplained or final.get("eagle3_queue_depth") or final.get("eagle3_running_requests"):

@@ -24,9 +24,9 @@ the verify predictions per tree size (pooled in buckets, each starting from the 
 at 1 so that sizes not yet seen get tried when the ones seen are slow).
 
 Whether to draft at all is decided on what rounds realized: the tokens per ms that drafted rounds actually
-yielded (their catch-up beyond a token taken out) against those of plain rounds with as many rows; drafting pauses while it falls
-short, for twice as long each time it still does, so it costs about what plain decoding costs where it does
-not pay. Expectations alone stay wrong where they are close (a weak draft on a fast target), and one round's
+yielded (their catch-up beyond a token taken out) against those of plain rounds with as many rows; drafting
+pauses while it falls short, for twice as long each time it still does, so it costs about what plain decoding
+costs where it does not pay. Expectations alone stay wrong where they are close (a weak draft on a fast target), and one round's
 draft confidence says little about the next round's: a round whose tree is the root alone still counts, as the
 drafting it wasted. A plain round every PROBE_EVERY drafted ones keeps the plain rate current. Until both
 kinds of round have been seen, a round expected to yield fewer tokens per ms than a plain step pauses drafting.
@@ -278,8 +278,8 @@ class AutoTree:
 
     def _pause_unless_paying(self, sizers: list[RoundSizer], verify_ms: np.ndarray, batch: int) -> None:
         """Does drafting pay? Tokens per ms of the batch, drafted rounds against plain ones of as many rows, as
-        realized once both have been seen; before that, as expected for rounds like this one (their catch-up a token or two),
-        a batch whose best trees are all the root alone not paying."""
+        realized once both have been seen; before that, as expected for rounds like this one (their catch-up a
+        token or two), a batch whose best trees are all the root alone not paying."""
         plain, drafted = self.realized_at(batch)["plain"], self.realized_at(batch)["drafted"]
         if drafted.rounds >= REALIZED_ROUNDS and plain.rounds > 0:
             paying = drafted.rate() >= plain.rate()

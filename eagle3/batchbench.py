@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eagle3.bench import RUN_KEY_DEFAULTS, check_out, clear_out, encode_messages, fits_context, method_labels
+from eagle3.bench import RUN_KEY_DEFAULTS, check_out, clear_out, fits_context, method_labels
 from eagle3.drafter import NoDrafter
 from eagle3.engine import Engine, Request
 from eagle3.files import atomic_path, end_torn_line, read_text, write_text
 from eagle3.pld import PromptLookupDrafter
 from eagle3.sampling import SamplingParams
 from eagle3.suites import data_dir, read_suite
-from eagle3.target import Target
+from eagle3.target import Target, encode_messages
 from eagle3.tree import PLAIN, TreeSpec
 
 BATCH_METHODS = ("vanilla", "eagle3", "pld")

@@ -46,7 +46,7 @@ from eagle3.pld import PromptLookupDrafter
 from eagle3.sampling import SamplingParams
 from eagle3.speculative import speculative_generate
 from eagle3.suites import Question, data_dir, parse_suites, read_suite
-from eagle3.target import Target
+from eagle3.target import Target, encode_messages
 from eagle3.tree import AUTO_TREE, TreeSpec
 
 METHODS = ("vanilla", "eagle3", "pld", "hf", "hf-pld", "hf-assisted")
@@ -77,13 +77,6 @@ class TurnOutput:
 
 # A method answers a conversation (a list of chat messages ending with a user turn).
 Method = Callable[[list[dict]], TurnOutput]
-
-
-def encode_messages(target: Target, messages: list[dict]) -> list[int]:
-    """The chat template when the tokenizer has one; otherwise the turns' text, one per line."""
-    if getattr(target.tokenizer, "chat_template", None):
-        return target.encode_chat(messages)
-    return target.encode("\n".join(m["content"] for m in messages))
 
 
 def make_methods(

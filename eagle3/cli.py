@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"fetch": _fetch, "generate": _generate, "serve": serve_command, "bench": bench_command, "train": train_command,
-            "regenerate": regenerate_command, "calibrate": calibrate_command, **CLI_COMMANDS}
+COMMANDS = {"fetch": _fetch, "generate": _generate, "serve": serve_command, "bench": bench_command,
+            "train": train_command, "regenerate": regenerate_command, "calibrate": calibrate_command, **CLI_COMMANDS}
 
 
 def one_line(err: BaseException) -> str:

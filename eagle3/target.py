@@ -124,3 +124,11 @@ def _rebuild_hint(path: Path) -> str:
     """For a model eagle3 built in its cache: how to have it built again."""
     models = eagle3_home() / "models"
     return f"; delete {path} to have eagle3 build it again" if models in path.resolve().parents else ""
+
+
+def encode_messages(target: Target, messages: list[dict]) -> list[int]:
+    """A conversation's token ids: the chat template when the tokenizer has one; otherwise the turns' text, one
+    per line (base models such as stories260K)."""
+    if getattr(target.tokenizer, "chat_template", None):
+        return target.encode_chat(messages)
+    return target.encode("\n".join(m["content"] for m in messages))

@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 from oracles import TargetOracle
 
-from eagle3.bench import encode_messages
+from eagle3.target import encode_messages
 from eagle3.drafter import NoDrafter
 from eagle3.engine import Engine, Request
 from eagle3.generate import generate

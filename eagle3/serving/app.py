@@ -14,7 +14,7 @@ import hmac
 import json
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from eagle3.serving import metrics, protocol
 from eagle3.serving.protocol import ApiError, ChatRequest, CompletionRequest
 from eagle3.serving.scheduler import Job, QueueFull, Scheduler, ShuttingDown
-from eagle3.target import Target
+from eagle3.target import Target, encode_messages
 
 RETRY_AFTER_S = 1  # what a refused client is told to wait
 
@@ -36,12 +36,8 @@ def _validation_message(err: RequestValidationError) -> str:
     return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
 
 
-def create_app(scheduler: Scheduler, target: Target, model_name: str, api_key: str | None = None,
-               encode_chat: Callable[[Target, list[dict]], list[int]] | None = None) -> FastAPI:  # fmt: skip
+def create_app(scheduler: Scheduler, target: Target, model_name: str, api_key: str | None = None) -> FastAPI:
     """The API for `scheduler`'s engine, serving `target` as model_name (started and stopped with the app)."""
-    from eagle3.bench import encode_messages
-
-    encode_chat = encode_chat or encode_messages
     created = int(time.time())
 
     @asynccontextmanager
@@ -97,19 +93,20 @@ def create_app(scheduler: Scheduler, target: Target, model_name: str, api_key: s
         check_model(body.model)
         body.unsupported()
         try:
-            prompt_ids = encode_chat(target, body.conversation())
-        except ValueError as err:
-            raise ApiError(400, str(err), param="messages") from None
+            prompt_ids = encode_messages(target, body.conversation())
+        except Exception as err:  # (chat templates raise their own errors, e.g. on roles out of order)
+            raise ApiError(400, f"the chat template refused the messages: {err}", param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        rid = protocol.new_id("chatcmpl")
-        return await answer(request, body, protocol.engine_request(body, prompt_ids, scheduler.max_len, max_tokens),
-                            rid, chat=True)  # fmt: skip
+        engine_request = protocol.engine_request(body, prompt_ids, scheduler.max_len, max_tokens)
+        return await answer(request, body, engine_request, protocol.new_id("chatcmpl"), chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         body.unsupported()
-        prompt = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str) else body.prompt
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):  # one string in a list
+            prompt = prompt[0]
         if isinstance(prompt, str):
             prompt_ids = target.encode(prompt)
         else:
@@ -117,9 +114,8 @@ def create_app(scheduler: Scheduler, target: Target, model_name: str, api_key: s
             if any(not 0 <= t < vocab for t in prompt):
                 raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
             prompt_ids = list(prompt)
-        rid = protocol.new_id("cmpl")
-        return await answer(request, body, protocol.engine_request(body, prompt_ids, scheduler.max_len, body.max_tokens),
-                            rid, chat=False)  # fmt: skip
+        engine_request = protocol.engine_request(body, prompt_ids, scheduler.max_len, body.max_tokens)
+        return await answer(request, body, engine_request, protocol.new_id("cmpl"), chat=False)
 
     async def answer(http: Request, body, engine_request, rid: str, chat: bool):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()

@@ -20,6 +20,7 @@ from typing import Callable
 from eagle3.engine import Engine, Request, SpeculativeResult
 
 Sink = Callable[[str, object], None]
+OUTCOMES = ("done", "cancelled", "error", "refused")  # refused: the queue was full, or the server stopping
 
 # Buckets (seconds) of the latency histograms: time to first token and time per output token.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -56,7 +57,7 @@ class Histogram:
 class Stats:
     """What /metrics reports; written on the engine thread (plain counters: readers may see one round late)."""
 
-    requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("done", "cancelled", "error", "refused"), 0))
+    requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     prompt_tokens: int = 0
     generation_tokens: int = 0
     rounds: int = 0
@@ -128,7 +129,8 @@ class Scheduler:
                 raise ShuttingDown("the server is shutting down")
             if len(self._running) + len(self._waiting) >= self.engine.max_rows + self.max_queue:
                 self.stats.requests["refused"] += 1
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting for {self.engine.max_rows} rows)")
+                rows = self.engine.max_rows
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting for {rows} rows)")
             job = Job(request, sink, next(self._ids), stream)
             self._waiting.append(job)
             self._wake.notify()
