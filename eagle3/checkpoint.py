@@ -177,7 +177,9 @@ def _refuse_unsupported(cfg: dict, where: str) -> None:
     """Variants of the EAGLE-3 head this draft does not implement."""
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
-    for key in ("attention_bias", "mlp_bias", "norm_before_fc"):
+    # (speculators' variants: norms on the taps before fc, and the normed output fed back as the next step's
+    # hidden, "Eagle 3.1")
+    for key in ("attention_bias", "mlp_bias", "norm_before_fc", "fc_norm", "norm_output"):
         if cfg.get(key):
             raise ValueError(f"{where}: {key}=true is not supported by this EAGLE-3 draft")
     if cfg.get("norm_before_residual"):
@@ -241,7 +243,8 @@ def _parse_speculators(cfg: dict, where: str) -> tuple[DraftConfig, DraftMeta]:
         raise ValueError(
             f"{where} does not say norm_before_residual; vLLM would read it as true, which this draft does not implement"
         )
-    _refuse_unsupported({**layer, "norm_before_residual": cfg["norm_before_residual"]}, where)
+    head_flags = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")  # (top level there)
+    _refuse_unsupported({**layer, **{k: cfg[k] for k in head_flags if k in cfg}}, where)
     if layer.get("bias"):  # vLLM reads a layer "bias" as attention bias
         raise ValueError(f"{where}: transformer_layer_config.bias=true (attention bias) is not supported")
     flat = {k: v for k, v in layer.items() if k not in ("bias", TAPS_KEY, "eagle_config")}

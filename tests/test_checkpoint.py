@@ -255,6 +255,10 @@ def test_unsupported_variants(tmp_path):
         load_draft(write(tmp_path / "c", spec, ws), device="cpu")
     with pytest.raises(ValueError, match="one decoder layer"):
         load_draft(write(tmp_path / "d", official_config(**DIMS, num_hidden_layers=2), w), device="cpu")
+    for key in ("fc_norm", "norm_output", "norm_before_fc"):  # speculators' variants of the head
+        with pytest.raises(ValueError, match=key):
+            load_draft(write(tmp_path / key, {**speculators_config(**DIMS), "norm_before_residual": False, key: True},
+                             ws), device="cpu")  # fmt: skip
 
 
 def test_mismatched_target(tmp_path, stories_path):
