@@ -255,11 +255,14 @@ def test_serve_command_refuses_remote_hosts_and_busy_ports(capsys):
         assert "cannot listen" in capsys.readouterr().err
 
 
-def test_sigterm_finishes_open_requests_and_exits(stories_path, tmp_path):
+@pytest.mark.parametrize("grace", ["20", "0"])
+def test_sigterm_lets_open_requests_finish_within_the_grace_period_and_exits(stories_path, tmp_path, grace):
+    """SIGTERM mid-answer: within the grace period the answer completes; past it, the stream ends with an
+    OpenAI error event (not a cut connection); either way the server exits with code 0."""
     port = free_port()
     env = {**os.environ, "EAGLE3_HOME": str(tmp_path / "home")}
     proc = subprocess.Popen([sys.executable, "-m", "eagle3", "serve", "--target", str(stories_path), "--draft", "none",
-                             "--port", str(port), "--grace", "20", "--threads", "1", "--served-model-name", "stories"],
+                             "--port", str(port), "--grace", grace, "--threads", "1", "--served-model-name", "stories"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
@@ -273,7 +276,7 @@ def test_sigterm_finishes_open_requests_and_exits(stories_path, tmp_path):
                 time.sleep(0.2)
         lines = []
         with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
-                          json={"model": "stories", "prompt": "Once", "max_tokens": 300, "stream": True,
+                          json={"model": "stories", "prompt": "Once", "max_tokens": 480, "stream": True,
                                 "temperature": 0}) as reply:  # fmt: skip
             for line in reply.iter_lines():
                 if not lines:
@@ -282,6 +285,9 @@ def test_sigterm_finishes_open_requests_and_exits(stories_path, tmp_path):
         assert proc.wait(timeout=30) == 0
         assert [line for line in lines if line][-1] == "data: [DONE]"
         last = json.loads([line for line in lines if line.startswith("data: {")][-1][6:])
-        assert last["choices"][0]["finish_reason"] in ("length", "stop")  # it was allowed to finish
+        if grace == "0":
+            assert last["error"]["code"] == "shutting_down"
+        else:
+            assert last["choices"][0]["finish_reason"] in ("length", "stop")  # it was allowed to finish
     finally:
         proc.kill()

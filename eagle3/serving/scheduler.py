@@ -101,6 +101,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._counted = None  # the last round report counted in stats
+        self._open = 0  # jobs submitted and not yet ended (queued, being admitted, or running)
 
     # -- any thread ------------------------------------------------------------------------------------------
     @property
@@ -133,6 +134,7 @@ class Scheduler:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting for {rows} rows)")
             job = Job(request, sink, next(self._ids), stream)
             self._waiting.append(job)
+            self._open += 1
             self._wake.notify()
         return job
 
@@ -152,7 +154,7 @@ class Scheduler:
             self._accepting = False
             self._wake.notify()
         deadline = time.monotonic() + grace_s
-        while (self._running or self._waiting) and time.monotonic() < deadline and self._alive():
+        while self._open and time.monotonic() < deadline and self._alive():
             time.sleep(0.02)
         with self._wake:
             self._stop_now = True
@@ -232,7 +234,7 @@ class Scheduler:
                 self.stats.generation_tokens += result.new_tokens
                 self.stats.prompt_tokens += result.prompt_tokens
         self.stats.requests["cancelled"] += 1
-        job.ended = True
+        self._end(job)
         job.sink("done", None)
 
     def _finish(self, job: Job, result: SpeculativeResult) -> None:
@@ -242,10 +244,15 @@ class Scheduler:
         stats.generation_tokens += result.new_tokens
         if result.new_tokens > 1 and job.first_token is not None:
             stats.tpot.observe((time.perf_counter() - job.first_token) / (result.new_tokens - 1))
-        job.ended = True
+        self._end(job)
         job.sink("done", result)
+
+    def _end(self, job: Job) -> None:
+        with self._wake:
+            job.ended = True
+            self._open -= 1
 
     def _fail(self, job: Job, message: str) -> None:
         self.stats.requests["error"] += 1
-        job.ended = True
+        self._end(job)
         job.sink("error", message)

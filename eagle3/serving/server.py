@@ -14,6 +14,9 @@ import socket
 import sys
 import threading
 from contextlib import contextmanager
+from typing import Callable
+
+import uvicorn
 
 from eagle3 import options
 from eagle3.fetch import DEFAULT_TARGET, PRESETS
@@ -59,8 +62,6 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from eagle3.drafter import NoDrafter, drafter_options, load_drafter
     from eagle3.engine import Engine
     from eagle3.fetch import resolve_draft
@@ -90,10 +91,30 @@ def serve_command(args: argparse.Namespace) -> int:
           f"{args.max_queue}, {max_len} positions per row; http://{args.host}:{args.port}/v1", file=sys.stderr)
     if not is_loopback(args.host) and args.api_key is None:
         print(f"warning: serving {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.grace)
+    # uvicorn stops accepting connections at once and cuts the open ones when its own grace period ends; the
+    # scheduler's runs out first, so that what is still decoding then ends with a proper error instead.
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.grace + CUT_AFTER_S)
     with _signals_end_cleanly():
-        uvicorn.Server(config).run(sockets=[sock])
+        _Server(config, lambda: scheduler.stop(args.grace)).run(sockets=[sock])
     return 0
+
+
+CUT_AFTER_S = 5.0  # after the grace period, how long uvicorn waits for the cancelled requests' last words
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also tells the scheduler when a signal asks it to stop (on a thread of its own:
+    the scheduler's stop waits up to the grace period)."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], None]):
+        super().__init__(config)
+        self._drain, self._draining = drain, False
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if not self._draining:
+            self._draining = True
+            threading.Thread(target=self._drain, name="eagle3-drain", daemon=True).start()
+        super().handle_exit(sig, frame)
 
 
 @contextmanager
