@@ -574,11 +574,16 @@ OVERWRITE_HELP = "write into an existing folder: replaces config.json and model.
 
 def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
     """Adds `convert` and `draft-init` to the eagle3 command line; their handlers are CLI_COMMANDS."""
-    p = sub.add_parser("convert", help="convert a draft checkpoint between the EAGLE/SGLang and speculators/vLLM layouts")
+    p = sub.add_parser("convert", help="convert a draft checkpoint between the EAGLE/SGLang and speculators/vLLM layouts, "
+                       "or to a GGUF file for llama.cpp")  # fmt: skip
     p.add_argument("src", help="draft checkpoint folder (either layout)")
-    p.add_argument("out", help="output folder (written atomically; a folder that holds files needs --overwrite)")
-    p.add_argument("--to", dest="fmt", choices=FORMATS, required=True,
-                   help="eagle: official EAGLE/SGLang layout; speculators: vLLM layout")  # fmt: skip
+    p.add_argument("out", help="output folder, or file with --to gguf (written atomically; an existing one needs "
+                   "--overwrite)")  # fmt: skip
+    p.add_argument("--to", dest="fmt", choices=(*FORMATS, "gguf"), required=True,
+                   help="eagle: official EAGLE/SGLang layout; speculators: vLLM layout; gguf: llama.cpp's EAGLE-3 "
+                        "draft, written by llama.cpp's converter (bash scripts/install_peers.sh --convert-only)")  # fmt: skip
+    p.add_argument("--target", default=None, help="with --to gguf: the target the draft is for (preset or folder)")
+    p.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32", help="with --to gguf")
     p.add_argument("--verifier", default=None, help="target model name or path recorded in the config")
     p.add_argument("--speculative-tokens", type=options.integer(1, 64), default=None,
                    help="speculators' greedy proposal length")  # fmt: skip
@@ -594,6 +599,15 @@ def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def convert_command(args: argparse.Namespace) -> int:
+    if args.fmt == "gguf":
+        from eagle3.gguf_draft import export_gguf
+
+        if args.target is None:
+            raise ValueError("--to gguf needs --target (the model the draft is for: its tokenizer goes in the file)")
+        path = export_gguf(args.src, args.out, args.target, args.outtype, args.overwrite)
+        print("eagle3: wrote a GGUF draft for llama.cpp (--spec-type draft-eagle3)", file=sys.stderr)
+        print(path)
+        return 0
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     path = convert(args.src, args.fmt, args.out, args.verifier, args.speculative_tokens, dtype, args.overwrite)
     print(f"eagle3: wrote a {args.fmt} draft checkpoint", file=sys.stderr)

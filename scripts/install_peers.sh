@@ -10,8 +10,12 @@
 # minutes on a 2-core machine; a rerun finds it installed and only refreshes the convert script (seconds).
 # Exits 2 with a one-line reason when a step fails.
 #
-#     source .venv/bin/activate && bash scripts/install_peers.sh
+#     source .venv/bin/activate && bash scripts/install_peers.sh [--convert-only]
+#
+# --convert-only: just the convert script and what it needs (seconds; `eagle3 convert --to gguf` uses it), no build.
 set -euo pipefail
+CONVERT_ONLY=0
+[ "${1:-}" = "--convert-only" ] && CONVERT_ONLY=1
 
 VERSION=0.3.36
 GGUF_VERSION=0.19.0 # the version vendored in that sdist (for its dependencies; see gguf-py below)
@@ -30,7 +34,9 @@ log=$(mktemp -t install_peers.XXXXXX.log)
 tmp=$(mktemp -d -t install_peers.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 
-if "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" >/dev/null 2>&1; then
+if [ "$CONVERT_ONLY" = 1 ]; then
+  echo "fetching llama.cpp's convert script only (no build)"
+elif "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" >/dev/null 2>&1; then
   echo "llama-cpp-python $VERSION already installed"
 else
   echo "building llama-cpp-python $VERSION from source for this CPU ($JOBS jobs; several minutes, log: $log)"
@@ -64,5 +70,9 @@ cp -r "$tmp/$root/gguf-py/gguf" "$DEST/gguf-py/"
 # Check the script loads (its imports: torch, transformers, gguf, conversion) before declaring success.
 "$PY" "$DEST/convert_hf_to_gguf.py" --help >>"$log" 2>&1 || fail "$DEST/convert_hf_to_gguf.py does not run; see $log"
 
-echo "llama.cpp peer ready: llama-cpp-python $VERSION, convert script in $DEST"
+if [ "$CONVERT_ONLY" = 1 ]; then
+  echo "llama.cpp's convert script ready in $DEST"
+else
+  echo "llama.cpp peer ready: llama-cpp-python $VERSION, convert script in $DEST"
+fi
 rm -f "$log"
