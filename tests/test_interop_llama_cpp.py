@@ -118,7 +118,7 @@ def test_llama_cpp_runs_our_draft_beside_its_target(stories, converter, tmp_path
     src = save_draft(new_draft(stories.model.config, seed=1), tmp_path / "draft")
     assert main(["convert", str(src), "--to", "gguf", str(draft), "--target", str(stories.path)]) == 0
     run = subprocess.run([str(binary), "-m", str(target), "-md", str(draft), "--spec-type", "draft-eagle3", "-p",
-                          "Once upon a time", "-n", "24", "--temp", "0", "-t", "2", "--draft-max", "3"],
+                          "Once upon a time", "-n", "24", "--temp", "0", "-t", "2", "--spec-draft-n-max", "3"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "LLAMA_ARG_LOG_COLORS": "off"})  # fmt: skip
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-1500:]
