@@ -128,7 +128,7 @@ class Scheduler:
             if not self._accepting:
                 self.stats.requests["refused"] += 1
                 raise ShuttingDown("the server is shutting down")
-            if len(self._running) + len(self._waiting) >= self.engine.max_rows + self.max_queue:
+            if self._open >= self.engine.max_rows + self.max_queue:
                 self.stats.requests["refused"] += 1
                 rows = self.engine.max_rows
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting for {rows} rows)")
@@ -141,7 +141,7 @@ class Scheduler:
     def cancel(self, job: Job) -> None:
         """The job's client went away: it leaves the queue, or its row at the next round boundary."""
         with self._wake:
-            if job.cancelled:
+            if job.cancelled or job.ended:
                 return
             job.cancelled = True
             self._cancels.append(job)
