@@ -574,6 +574,8 @@ OVERWRITE_HELP = "write into an existing folder: replaces config.json and model.
 
 def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
     """Adds `convert` and `draft-init` to the eagle3 command line; their handlers are CLI_COMMANDS."""
+    from eagle3.gguf_draft import OUTTYPES
+
     p = sub.add_parser("convert", help="convert a draft checkpoint between the EAGLE/SGLang and speculators/vLLM layouts, "
                        "or to a GGUF file for llama.cpp")  # fmt: skip
     p.add_argument("src", help="draft checkpoint folder (either layout)")
@@ -583,7 +585,7 @@ def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
                    help="eagle: official EAGLE/SGLang layout; speculators: vLLM layout; gguf: llama.cpp's EAGLE-3 "
                         "draft, written by llama.cpp's converter (bash scripts/install_peers.sh --convert-only)")  # fmt: skip
     p.add_argument("--target", default=None, help="with --to gguf: the target the draft is for (preset or folder)")
-    p.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32", help="with --to gguf")
+    p.add_argument("--outtype", choices=OUTTYPES, default="f32", help="with --to gguf")
     p.add_argument("--verifier", default=None, help="target model name or path recorded in the config")
     p.add_argument("--speculative-tokens", type=options.integer(1, 64), default=None,
                    help="speculators' greedy proposal length")  # fmt: skip

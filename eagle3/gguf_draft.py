@@ -8,7 +8,8 @@ The converter reads the tapped layers from the draft config's top-level `eagle_a
 (layer inputs, as eagle3 numbers them; checkpoint.py) into the GGUF's target layers, and takes the tokenizer
 and vocabulary from the target's folder. It is not part of any package: `bash scripts/install_peers.sh
 --convert-only` fetches it (with the gguf-py it imports) from llama-cpp-python's source distribution into
-$EAGLE3_HOME/peers/llama.cpp, or $EAGLE3_LLAMA_CPP names another llama.cpp checkout.
+$EAGLE3_HOME/peers/llama.cpp, or $EAGLE3_LLAMA_CPP names another llama.cpp checkout. llama.cpp's EAGLE-3
+support is young: convert with the converter of the llama.cpp that will run the file.
 """
 
 from __future__ import annotations

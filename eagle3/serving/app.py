@@ -28,6 +28,11 @@ from eagle3.target import Target, encode_messages
 RETRY_AFTER_S = 1  # what a refused client is told to wait
 
 
+def _stopped() -> ApiError:
+    """What a request still decoding when the server stops gets."""
+    return ApiError(503, "the server stopped before the answer was complete", "server_error", code="shutting_down")
+
+
 def _validation_message(err: RequestValidationError) -> str:
     first = err.errors()[0]
     if first.get("type") == "json_invalid":
@@ -153,8 +158,7 @@ def create_app(scheduler: Scheduler, target: Target, model_name: str, api_key: s
                 if kind == "error":
                     raise ApiError(500, str(value), kind="server_error")
                 if kind == "done":  # cancelled: the server is stopping
-                    raise ApiError(503, "the server stopped before the answer was complete", kind="server_error",
-                                   code="shutting_down")  # fmt: skip
+                    raise _stopped()
         finally:
             scheduler.cancel(job)  # (a no-op once it has ended)
 
@@ -179,8 +183,7 @@ def create_app(scheduler: Scheduler, target: Target, model_name: str, api_key: s
                     yield event(ApiError(500, str(value), kind="server_error").body())
                     break
                 elif value is None:  # cancelled: the server is stopping
-                    yield event(ApiError(503, "the server stopped before the answer was complete",
-                                         kind="server_error", code="shutting_down").body())  # fmt: skip
+                    yield event(_stopped().body())
                     break
                 else:
                     last = chunk("", protocol.finish_reason(value))
