@@ -1,7 +1,8 @@
 """The shipped SmolLM2 draft in llama.cpp (`--spec-type draft-eagle3`) beside eagle3, on the same prompts: how
 often each accepts the draft's tokens (which shows llama.cpp feeds the draft the layers it was trained on),
 and the decoding speed of each, plainly and with the draft (llama.cpp's `llama-completion` and
-`llama-speculative-simple`, F32, --threads each; eagle3's native fp32 runtime), prompt by prompt in turns.
+`llama-speculative-simple`, --threads each, GGUF F32 or Q8_0; eagle3's native runtime in fp32 or int8 weights,
+--precision), prompt by prompt in turns.
 Speeds are decoding only, after the prompt (llama.cpp's own "eval" / "decoded" figures; eagle3's new tokens
 over its wall time less the prefill).
 
@@ -49,23 +50,26 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--draft-max", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="fp32: GGUF F32 against --runtime native; int8: GGUF Q8_0 against --runtime native-int8")
     args = p.parse_args()
+    outtype, runtime = ("f32", "native") if args.precision == "fp32" else ("q8_0", "native-int8")
     torch.set_num_threads(args.threads)
     converter = llama_cpp_converter()
     binary = converter.parent / "build" / "bin" / "llama-speculative-simple"
     simple = binary.with_name("llama-completion")
     if not (binary.is_file() and simple.is_file()):
         raise SystemExit(f"error: {binary} or {simple} is not built; run bash scripts/interop.sh --llama-cpp")
-    target = load_target("smollm2-135m", runtime="native")
+    target = load_target("smollm2-135m", runtime=runtime)
     draft_dir = resolve_draft("default", "smollm2-135m")
     questions = read_suite("mt_bench", data_dir(), args.prompts).questions[: args.prompts]
     with tempfile.TemporaryDirectory() as tmp:
         target_gguf, draft_gguf = Path(tmp) / "target.gguf", Path(tmp) / "draft.gguf"
-        made = subprocess.run([sys.executable, str(converter), str(resolve_model("smollm2-135m")), "--outtype", "f32",
+        made = subprocess.run([sys.executable, str(converter), str(resolve_model("smollm2-135m")), "--outtype", outtype,
                                "--outfile", str(target_gguf)], capture_output=True, text=True)  # fmt: skip
         if made.returncode != 0:
             raise SystemExit(f"error: converting the target failed: {made.stderr[-500:]}")
-        export_gguf(draft_dir, draft_gguf, "smollm2-135m")
+        export_gguf(draft_dir, draft_gguf, "smollm2-135m", outtype)
         drafter = load_drafter(draft_dir, target)
         chain = TreeSpec(args.draft_max + 1, args.draft_max, 1)
         totals = {"ours_accepted": 0, "ours_drafted": 0, "theirs_accepted": 0, "theirs_drafted": 0, "equal": 0}

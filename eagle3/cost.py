@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from eagle3 import options
+from eagle3 import native, options
 from eagle3.files import write_text
 from eagle3.paths import eagle3_home
 
@@ -171,6 +171,7 @@ def cost_key(target, draft) -> str:
         "draft_native": None if draft.native is None else "int8" if draft.native.int8 else "fp32",
         "matmul_paths": list(getattr(model, "matmul_paths", ())),  # (cpu_layout's measured choice)
         "runtime": target.runtime,
+        "kernels": native.source_digest() if target.runtime.startswith("native") or draft.native is not None else None,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

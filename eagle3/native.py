@@ -64,14 +64,21 @@ def library() -> ctypes.CDLL | None:
     return _library
 
 
+def source_digest() -> str:
+    """A digest of the kernels' sources: what the native runtimes' measured costs depend on besides the CPU."""
+    digest = hashlib.sha256()
+    for path in sorted(KERNELS.glob("*.[ch]pp")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _build(compiler: str) -> Path:
     """The shared library for this source, compiler and CPU, compiled into the cache when missing (written
     to a temporary name, then renamed: a concurrent or interrupted build never leaves a broken file)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     sources = sorted(KERNELS.glob("*.cpp"))
     digest = hashlib.sha256(version.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode())
-    for path in sorted(KERNELS.glob("*.[ch]pp")):
-        digest.update(path.name.encode() + path.read_bytes())
+    digest.update(source_digest().encode())
     target = eagle3_home() / "kernels" / f"eagle3-{digest.hexdigest()[:16]}.so"
     if target.is_file():
         return target
