@@ -193,6 +193,18 @@ def test_a_cancelled_stream_frees_its_row(slow):
     assert slow.metric("eagle3_running_requests") == 0
 
 
+def test_a_client_that_hangs_up_on_a_plain_request_frees_its_row(slow):
+    before = slow.metric('eagle3_requests_total{outcome="cancelled"}')
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the 400 tokens are done
+        httpx.post(f"{slow.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=1.0,
+                   json={"model": "stories", "prompt": "Once", "max_tokens": 400, "temperature": 0})  # fmt: skip
+    deadline = time.monotonic() + 10
+    while slow.metric('eagle3_requests_total{outcome="cancelled"}') < before + 1:
+        assert time.monotonic() < deadline, "the abandoned request kept its row"
+        time.sleep(0.05)
+    assert slow.metric("eagle3_running_requests") == 0
+
+
 def test_a_full_queue_gets_429_with_retry_after(slow):
     c = client(slow, KEY)
     running = c.completions.create(model="stories", prompt="Once", max_tokens=400, temperature=0, stream=True)

@@ -41,6 +41,23 @@ def _validation_message(err: RequestValidationError) -> str:
     return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
 
 
+class KeyCheck:
+    """401 for /v1/* without `Authorization: Bearer KEY`. Plain ASGI (Starlette's BaseHTTPMiddleware would hide
+    a client's disconnect from the routes, which cancel its request on it)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                err = ApiError(401, "a valid API key is needed (Authorization: Bearer KEY)", code="invalid_api_key")
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(scheduler: Scheduler, target: Target, model_name: str, api_key: str | None = None) -> FastAPI:
     """The API for `scheduler`'s engine, serving `target` as model_name (started and stopped with the app)."""
     created = int(time.time())
@@ -65,14 +82,8 @@ def create_app(scheduler: Scheduler, target: Target, model_name: str, api_key: s
     async def bug(request: Request, err: Exception) -> JSONResponse:  # still the OpenAI shape
         return await api_error(request, ApiError(500, f"internal error, {type(err).__name__}: {err}", "server_error"))
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                err = ApiError(401, "a valid API key is needed (Authorization: Bearer KEY)", code="invalid_api_key")
-                return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(KeyCheck, api_key=api_key)
 
     @app.get("/health")
     async def health() -> JSONResponse:
