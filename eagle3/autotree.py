@@ -26,10 +26,11 @@ at 1 so that sizes not yet seen get tried when the ones seen are slow).
 Whether to draft at all is decided on what rounds realized: the tokens per ms that drafted rounds actually
 yielded (their catch-up beyond a token taken out) against those of plain rounds with as many rows; drafting
 pauses while it falls short, for twice as long each time it still does, so it costs about what plain decoding
-costs where it does not pay. Expectations alone stay wrong where they are close (a weak draft on a fast target), and one round's
-draft confidence says little about the next round's: a round whose tree is the root alone still counts, as the
-drafting it wasted. A plain round every PROBE_EVERY drafted ones keeps the plain rate current. Until both
-kinds of round have been seen, a round expected to yield fewer tokens per ms than a plain step pauses drafting.
+costs where it does not pay. Expectations alone stay wrong where they are close (a weak draft on a fast
+target), and one round's draft confidence says little about the next round's: a round whose tree is the root
+alone still counts, as the drafting it wasted. A plain round every PROBE_EVERY drafted ones keeps the plain
+rate current. Until both kinds of round have been seen, a round expected to yield fewer tokens per ms than a
+plain step pauses drafting.
 
 Batches: B rows each verify their tree in one forward, and each draft level runs every row, so a round costs
 what B times as many tokens cost in one row (weight-streaming kernels price rows, not sequences; attention is
@@ -280,7 +281,8 @@ class AutoTree:
         """Does drafting pay? Tokens per ms of the batch, drafted rounds against plain ones of as many rows, as
         realized once both have been seen; before that, as expected for rounds like this one (their catch-up a
         token or two), a batch whose best trees are all the root alone not paying."""
-        plain, drafted = self.realized_at(batch)["plain"], self.realized_at(batch)["drafted"]
+        realized = self.realized_at(batch)
+        plain, drafted = realized["plain"], realized["drafted"]
         if drafted.rounds >= REALIZED_ROUNDS and plain.rounds > 0:
             paying = drafted.rate() >= plain.rate()
         else:

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from eagle3.engine import Request as EngineRequest
 from eagle3.serving import metrics, protocol
 from eagle3.serving.protocol import ApiError, ChatRequest, CompletionRequest
 from eagle3.serving.scheduler import Job, QueueFull, Scheduler, ShuttingDown
@@ -133,7 +134,8 @@ def create_app(scheduler: Scheduler, target: Target, model_name: str, api_key: s
         engine_request = protocol.engine_request(body, prompt_ids, scheduler.max_len, body.max_tokens)
         return await answer(request, body, engine_request, protocol.new_id("cmpl"), chat=False)
 
-    async def answer(http: Request, body, engine_request, rid: str, chat: bool):
+    async def answer(http: Request, body: ChatRequest | CompletionRequest, engine_request: EngineRequest, rid: str,
+                     chat: bool):  # fmt: skip
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def sink(kind: str, value: object) -> None:  # (the engine thread)

@@ -27,7 +27,7 @@ def render(scheduler: Scheduler) -> str:
     _family(lines, "eagle3_batch_rows", "gauge", "Rows in the last round.", [("", s.batch_rows)])
     _family(lines, "eagle3_rounds_total", "counter", "Engine rounds (one target forward each).", [("", s.rounds)])
     _family(lines, "eagle3_drafted_rows_total", "counter", "Rows' rounds that verified a draft tree.",
-            [("", s.drafted_rounds)])  # fmt: skip
+            [("", s.drafted_rows)])  # fmt: skip
     _family(lines, "eagle3_accepted_draft_tokens_total", "counter", "Draft tokens the target accepted.",
             [("", s.accepted_draft_tokens)])  # fmt: skip
     _family(lines, "eagle3_tau", "gauge", "Mean acceptance length of drafted rows' rounds since start (0: none yet).",

@@ -61,16 +61,17 @@ class Stats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     rounds: int = 0
-    drafted_rounds: int = 0  # rows' rounds with a draft tree
-    accepted_draft_tokens: int = 0  # draft tokens the target kept, over those rounds
+    drafted_rows: int = 0  # rows' rounds with a draft tree (a round of B drafted rows counts B)
+    accepted_draft_tokens: int = 0  # draft tokens the target kept, over those
     batch_rows: int = 0  # rows in the last round
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     tpot: Histogram = field(default_factory=lambda: Histogram(TPOT_BUCKETS))
 
     @property
     def tau(self) -> float:
-        """Mean acceptance length of drafted rounds (accepted draft tokens + 1), 0 before any."""
-        return (self.accepted_draft_tokens + self.drafted_rounds) / self.drafted_rounds if self.drafted_rounds else 0.0
+        """Mean acceptance length of drafted rows' rounds (accepted draft tokens + 1), 0 before any."""
+        rows = self.drafted_rows
+        return (self.accepted_draft_tokens + rows) / rows if rows else 0.0
 
 
 @dataclass
@@ -215,7 +216,7 @@ class Scheduler:
             self.stats.rounds += 1
             self.stats.batch_rows = len(report.trees)
             if max(tree.size for tree in report.trees) > 1:
-                self.stats.drafted_rounds += len(report.trees)
+                self.stats.drafted_rows += len(report.trees)
                 self.stats.accepted_draft_tokens += sum(report.accepted)
         for seq_id, result in finished:
             job = self._running.pop(seq_id, None)
@@ -226,8 +227,9 @@ class Scheduler:
         """A cancelled job leaves the queue or its row; its sink hears ("done", None) unless it has ended."""
         if job.ended:
             return
-        if job in self._waiting:
-            self._waiting.remove(job)
+        with self._wake:  # (submit appends under the lock)
+            if job in self._waiting:
+                self._waiting.remove(job)
         if job.seq_id is not None and self._running.pop(job.seq_id, None) is not None:
             result = self.engine.cancel(job.seq_id)
             if result is not None:
