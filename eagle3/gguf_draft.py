@@ -15,6 +15,7 @@ support is young: convert with the converter of the llama.cpp that will run the 
 from __future__ import annotations
 
 import os
+import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,10 @@ def llama_cpp_converter() -> Path:
     if not script.is_file():
         raise FileNotFoundError(f"llama.cpp's converter is not at {script}; run `{INSTALL}` (seconds, no build) "
                                 "or set EAGLE3_LLAMA_CPP to a llama.cpp checkout")  # fmt: skip
+    # The converter's Llama vocab path imports sentencepiece even for BPE tokenizers.
+    if importlib.util.find_spec("sentencepiece") is None:
+        raise FileNotFoundError(f"llama.cpp's converter at {script} needs the sentencepiece package, which is not "
+                                f"installed; run `{INSTALL}` or `pip install sentencepiece`")  # fmt: skip
     return script
 
 

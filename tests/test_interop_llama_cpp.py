@@ -6,6 +6,7 @@ builds the example."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -96,6 +97,17 @@ def test_convert_to_gguf_refuses_what_it_cannot_do(stories, tmp_path, monkeypatc
     monkeypatch.setenv("EAGLE3_LLAMA_CPP", str(tmp_path / "nowhere"))
     assert main(["convert", str(src), "--to", "gguf", str(tmp_path / "a.gguf"), "--target", str(stories.path)]) == 2
     assert "install_peers.sh --convert-only" in capsys.readouterr().err
+    assert not (tmp_path / "a.gguf").exists()
+    # A converter whose Python dependencies are missing is named as such, before it runs.
+    fake = tmp_path / "llama.cpp"
+    fake.mkdir()
+    (fake / "convert_hf_to_gguf.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.setenv("EAGLE3_LLAMA_CPP", str(fake))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sentencepiece" else find_spec(name, *a))  # fmt: skip
+    assert main(["convert", str(src), "--to", "gguf", str(tmp_path / "a.gguf"), "--target", str(stories.path)]) == 2
+    assert "needs the sentencepiece package" in capsys.readouterr().err
     assert not (tmp_path / "a.gguf").exists()
 
 
