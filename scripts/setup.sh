@@ -19,3 +19,9 @@ if ! python -c 'import speculators.models.eagle3' >/dev/null 2>&1; then
     python -m pip install -q "datasets>=4.0,<=5.1.0" "loguru>=0.7.2,<=0.7.3" pydantic-settings protobuf; } ||
     echo "note: speculators could not be installed; its interop tests will be skipped" >&2
 fi
+# SpecForge (SGLang's draft trainer), for the interop tests: it pins torch 2.11 and SGLang, which its EAGLE-3
+# draft model does not use, so it goes in without its dependencies (a pure-Python wheel).
+if ! python -c 'import specforge.modeling.auto' >/dev/null 2>&1; then
+  python -m pip install -q --no-deps "specforge==0.2.0" ||
+    echo "note: SpecForge could not be installed; its interop tests will be skipped" >&2
+fi

@@ -20,6 +20,7 @@ from eagle3.checkpoint import save_draft
 from eagle3.cli import main
 from eagle3.draft import new_draft
 from eagle3.gguf_draft import llama_cpp_converter
+from interop import scattered, varied
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +45,7 @@ def gguf_py(converter):
 
 def varied_draft(stories):
     draft = new_draft(stories.model.config, draft_vocab_size=256, seed=4)
-    g = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for name, p in draft.named_parameters():
-            if "norm" in name:
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-        kept = torch.randperm(stories.model.config.vocab_size, generator=g)[:256].sort().values  # target ids
-        draft.d2t.copy_(kept - torch.arange(256))  # (draft id i is target id i + d2t[i])
-        draft.t2d.zero_()
-        draft.t2d[kept] = True
-    return draft
+    return scattered(varied(draft), stories.model.config.vocab_size)
 
 
 def interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:

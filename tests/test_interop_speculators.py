@@ -19,24 +19,7 @@ from eagle3.drafter import Eagle3Drafter  # noqa: E402
 from eagle3.generate import generate  # noqa: E402
 from eagle3.speculative import speculative_generate  # noqa: E402
 from eagle3.tree import TreeSpec  # noqa: E402
-
-T = 12  # tokens in the compared sequence
-
-
-def inputs(stories, seed: int = 0):
-    """Token ids, three taps of the target and positions, as the drafter pairs them: the feature of position t
-    with token t + 1 (both engines take them so paired)."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(3, stories.model.config.vocab_size, (T,), generator=g)
-    hidden = torch.randn(T, 3 * stories.model.config.hidden_size, generator=g)
-    return tokens, hidden, torch.arange(T)
-
-
-def ours(draft, stories, tokens, hidden, positions) -> torch.Tensor:
-    draft.attach(stories.model.embed.weight)
-    draft.setup_cache(T + 1)
-    with torch.no_grad():
-        return draft.logits(draft(tokens[None], hidden[None], positions))[0]
+from interop import T, inputs, ours, varied  # noqa: E402
 
 
 def theirs(model, tokens, hidden, positions) -> torch.Tensor:
@@ -56,16 +39,6 @@ def eager(config):
     """speculators' dense-mask attention (its default, flex attention, wants a compiler on the CPU)."""
     config.transformer_layer_config._attn_implementation = "eager"
     return config
-
-
-def varied(draft):
-    """Norm weights away from 1, so that a norm applied to the wrong tensor shows."""
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in draft.named_parameters():
-            if "norm" in name:
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-    return draft
 
 
 def test_speculators_loads_our_export_and_computes_our_logits(stories, tmp_path):
