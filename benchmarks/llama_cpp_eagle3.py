@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from eagle3.fetch import resolve_draft, resolve_model
+from eagle3.fetch import resolve_draft
 from eagle3.generate import generate
-from eagle3.gguf_draft import export_gguf, llama_cpp_converter
+from eagle3.gguf_export import export_gguf, export_target_gguf, llama_cpp_converter
 from eagle3.drafter import load_drafter
 from eagle3.speculative import speculative_generate
 from eagle3.suites import data_dir, read_suite
@@ -65,10 +65,7 @@ def main() -> None:
     questions = read_suite("mt_bench", data_dir(), args.prompts).questions[: args.prompts]
     with tempfile.TemporaryDirectory() as tmp:
         target_gguf, draft_gguf = Path(tmp) / "target.gguf", Path(tmp) / "draft.gguf"
-        made = subprocess.run([sys.executable, str(converter), str(resolve_model("smollm2-135m")), "--outtype", outtype,
-                               "--outfile", str(target_gguf)], capture_output=True, text=True)  # fmt: skip
-        if made.returncode != 0:
-            raise SystemExit(f"error: converting the target failed: {made.stderr[-500:]}")
+        export_target_gguf("smollm2-135m", target_gguf, outtype)
         export_gguf(draft_dir, draft_gguf, "smollm2-135m", outtype)
         drafter = load_drafter(draft_dir, target)
         chain = TreeSpec(args.draft_max + 1, args.draft_max, 1)

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,20 +60,14 @@ def to_gguf(folder: Path, outtype: str, home: Path) -> Path:
     out = home / "peers" / "gguf" / f"{folder.name}-{outtype}.gguf"
     if out.is_file():
         return out
-    script = home / "peers" / "llama.cpp" / "convert_hf_to_gguf.py"
-    if not script.is_file():
-        sys.exit(f"peers: llama.cpp's converter {script} is missing; run {INSTALL_PEERS} (or pass --no-llama-cpp)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    part = out.with_name(f"{out.name}.{os.getpid()}.part")  # renamed when complete: no half file is ever reused
     print(f"converting {folder} to GGUF {outtype} (once) ...", flush=True)
-    cmd = [sys.executable, str(script), str(folder), "--outtype", outtype, "--outfile", str(part)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not part.is_file():
-        part.unlink(missing_ok=True)
-        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-        sys.exit(f"peers: converting {folder} to GGUF {outtype} failed: {last}")
-    part.replace(out)
-    return out
+    from eagle3.gguf_export import export_target_gguf
+
+    try:
+        return export_target_gguf(str(folder), out, outtype)
+    except (OSError, ValueError) as err:
+        sys.exit(f"peers: converting {folder} to GGUF {outtype} failed: {err} (or pass --no-llama-cpp)")
 
 
 def load_llama_cpp(path: Path, n_ctx: int, threads: int) -> Llama:

@@ -574,7 +574,7 @@ OVERWRITE_HELP = "write into an existing folder: replaces config.json and model.
 
 def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
     """Adds `convert` and `draft-init` to the eagle3 command line; their handlers are CLI_COMMANDS."""
-    from eagle3.gguf_draft import OUTTYPES
+    from eagle3.gguf_export import OUTTYPES
 
     p = sub.add_parser("convert", help="convert a draft checkpoint between the EAGLE/SGLang and speculators/vLLM layouts, "
                        "or to a GGUF file for llama.cpp")  # fmt: skip
@@ -585,7 +585,9 @@ def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
                    help="eagle: official EAGLE/SGLang layout; speculators: vLLM layout; gguf: llama.cpp's EAGLE-3 "
                         "draft, written by llama.cpp's converter (bash scripts/install_peers.sh --convert-only)")  # fmt: skip
     p.add_argument("--target", default=None, help="with --to gguf: the target the draft is for (preset or folder)")
-    p.add_argument("--outtype", choices=OUTTYPES, default="f32", help="with --to gguf")
+    p.add_argument("--outtype", choices=OUTTYPES, default="f32", help="with --to gguf: for the draft and --target-out")
+    p.add_argument("--target-out", default=None, help="with --to gguf: also write the target as this GGUF file "
+                   "(llama.cpp runs the draft beside it)")  # fmt: skip
     p.add_argument("--verifier", default=None, help="target model name or path recorded in the config")
     p.add_argument("--speculative-tokens", type=options.integer(1, 64), default=None,
                    help="speculators' greedy proposal length")  # fmt: skip
@@ -602,14 +604,23 @@ def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
 
 def convert_command(args: argparse.Namespace) -> int:
     if args.fmt == "gguf":
-        from eagle3.gguf_draft import export_gguf
+        from eagle3.gguf_export import checked_out_path, export_gguf, export_target_gguf
 
         if args.target is None:
             raise ValueError("--to gguf needs --target (the model the draft is for: its tokenizer goes in the file)")
+        if args.target_out is not None:  # (both files checked before either is written)
+            if checked_out_path(args.target_out, args.outtype, args.overwrite) == Path(args.out).expanduser().absolute():
+                raise ValueError("--target-out must be another file than the draft's")
         path = export_gguf(args.src, args.out, args.target, args.outtype, args.overwrite)
         print("eagle3: wrote a GGUF draft for llama.cpp (--spec-type draft-eagle3)", file=sys.stderr)
         print(path)
+        if args.target_out is not None:
+            path = export_target_gguf(args.target, args.target_out, args.outtype, args.overwrite)
+            print(f"eagle3: wrote the target as GGUF {args.outtype}", file=sys.stderr)
+            print(path)
         return 0
+    if args.target_out is not None:
+        raise ValueError("--target-out goes with --to gguf")
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     path = convert(args.src, args.fmt, args.out, args.verifier, args.speculative_tokens, dtype, args.overwrite)
     print(f"eagle3: wrote a {args.fmt} draft checkpoint", file=sys.stderr)

@@ -19,7 +19,7 @@ import torch
 from eagle3.checkpoint import save_draft
 from eagle3.cli import main
 from eagle3.draft import new_draft
-from eagle3.gguf_draft import llama_cpp_converter
+from eagle3.gguf_export import llama_cpp_converter
 from interop import scattered, varied
 
 
@@ -82,6 +82,22 @@ def test_the_gguf_holds_our_tensors_and_taps_as_llama_cpp_reads_them(stories, gg
         assert torch.equal(theirs[name].reshape(tensor.shape).to(tensor.dtype), tensor.detach()), name
 
 
+def test_the_target_goes_to_gguf_beside_its_draft(stories, gguf_py, tmp_path):
+    src = save_draft(varied_draft(stories), tmp_path / "draft")
+    draft, target = tmp_path / "draft.gguf", tmp_path / "target.gguf"
+    args = ["convert", str(src), "--to", "gguf", str(draft), "--target", str(stories.path), "--target-out", str(target)]
+    assert main([*args, "--outtype", "q8_0"]) == 0
+    reader = gguf_py.GGUFReader(target)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["llama.block_count"].contents() == stories.model.config.num_layers
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
+    # An existing target file is kept, and nothing is written: both files are checked before either is.
+    draft.unlink()
+    assert main(args) == 2 and not draft.exists()
+    assert main([*args[:-1], str(draft)]) == 2  # (the same file twice)
+
+
 def test_convert_to_gguf_refuses_what_it_cannot_do(stories, tmp_path, monkeypatch, capsys):
     src = save_draft(varied_draft(stories), tmp_path / "draft")
     assert main(["convert", str(src), "--to", "gguf", str(tmp_path / "a.gguf")]) == 2
@@ -114,13 +130,10 @@ def speculative_example(converter: Path) -> Path:
 
 def test_llama_cpp_runs_our_draft_beside_its_target(stories, converter, tmp_path):
     binary = speculative_example(converter)
-    target = tmp_path / "target.gguf"
-    made = subprocess.run([sys.executable, str(converter), str(stories.path), "--outtype", "f32", "--outfile",
-                           str(target)], capture_output=True, text=True)  # fmt: skip
-    assert made.returncode == 0, made.stderr[-500:]
-    draft = tmp_path / "draft.gguf"
+    target, draft = tmp_path / "target.gguf", tmp_path / "draft.gguf"
     src = save_draft(new_draft(stories.model.config, seed=1), tmp_path / "draft")
-    assert main(["convert", str(src), "--to", "gguf", str(draft), "--target", str(stories.path)]) == 0
+    assert main(["convert", str(src), "--to", "gguf", str(draft), "--target", str(stories.path), "--target-out",
+                 str(target)]) == 0  # fmt: skip
     run = subprocess.run([str(binary), "-m", str(target), "-md", str(draft), "--spec-type", "draft-eagle3", "-p",
                           "Once upon a time", "-n", "24", "--temp", "0", "-t", "2", "--spec-draft-n-max", "3"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "LLAMA_ARG_LOG_COLORS": "off"})  # fmt: skip

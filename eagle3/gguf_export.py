@@ -1,8 +1,9 @@
-"""A draft as a GGUF file for llama.cpp's EAGLE-3 speculative mode (`--spec-type draft-eagle3`), written by
-llama.cpp's own converter, so that the file is what llama.cpp expects of its version.
+"""Drafts and targets as GGUF files for llama.cpp (a draft for its EAGLE-3 speculative mode, `--spec-type
+draft-eagle3`), written by llama.cpp's own converter, so that each file is what llama.cpp expects of its version.
 
     draft (either layout) -> official layout in a temp folder -> convert_hf_to_gguf.py DRAFT
         --target-model-dir TARGET --outtype T --outfile OUT.part -> OUT
+    target folder -> convert_hf_to_gguf.py TARGET --outtype T --outfile OUT.part -> OUT
 
 The converter reads the tapped layers from the draft config's top-level `eagle_aux_hidden_state_layer_ids`
 (layer inputs, as eagle3 numbers them; checkpoint.py) into the GGUF's target layers, and takes the tokenizer
@@ -41,6 +42,28 @@ def llama_cpp_converter() -> Path:
     return script
 
 
+def checked_out_path(out: str | Path, outtype: str, overwrite: bool) -> Path:
+    """out as an absolute path, once the type is known and no file of someone's is in the way."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"unknown GGUF type {outtype!r}; choose from {', '.join(OUTTYPES)}")
+    out = Path(out).expanduser().absolute()
+    if out.is_dir() or (out.exists() and not overwrite):
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another file")
+    return out
+
+
+def _convert(script: Path, args: list[str], out: Path) -> Path:
+    """Runs llama.cpp's converter into OUT.part and renames it when it is whole: no half file is ever left."""
+    part = out.with_name(out.name + ".part")
+    done = subprocess.run([sys.executable, str(script), *args, "--outfile", str(part)], capture_output=True, text=True)
+    if done.returncode != 0 or not part.is_file():
+        part.unlink(missing_ok=True)
+        last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no message")
+        raise ValueError(f"llama.cpp's converter failed (exit code {done.returncode}): {last.strip()}")
+    part.replace(out)
+    return out
+
+
 def export_gguf(src: str | Path, out: str | Path, target: str, outtype: str = "f32", overwrite: bool = False) -> Path:
     """Writes the draft at src as a GGUF file `out` for llama.cpp, with `target` (preset, folder or hub id) as
     the model it drafts for. The file appears whole or not at all; an existing file needs overwrite."""
@@ -48,23 +71,23 @@ def export_gguf(src: str | Path, out: str | Path, target: str, outtype: str = "f
     from eagle3.config import load_config
     from eagle3.fetch import resolve_model
 
-    if outtype not in OUTTYPES:
-        raise ValueError(f"unknown GGUF type {outtype!r}; choose from {', '.join(OUTTYPES)}")
-    out = Path(out).expanduser().absolute()
-    if out.is_dir() or (out.exists() and not overwrite):
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another file")
+    out = checked_out_path(out, outtype, overwrite)
     script = llama_cpp_converter()
     target_dir = resolve_model(target)
     draft = load_draft(src, load_config(target_dir), device="cpu")  # (checks that the draft fits the target)
-    part = out.with_name(out.name + ".part")
     with tempfile.TemporaryDirectory(prefix="eagle3-gguf-") as tmp:
         official = save_draft(draft, Path(tmp) / "draft", format="eagle", verifier=str(target_dir))
-        cmd = [sys.executable, str(script), str(official), "--target-model-dir", str(target_dir), "--outtype", outtype,
-               "--outfile", str(part)]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 or not part.is_file():
-        part.unlink(missing_ok=True)
-        last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no message")
-        raise ValueError(f"llama.cpp's converter failed (exit code {done.returncode}): {last.strip()}")
-    part.replace(out)
-    return out
+        return _convert(script, [str(official), "--target-model-dir", str(target_dir), "--outtype", outtype], out)
+
+
+def export_target_gguf(target: str, out: str | Path, outtype: str = "f32", overwrite: bool = False) -> Path:
+    """Writes the target (preset, folder or hub id) as a GGUF file `out` of outtype for llama.cpp: f32 for
+    llama.cpp's full precision, q8_0 for its int8. Whole or not at all; an existing file needs overwrite."""
+    from eagle3.config import load_config
+    from eagle3.fetch import resolve_model
+
+    out = checked_out_path(out, outtype, overwrite)
+    script = llama_cpp_converter()
+    target_dir = resolve_model(target)
+    load_config(target_dir)  # (a folder that is no model fails here, in one line)
+    return _convert(script, [str(target_dir), "--outtype", outtype], out)
