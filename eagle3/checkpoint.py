@@ -577,14 +577,16 @@ def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
     from eagle3.gguf_export import OUTTYPES
 
     p = sub.add_parser("convert", help="convert a draft checkpoint between the EAGLE/SGLang and speculators/vLLM layouts, "
-                       "or to a GGUF file for llama.cpp")  # fmt: skip
+                       "to a GGUF file for llama.cpp, or with its target to OpenVINO IR for OpenVINO GenAI")  # fmt: skip
     p.add_argument("src", help="draft checkpoint folder (either layout)")
     p.add_argument("out", help="output folder, or file with --to gguf (written atomically; an existing one needs "
                    "--overwrite)")  # fmt: skip
-    p.add_argument("--to", dest="fmt", choices=(*FORMATS, "gguf"), required=True,
+    p.add_argument("--to", dest="fmt", choices=(*FORMATS, "gguf", "openvino"), required=True,
                    help="eagle: official EAGLE/SGLang layout; speculators: vLLM layout; gguf: llama.cpp's EAGLE-3 "
-                        "draft, written by llama.cpp's converter (bash scripts/install_peers.sh --convert-only)")  # fmt: skip
-    p.add_argument("--target", default=None, help="with --to gguf: the target the draft is for (preset or folder)")
+                        "draft, written by llama.cpp's converter (bash scripts/install_peers.sh --convert-only); "
+                        "openvino: OUT/target and OUT/draft for OpenVINO GenAI's EAGLE-3 pipeline")  # fmt: skip
+    p.add_argument("--target", default=None, help="with --to gguf or openvino: the target the draft is for (preset or "
+                   "folder)")  # fmt: skip
     p.add_argument("--outtype", choices=OUTTYPES, default="f32", help="with --to gguf: for the draft and --target-out")
     p.add_argument("--target-out", default=None, help="with --to gguf: also write the target as this GGUF file "
                    "(llama.cpp runs the draft beside it)")  # fmt: skip
@@ -621,6 +623,16 @@ def convert_command(args: argparse.Namespace) -> int:
         return 0
     if args.target_out is not None:
         raise ValueError("--target-out goes with --to gguf")
+    if args.fmt == "openvino":
+        from eagle3.openvino_export import export_openvino
+
+        if args.target is None:
+            raise ValueError("--to openvino needs --target (the model the draft is for: it is exported too)")
+        path = export_openvino(args.src, args.out, args.target, args.overwrite)
+        print("eagle3: wrote target/ and draft/ for OpenVINO GenAI (LLMPipeline(target, draft_model=draft_model(draft)))",
+              file=sys.stderr)  # fmt: skip
+        print(path)
+        return 0
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     path = convert(args.src, args.fmt, args.out, args.verifier, args.speculative_tokens, dtype, args.overwrite)
     print(f"eagle3: wrote a {args.fmt} draft checkpoint", file=sys.stderr)
