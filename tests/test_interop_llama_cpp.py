@@ -18,9 +18,10 @@ import torch
 
 from eagle3.checkpoint import save_draft
 from eagle3.cli import main
+from eagle3.config import load_config
 from eagle3.draft import new_draft
 from eagle3.gguf_export import llama_cpp_converter
-from interop import scattered, varied
+from interop import MARKED_TAPS, marked_target_folder, marker_draft, scattered, varied
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +141,29 @@ def test_llama_cpp_runs_our_draft_beside_its_target(stories, converter, tmp_path
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-1500:]
     assert re.search(r"n_draft\s*=\s*\d+", log) and re.search(r"n_accept\s*=\s*\d+", log), log[-1500:]
+
+
+def test_llama_cpp_taps_the_layers_the_draft_names(stories, converter, tmp_path):
+    """The marked target and draft (tests/interop.py): llama.cpp accepts every drafted token when the draft names
+    the marked layer, and none when its third tap is one layer off either way."""
+    binary = speculative_example(converter)
+    folder = marked_target_folder(tmp_path / "target", stories.path)
+    target_config = load_config(folder)
+
+    def accepted(taps) -> float:
+        src = save_draft(marker_draft(target_config, taps), tmp_path / f"draft-{taps[2]}")
+        target, draft = tmp_path / "target.gguf", tmp_path / f"draft-{taps[2]}.gguf"
+        extra = [] if target.exists() else ["--target-out", str(target)]
+        assert main(["convert", str(src), "--to", "gguf", str(draft), "--target", str(folder), *extra]) == 0
+        run = subprocess.run([str(binary), "-m", str(target), "-md", str(draft), "--spec-type", "draft-eagle3", "-p",
+                              "Once upon a time", "-n", "24", "--temp", "0", "-t", "2", "--spec-draft-n-max", "3",
+                              "--spec-draft-n-min", "3", "--spec-draft-p-min", "0"], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "LLAMA_ARG_LOG_COLORS": "off"})  # fmt: skip
+        log = run.stdout + run.stderr
+        assert run.returncode == 0, log[-1500:]
+        drafted = int(re.search(r"n_drafted\s*=\s*(\d+)", log).group(1))
+        assert drafted > 0, log[-1500:]
+        return int(re.search(r"n_accept\s*=\s*(\d+)", log).group(1)) / drafted
+
+    assert accepted(MARKED_TAPS) == 1.0
+    assert accepted((1, 2, 3)) == 0.0 and accepted((1, 2, 5)) == 0.0
