@@ -6,11 +6,14 @@ GenAI's answers equal eagle3's, and the decoding speed of each, plainly and with
 
 `eagle3 convert --to openvino` writes the target and the draft (fp32 IR); GenAI runs them with its
 `LLMPipeline` on the CPU (f32 inference and KV cache, --threads), against eagle3's native runtime in fp32.
-Both draft a chain of --draft-max tokens every round (GenAI's num_assistant_tokens), greedy, MT-bench first
-turns through the chat template, --max-new-tokens each, prompt by prompt in turns. Acceptance = accepted draft
+Both draft a chain of --draft-max tokens every round (GenAI's num_assistant_tokens), then a tree (--tree DEPTH,
+BRANCHING,TOKENS: GenAI's tree_depth, branching_factor and num_assistant_tokens; eagle3's TreeSpec of as many
+draft tokens, depth and top-k), greedy, MT-bench first turns through the chat template, --max-new-tokens each,
+prompt by prompt in turns. Acceptance = accepted draft
 tokens / drafted tokens (GenAI's own counts; eagle3's from its accept lengths with the fixed chain). Speeds are
 decoding only: GenAI's time per output token after the first; eagle3's new tokens over its wall time less
-the prefill.
+the prefill. GenAI's plain decoding is timed twice: as its LLMPipeline runs by default, and on paged attention
+(a SchedulerConfig), the backend its speculative pipeline runs on.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from eagle3.drafter import load_drafter
 from eagle3.fetch import resolve_draft
 from eagle3.generate import generate
 from eagle3.openvino_export import export_openvino
+from eagle3.openvino_runtime import own_signal_stack
 from eagle3.speculative import speculative_generate
 from eagle3.suites import data_dir, read_suite
 from eagle3.target import load_target
@@ -40,7 +44,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--draft-max", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tree", default="5,3,12", help="DEPTH,BRANCHING,TOKENS of the tree run")
     args = p.parse_args()
+    depth, branching, tree_tokens = (int(v) for v in args.tree.split(","))
     try:
         import openvino as ov
         import openvino_genai as genai
@@ -51,54 +57,75 @@ def main() -> None:
     draft_dir = resolve_draft("default", "smollm2-135m")
     drafter = load_drafter(draft_dir, target)
     questions = read_suite("mt_bench", data_dir(), args.prompts).questions[: args.prompts]
-    chain = TreeSpec(args.draft_max + 1, args.draft_max, 1)
+    shapes = {"chain": TreeSpec(args.draft_max + 1, args.draft_max, 1), "tree": TreeSpec(tree_tokens + 1, depth, branching)}
     props = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "INFERENCE_NUM_THREADS": args.threads}
-    totals = {"ours_accepted": 0, "ours_drafted": 0, "theirs_accepted": 0, "theirs_drafted": 0, "plain_equal": 0,
-              "spec_equal": 0}  # fmt: skip
-    speeds: dict[str, list[float]] = {"GenAI plain": [], "GenAI EAGLE-3": [], "eagle3 plain": [], "eagle3 EAGLE-3": []}
-    with tempfile.TemporaryDirectory() as tmp:
+    totals = {f"{k} {shape}": 0 for k in ("ours_accepted", "theirs_accepted", "theirs_drafted", "spec_equal", "ours_rounds")
+              for shape in shapes}  # fmt: skip
+    totals["plain_equal"] = totals["paged_equal"] = 0
+    runs = {"GenAI": ("plain", "plain-paged", *shapes), "eagle3": ("plain", *shapes)}
+    speeds: dict[str, list[float]] = {f"{engine} {run}": [] for engine, names in runs.items() for run in names}
+    # (own_signal_stack: GenAI's pipelines leave the thread a signal stack that dies with them; Ctrl-C would crash)
+    with tempfile.TemporaryDirectory() as tmp, own_signal_stack():
         out = export_openvino(draft_dir, Path(tmp) / "ov", "smollm2-135m")
         plain_pipe = genai.LLMPipeline(str(out / "target"), "CPU", **props)
+        # (its speculative pipeline runs on paged attention, its plain one by default does not: both are timed)
+        paged_pipe = genai.LLMPipeline(str(out / "target"), "CPU", scheduler_config=genai.SchedulerConfig(), **props)
         spec_pipe = genai.LLMPipeline(str(out / "target"), "CPU", draft_model=genai.draft_model(str(out / "draft"), "CPU",
                                       **props), **props)  # fmt: skip
         for q in questions:
             ids = target.encode(q.turns[0], chat=True)
             plain = generate(target, ids, args.max_new_tokens)
-            ours = speculative_generate(target, drafter, ids, args.max_new_tokens, tree=chain)
-            assert ours.token_ids == plain.token_ids
             speeds["eagle3 plain"].append(plain.new_tokens / (plain.wall_s - plain.prefill_s))
-            speeds["eagle3 EAGLE-3"].append(ours.new_tokens / (ours.wall_s - ours.prefill_s))
-            totals["ours_accepted"] += sum(a - 1 for a in ours.accept_lengths)
-            totals["ours_drafted"] += args.draft_max * len(ours.accept_lengths)
-
-            cfg = genai.GenerationConfig()
-            cfg.max_new_tokens, cfg.ignore_eos = args.max_new_tokens, False
             tensor = ov.Tensor(np.array([ids], dtype=np.int64))
-            alone = plain_pipe.generate(tensor, cfg)
-            cfg.num_assistant_tokens = args.draft_max
-            run = spec_pipe.generate(tensor, cfg)
+            alone = plain_pipe.generate(tensor, genai_config(genai, args.max_new_tokens))
             speeds["GenAI plain"].append(1000.0 / alone.perf_metrics.get_tpot().mean)
-            speeds["GenAI EAGLE-3"].append(1000.0 / run.perf_metrics.get_tpot().mean)
-            metrics = run.extended_perf_metrics
-            totals["theirs_accepted"] += metrics.get_num_accepted_tokens()
-            totals["theirs_drafted"] += metrics.get_num_draft_tokens()
-            theirs_plain, theirs_spec = list(alone.tokens[0]), list(run.tokens[0])
+            theirs_plain = list(alone.tokens[0])
+            paged = paged_pipe.generate(tensor, genai_config(genai, args.max_new_tokens))
+            speeds["GenAI plain-paged"].append(1000.0 / paged.perf_metrics.get_tpot().mean)
+            totals["paged_equal"] += list(paged.tokens[0]) == theirs_plain
             totals["plain_equal"] += theirs_plain == list(plain.token_ids)
-            totals["spec_equal"] += theirs_spec == theirs_plain
+            for shape, spec in shapes.items():
+                ours = speculative_generate(target, drafter, ids, args.max_new_tokens, tree=spec)
+                assert ours.token_ids == plain.token_ids
+                speeds[f"eagle3 {shape}"].append(ours.new_tokens / (ours.wall_s - ours.prefill_s))
+                totals[f"ours_accepted {shape}"] += sum(a - 1 for a in ours.accept_lengths)
+                totals[f"ours_rounds {shape}"] += len(ours.accept_lengths)
+                cfg = genai_config(genai, args.max_new_tokens)
+                if shape == "chain":
+                    cfg.num_assistant_tokens = args.draft_max
+                else:
+                    cfg.tree_depth, cfg.branching_factor, cfg.num_assistant_tokens = depth, branching, tree_tokens
+                run = spec_pipe.generate(tensor, cfg)
+                speeds[f"GenAI {shape}"].append(1000.0 / run.perf_metrics.get_tpot().mean)
+                metrics = run.extended_perf_metrics
+                totals[f"theirs_accepted {shape}"] += metrics.get_num_accepted_tokens()
+                totals[f"theirs_drafted {shape}"] += metrics.get_num_draft_tokens()
+                totals[f"spec_equal {shape}"] += list(run.tokens[0]) == theirs_plain
             print(f"{q.question_id}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items()) + " tok/s",
                   file=sys.stderr)  # fmt: skip
-    ours_rate = totals["ours_accepted"] / max(totals["ours_drafted"], 1)
-    theirs_rate = totals["theirs_accepted"] / max(totals["theirs_drafted"], 1)
     n = len(questions)
-    print(f"draft tokens accepted, chain of {args.draft_max}: eagle3 {ours_rate:.1%} ({totals['ours_accepted']}/"
-          f"{totals['ours_drafted']}), GenAI {theirs_rate:.1%} ({totals['theirs_accepted']}/{totals['theirs_drafted']})")
-    print(f"GenAI plain equals eagle3 plain on {totals['plain_equal']}/{n} prompts; GenAI EAGLE-3 equals GenAI plain "
-          f"on {totals['spec_equal']}/{n}")
+    print(f"GenAI plain equals eagle3 plain on {totals['plain_equal']}/{n} prompts, and its paged plain on "
+          f"{totals['paged_equal']}/{n}")
     median = {k: statistics.median(v) for k, v in speeds.items()}
     print("median tok/s: " + ", ".join(f"{k} {v:.1f}" for k, v in median.items()))
-    print(f"EAGLE-3 over plain: GenAI {median['GenAI EAGLE-3'] / median['GenAI plain']:.2f}x, eagle3 "
-          f"{median['eagle3 EAGLE-3'] / median['eagle3 plain']:.2f}x (chain of {args.draft_max})")
+    for shape in shapes:
+        accepted, rounds = totals[f"ours_accepted {shape}"], totals[f"ours_rounds {shape}"]
+        ours = f"eagle3 tau {1 + accepted / max(rounds, 1):.2f}"
+        if shape == "chain":  # (a chain drafts the same number of tokens every round)
+            ours += f", {accepted / max(args.draft_max * rounds, 1):.1%} of {args.draft_max * rounds} drafted tokens accepted"
+        theirs_accepted, theirs_drafted = totals[f"theirs_accepted {shape}"], totals[f"theirs_drafted {shape}"]
+        print(f"{shape} ({shapes[shape]}): GenAI accepted {theirs_accepted / max(theirs_drafted, 1):.1%} of "
+              f"{theirs_drafted} drafted tokens, its output equal to its plain output on "
+              f"{totals[f'spec_equal {shape}']}/{n}; {ours}; over plain: GenAI "
+              f"{median[f'GenAI {shape}'] / median['GenAI plain']:.2f}x (over its paged plain "
+              f"{median[f'GenAI {shape}'] / median['GenAI plain-paged']:.2f}x), eagle3 "
+              f"{median[f'eagle3 {shape}'] / median['eagle3 plain']:.2f}x")
 
+
+def genai_config(genai, max_new_tokens: int):
+    cfg = genai.GenerationConfig()
+    cfg.max_new_tokens = max_new_tokens
+    return cfg
 
 if __name__ == "__main__":
     main()

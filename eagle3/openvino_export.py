@@ -390,7 +390,7 @@ def export_openvino(src: str | Path, out: str | Path, target: str, overwrite: bo
     from eagle3.checkpoint import load_draft
     from eagle3.fetch import resolve_model
     from eagle3.model import load_model
-    from eagle3.openvino_runtime import require_openvino
+    from eagle3.openvino_runtime import own_signal_stack, require_openvino
 
     require_openvino()
     require_tokenizers()
@@ -402,7 +402,8 @@ def export_openvino(src: str | Path, out: str | Path, target: str, overwrite: bo
     model = load_model(target_dir, device="cpu")
     draft = load_draft(src, model.config, device="cpu", dtype=torch.float32)  # (checks that it fits the target)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".eagle3-openvino-", dir=out.parent) as tmp:
+    # (own_signal_stack: the tokenizer's conversion runs OpenVINO, which may leave this thread a dying signal stack)
+    with tempfile.TemporaryDirectory(prefix=".eagle3-openvino-", dir=out.parent) as tmp, own_signal_stack():
         staged = Path(tmp) / "out"
         write_genai_folders(model, draft, staged, target_dir)
         out.mkdir(exist_ok=True)

@@ -170,7 +170,7 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 
 
 @contextlib.contextmanager
-def _own_signal_stack() -> Iterator[None]:
+def own_signal_stack() -> Iterator[None]:
     """Restores the calling thread's alternate signal stack after OpenVINO ran. OpenVINO's CPU plugin installs
     one of its own on the thread that compiles or infers, and that memory can be freed with the plugin's
     objects; CPython runs its signal handlers on the alternate stack (SA_ONSTACK), so a later SIGINT or
@@ -202,7 +202,7 @@ def compile_target(model: Transformer, taps: Sequence[int], precision: str = "fp
     if key not in compiled:
         config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": "f32"}  # (fp32 activations on every CPU, never bf16)
-        with _own_signal_stack():
+        with own_signal_stack():
             compiled[key] = ov.Core().compile_model(build_graph(model, taps, precision), "CPU", config)
     return compiled[key]
 
@@ -218,7 +218,7 @@ class OpenVINORuntime:
         if not model.device.type == "cpu":
             raise ValueError(f"the OpenVINO runtime runs on the CPU; the target is on {model.device}")
         self.model, self.tap_layers, self.precision = model, tuple(tap_layers), precision
-        with _own_signal_stack():
+        with own_signal_stack():
             self.request = compile_target(model, self.tap_layers, precision).create_infer_request()
         cfg = model.config
         self._groups = cfg.num_heads // cfg.num_kv_heads
@@ -328,7 +328,7 @@ class OpenVINORuntime:
                 seen = allowed & (positions[:, :, None] - k_pos[:, None, :] < window)
             bias = np.where(seen, np.float32(0), np.float32(-np.inf))
             inputs[f"mask_{window or 'full'}"] = np.tile(bias, (1, self._groups, 1))[:, None]
-        with _own_signal_stack():
+        with own_signal_stack():
             self.request.infer(inputs, share_inputs=True)
         out = self.request
         taps = out.get_tensor("taps").data if self.tap_layers else None

@@ -19,11 +19,20 @@ from eagle3.checkpoint import save_draft  # noqa: E402
 from eagle3.cli import main  # noqa: E402
 from eagle3.draft import new_draft  # noqa: E402
 from eagle3.generate import generate  # noqa: E402
+from eagle3.openvino_runtime import own_signal_stack  # noqa: E402
 from eagle3.target import load_target  # noqa: E402
 from interop import MARKED_TAPS, TOKEN_A, marked_target_folder, marker_draft, scattered, varied  # noqa: E402
 
 PROMPTS = ("Once upon a time", "The little dog")
 F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}  # (CPUs with bf16 would default to it)
+
+
+@pytest.fixture(autouse=True)
+def signal_stack():
+    """GenAI's pipelines, like OpenVINO's compiled models, leave the thread an alternate signal stack that dies
+    with them; a later SIGTERM (test_train sends one) then crashed the process."""
+    with own_signal_stack():
+        yield
 
 
 @pytest.fixture(scope="module")
