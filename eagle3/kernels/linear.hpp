@@ -86,14 +86,17 @@ static inline void single(const float* x, int rows, int in, const W* w, int o, f
 
 template <typename W>
 static void linear(const float* x, int rows, int in, const W* w, int out, float* y, const float* scale) {
-  // Input rows in chunks of up to 4 (4 x 4 accumulators fit the registers); each chunk streams the weights.
-  for (int r0 = 0; r0 < rows; r0 += 4) {
-    int R = rows - r0 < 4 ? rows - r0 : 4;
-    const float* xr = x + (int64_t)r0 * in;
-    float* yr = y + (int64_t)r0 * out;
-    int blocks = out / 4;
+  // Each thread takes its blocks of 4 weight rows and runs every chunk of up to 4 input rows (4 x 4 accumulators
+  // fit the registers) against a block before the next: the weights stream from memory once whatever the row
+  // count, later chunks reading the block from cache. A chunk's arithmetic does not depend on the others, so a
+  // row's outputs are the same bits whatever rows run beside it.
+  const int blocks = out / 4;
 #pragma omp parallel for schedule(static)
-    for (int b = 0; b < blocks; b++) {
+  for (int b = 0; b < blocks; b++) {
+    for (int r0 = 0; r0 < rows; r0 += 4) {
+      const int R = rows - r0 < 4 ? rows - r0 : 4;
+      const float* xr = x + (int64_t)r0 * in;
+      float* yr = y + (int64_t)r0 * out;
       switch (R) {
         case 1: block<1>(xr, in, w, 4 * b, yr, out, scale); break;
         case 2: block<2>(xr, in, w, 4 * b, yr, out, scale); break;
@@ -101,7 +104,6 @@ static void linear(const float* x, int rows, int in, const W* w, int out, float*
         default: block<4>(xr, in, w, 4 * b, yr, out, scale); break;
       }
     }
-    for (int o = 4 * blocks; o < out; o++) single(xr, R, in, w, o, yr, out, scale);
   }
+  for (int o = 4 * blocks; o < out; o++) single(x, rows, in, w, o, y, out, scale);
 }
-
