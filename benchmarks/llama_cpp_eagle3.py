@@ -12,7 +12,8 @@ over its wall time less the prefill).
 Both draft a chain of --draft-max tokens every round, greedy, MT-bench first turns through the chat template,
 --max-new-tokens each. Acceptance = accepted draft tokens / drafted tokens (llama.cpp's own n_accept /
 n_drafted; eagle3's from its accept lengths with the fixed chain). Also reports how many of llama.cpp's answers
-equal eagle3's plain greedy answer (informational: llama.cpp's arithmetic differs).
+equal eagle3's plain greedy answer and agree with llama.cpp's own plain answer (informational: llama.cpp's
+batched arithmetic differs from its one-token arithmetic).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def main() -> None:
         export_gguf(draft_dir, draft_gguf, "smollm2-135m", outtype)
         drafter = load_drafter(draft_dir, target)
         chain = TreeSpec(args.draft_max + 1, args.draft_max, 1)
-        totals = {"ours_accepted": 0, "ours_drafted": 0, "theirs_accepted": 0, "theirs_drafted": 0, "equal": 0}
+        totals = {"ours_accepted": 0, "ours_drafted": 0, "theirs_accepted": 0, "theirs_drafted": 0, "equal": 0,
+                  "own_plain": 0}  # fmt: skip
         speeds: dict[str, list[float]] = {"llama.cpp plain": [], "llama.cpp EAGLE-3": [], "eagle3 plain": [],
                                            "eagle3 EAGLE-3": []}  # fmt: skip
         for q in questions:
@@ -101,6 +103,11 @@ def main() -> None:
             speeds["llama.cpp EAGLE-3"].append(number(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s",
                                                      log))  # fmt: skip
             totals["equal"] += plain.text.strip() in run.stdout
+            # Both print the prompt, differently (special tokens or not), then the answer: compared after the
+            # prompt's last line (SmolLM2's chat template ends it "assistant"). The speculative example may run
+            # a few tokens past -n.
+            theirs, own = (out.rsplit("assistant\n", 1)[-1].strip() for out in (run.stdout, alone.stdout))
+            totals["own_plain"] += theirs.startswith(own) or own.startswith(theirs)
             print(f"{q.question_id}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items()) + " tok/s",
                   file=sys.stderr)  # fmt: skip
     ours_rate = totals["ours_accepted"] / max(totals["ours_drafted"], 1)
@@ -111,7 +118,8 @@ def main() -> None:
     print("median tok/s: " + ", ".join(f"{k} {v:.1f}" for k, v in median.items()))
     print(f"EAGLE-3 over plain: llama.cpp {median['llama.cpp EAGLE-3'] / median['llama.cpp plain']:.2f}x, eagle3 "
           f"{median['eagle3 EAGLE-3'] / median['eagle3 plain']:.2f}x (chain of {args.draft_max}); llama.cpp's EAGLE-3 "
-          f"answer contains eagle3's plain answer on {totals['equal']}/{len(questions)} prompts")
+          f"answer contains eagle3's plain answer on {totals['equal']}/{len(questions)} prompts and agrees with its own "
+          f"plain answer (as far as both go) on {totals['own_plain']}/{len(questions)}")
 
 
 if __name__ == "__main__":
