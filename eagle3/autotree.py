@@ -317,6 +317,7 @@ def auto_tree(target, drafter, spec: TreeSpec) -> AutoTree:
     from eagle3.drafter import Eagle3Drafter
 
     if not isinstance(drafter, Eagle3Drafter):
-        raise ValueError("--tree auto needs an EAGLE-3 draft (its cost is part of the model); give a fixed tree")
+        raise ValueError("--tree auto needs an EAGLE-3 draft (its cost is part of the model); give a fixed tree, "
+                         "e.g. --tree 5,4,1 (a chain of 4)")  # fmt: skip
     return AutoTree(calibrate(target, drafter.draft), max_tokens=spec.total_tokens, max_depth=spec.depth,
                     top_k=spec.top_k)  # fmt: skip

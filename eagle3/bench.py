@@ -49,7 +49,7 @@ from eagle3.suites import Question, data_dir, parse_suites, read_suite
 from eagle3.target import Target, encode_messages
 from eagle3.tree import AUTO_TREE, TreeSpec
 
-METHODS = ("vanilla", "eagle3", "pld", "hf", "hf-pld", "hf-assisted")
+METHODS = ("vanilla", "eagle3", "pld", "sps", "hf", "hf-pld", "hf-assisted")
 LOSSLESS = set(METHODS)  # every method here is lossless: greedy outputs must equal vanilla's
 
 PLOTS = ("speedup.png", "tau.png", "acceptance.png")
@@ -58,9 +58,9 @@ RUN_FILES = ("run.json", "rows.jsonl", "results.json")  # any of them: OUT holds
 # What makes a run the same run, so that --resume never mixes rows of different ones. The rest of the
 # configuration (date, torch version, skipped questions) is recorded, not compared.
 RUN_KEYS = ("target", "draft", "draft_int8", "draft_window", "tree", "suites", "methods", "max_new_tokens",
-            "limit", "temperature", "top_p", "top_k", "seed", "pld_tokens", "assistant", "data", "dtype", "device",
-            "threads", "runtime")  # fmt: skip
-RUN_KEY_DEFAULTS = {"runtime": "torch"}  # keys runs made before them lack, with the value those runs had
+            "limit", "temperature", "top_p", "top_k", "seed", "pld_tokens", "sps_tokens", "assistant", "data", "dtype",
+            "device", "threads", "runtime")  # fmt: skip
+RUN_KEY_DEFAULTS = {"runtime": "torch", "sps_tokens": 4}  # keys runs made before them lack, with the value those runs had
 
 OUTLIER_MADS = 5.0  # robust standard deviations (1.4826 MAD) from the median log ratio: see outliers
 OUTLIER_MIN_RATIO = 1.5  # never flag a question within this factor of the method's median ratio
@@ -90,6 +90,7 @@ def make_methods(
     pld_tokens: int,
     draft_int8: bool | None = None,
     draft_window: int | None = DEFAULT_PROMPT_WINDOW,
+    sps_tokens: int = 4,
 ) -> dict[str, Method]:
     """One callable per method, all with the same budget, stop tokens and sampling parameters. With several
     trees, eagle3 becomes one method per tree, labelled "eagle3 TREE" (see method_labels)."""
@@ -121,6 +122,16 @@ def make_methods(
             pld = PromptLookupDrafter(pld_tokens)
             methods[name] = ours(lambda ids, d=pld: speculative_generate(
                 target, d, ids, max_new_tokens, sampling, tree=d.tree, method="pld"))  # fmt: skip
+        elif name == "sps":
+            if not assistant:
+                raise ValueError("method sps needs --assistant MODEL (a draft language model with the target's tokenizer)")
+            from eagle3.fetch import resolve_model
+            from eagle3.sps import load_draft_model_drafter
+
+            sps = load_draft_model_drafter(resolve_model(assistant), target)
+            chain = TreeSpec(sps_tokens + 1, sps_tokens, 1)
+            methods[name] = ours(lambda ids, d=sps, t=chain: speculative_generate(
+                target, d, ids, max_new_tokens, sampling, tree=t, method="sps"))  # fmt: skip
         elif name in ("hf", "hf-pld", "hf-assisted"):
             methods[name] = _hf_method(target, name, max_new_tokens, sampling, assistant, pld_tokens)
         else:
@@ -554,6 +565,7 @@ def run_bench(
     pld_tokens: int = 10,
     draft_int8: bool | None = None,
     draft_window: int | None = DEFAULT_PROMPT_WINDOW,
+    sps_tokens: int = 4,
     resume: bool = False,
     overwrite: bool = False,
 ) -> dict:
@@ -577,7 +589,7 @@ def run_bench(
         "draft_window": draft_window, "tree": " ".join(t.label for t in trees), "suites": suites, "methods": labels,
         "max_new_tokens": max_new_tokens, "limit": limit, "temperature": sampling.temperature,
         "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed, "pld_tokens": pld_tokens,
-        "assistant": assistant, "data": str(folder.resolve()), "dtype": str(target.model.dtype),
+        "sps_tokens": sps_tokens, "assistant": assistant, "data": str(folder.resolve()), "dtype": str(target.model.dtype),
         "device": str(target.model.device), "threads": torch.get_num_threads(), "runtime": target.runtime,
         "skipped": skipped,
         "malformed_rows": {f.path.stem: f.malformed for f in files if f.malformed},
@@ -589,7 +601,7 @@ def run_bench(
 
     def ready_methods() -> dict[str, Method]:
         runners = make_methods(target, names, max_new_tokens, sampling, trees, draft, assistant, pld_tokens,
-                               draft_int8, draft_window)  # fmt: skip
+                               draft_int8, draft_window, sps_tokens)  # fmt: skip
         warm = [{"role": "user", "content": questions[0].turns[0]}]
         for runner in runners.values():  # warm-up: first calls pay for allocations and kernel choice
             runner(warm)
@@ -664,7 +676,9 @@ def add_bench_parser(sub) -> None:
                    help="eagle3's tree: auto (cost-aware, the default) or TOTAL,DEPTH,TOPK; several trees make one "
                         "eagle3 method each, side by side")  # fmt: skip
     p.add_argument("--pld-tokens", type=options.integer(1, 64), default=10, help="tokens proposed by pld and hf-pld")
-    p.add_argument("--assistant", default=None, help="assistant model for hf-assisted")
+    p.add_argument("--sps-tokens", type=options.integer(1, 64), default=4, help="the chain sps drafts each round")
+    p.add_argument("--assistant", default=None, help="draft language model for sps and hf-assisted (the target's "
+                   "tokenizer)")  # fmt: skip
     p.add_argument("--data-dir", default=None, help="benchmark JSONL folder (default $EAGLE3_DATA or ../shared/data/eval)")
     options.add_runtime_arguments(p)
     p.add_argument("--out", required=True,
@@ -732,6 +746,6 @@ def bench_command(args) -> int:
                         resume=args.resume, overwrite=args.overwrite)  # fmt: skip
         return 0
     run_bench(target, suites, methods, out, args.max_new_tokens, args.limit, sampling, args.tree, draft,
-              args.assistant, args.data_dir, args.pld_tokens, **draft_options, resume=args.resume,
-              overwrite=args.overwrite)  # fmt: skip
+              args.assistant, args.data_dir, args.pld_tokens, **draft_options, sps_tokens=args.sps_tokens,
+              resume=args.resume, overwrite=args.overwrite)  # fmt: skip
     return 0

@@ -35,7 +35,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line instead of streaming")
     options.add_runtime_arguments(p)
     p.add_argument("--draft", default="default",
-                   help="EAGLE-3 draft folder (official or speculators layout), 'default' (the shipped draft for "
+                   help="EAGLE-3 draft folder (official or speculators layout), or a draft language model's folder "
+                        "(classic speculative sampling, SpS), 'default' (the shipped draft for "
                         "the target, if any) or 'none' (plain decoding)")  # fmt: skip
     p.add_argument("--tree", type=options.tree, default="auto",
                    help="draft tree: auto (sized each round for this machine's measured costs, the default) or "

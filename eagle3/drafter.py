@@ -11,7 +11,7 @@ A drafter follows every row's committed sequence (rows are the batch, as in runt
   plan sizes it, and how many tokens each row's catch-up read (the cost model's business).
 
 `Eagle3Drafter` runs an EAGLE-3 head, `NoDrafter` proposes nothing (plain decoding); pld.py holds prompt
-lookup, and the tests add oracles.
+lookup, sps.py a draft language model (classic speculative sampling), and the tests add oracles.
 """
 
 from __future__ import annotations
@@ -241,14 +241,21 @@ DEFAULT_PROMPT_WINDOW = 256
 
 
 def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
-                 prompt_window: int | None = DEFAULT_PROMPT_WINDOW) -> Eagle3Drafter:  # fmt: skip
+                 prompt_window: int | None = DEFAULT_PROMPT_WINDOW) -> Drafter:  # fmt: skip
     """An EAGLE-3 drafter from a checkpoint folder, checked against and attached to the target; it taps the
     target layers its config names (the target's defaults when it names none). int8: the draft in int8, its
     lm_head on the PyTorch runtimes (draft.quantize_int8) and every matrix on the native ones, where the draft's
     step runs on the native kernels too (native_draft.py); default: wherever supported (a float32 draft on a
-    CPU). prompt_window: how many of a prompt's last tokens the draft reads (None: all)."""
+    CPU). prompt_window: how many of a prompt's last tokens the draft reads (None: all).
+
+    A folder holding a causal language model with the target's vocabulary gives the SpS drafter instead
+    (sps.py; int8 and prompt_window do not apply to it)."""
     from eagle3.checkpoint import load_draft
     from eagle3.draft import int8_supported, quantize_int8
+    from eagle3.sps import is_language_model, load_draft_model_drafter
+
+    if is_language_model(path):
+        return load_draft_model_drafter(path, target)
 
     if prompt_window is not None and prompt_window < 1:
         raise ValueError(f"the draft's prompt window must be at least 1 token (None: the whole prompt), got {prompt_window}")

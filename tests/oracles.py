@@ -8,9 +8,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from eagle3.drafter import Proposal, top_children
+from eagle3.drafter import Proposal
 from eagle3.policy import TreePlan
-from eagle3.model import Transformer
+from eagle3.sps import DraftModelDrafter
 from eagle3.tree import TreeGrowth, grow_trees
 
 
@@ -23,68 +23,10 @@ def grow_each(roots: list[tuple[int, Tensor, Tensor]], plan: TreePlan,
                                                             for row, level in zip(rows, levels)])  # fmt: skip
 
 
-class TargetOracle:
-    """Proposes with the target model itself (its own KV cache, a row per sequence): its top child is the
-    target's argmax, so greedy decoding accepts every level; under sampling it proposes the target's most
-    likely tokens."""
-
-    tap_layers = ()  # it reads no features
-
-    def __init__(self, model: Transformer):
-        self.model = model
-        self.pending: list[list[Tensor]] = []
-        self.paths: list[list[list[int]]] = []  # per row, per tree row: the tokens from the root
-
-    def open(self, max_rows: int, max_len: int) -> None:
-        self.model.setup_cache(max_len + 1, batch_size=max_rows)
-        self.pending, self.paths = [], []
-
-    def join(self, row: int, prompt_ids: Sequence[int]) -> None:
-        self.model.cache.lengths[row] = 0
-        self.model(torch.tensor([list(prompt_ids[:1])]), logits="none", rows=range(row, row + 1))
-        self.pending.append([])
-        self.paths.append([])
-
-    def release(self, row: int) -> None:
-        cache, last = self.model.cache, len(self.pending) - 1
-        if row != last:
-            cache.kv[:, :, row] = cache.kv[:, :, last]
-            cache.lengths[row] = cache.lengths[last]
-            self.pending[row], self.paths[row] = self.pending[last], self.paths[last]
-        self.pending.pop()
-        self.paths.pop()
-
-    def commit(self, row: int, tokens: Tensor, features: Tensor | None) -> None:
-        self.pending[row].append(tokens.cpu())
-
-    def _logits(self, row: int, tokens: list[int]) -> Tensor:
-        return self.model(torch.tensor([tokens]), logits="last", rows=range(row, row + 1)).logits[0, -1]
-
-    def propose(self, plan: TreePlan) -> Proposal:
-        roots = []
-        for row, spec in enumerate(plan.specs):
-            tokens = torch.cat(self.pending[row]).tolist()
-            self.pending[row], self.paths[row] = [], [[]]
-            roots.append((tokens[-1], *top_children(self._logits(row, tokens), spec.top_k)))
-
-        def expand_row(row: int, tokens: Tensor, sources: Tensor, depth: int) -> tuple[Tensor, Tensor]:
-            cache, top_k = self.model.cache, plan.specs[row].top_k
-            committed = cache.lengths[row]
-            logps, ids = [], []
-            for token, source in zip(tokens.tolist(), sources.tolist()):
-                path = self.paths[row][source] + [token]
-                self.paths[row].append(path)
-                if committed + len(path) <= min(cache.max_len, self.model.config.context_length):
-                    logits = self._logits(row, path)
-                    cache.lengths[row] = committed
-                else:  # past the end of the context: nothing to foresee
-                    logits = torch.zeros(self.model.config.vocab_size)
-                lp, i = top_children(logits, top_k)
-                logps.append(lp)
-                ids.append(i)
-            return torch.stack(logps), torch.stack(ids)
-
-        return Proposal(grow_each(roots, plan, expand_row), [0] * len(roots))
+class TargetOracle(DraftModelDrafter):
+    """The target model itself as the draft language model (SpS, sps.py; its own KV cache, a row per sequence):
+    its top child is the target's argmax, so greedy decoding accepts every level; under sampling it proposes
+    the target's most likely tokens."""
 
 
 class ReferenceOracle:
