@@ -1,9 +1,11 @@
-"""Training EAGLE-3 drafts with training-time test.
+"""Training drafts: EAGLE-3 heads with training-time test, and (`--method sps`, distill.py) small draft
+language models for classic speculative sampling.
 
 The loop: tokenized conversations -> the target's taps and logits (no grad) -> the draft unrolled K steps
 (ttt.py) -> decayed loss -> AdamW. Checkpoints (draft, optimizer, schedule, RNG, data position) are written
 atomically every `save_every` steps and on SIGINT/SIGTERM; `resume` continues exactly where a run stopped.
-The result is saved in the official EAGLE layout.
+The result is saved in the official EAGLE layout (an SpS draft: a transformers Llama checkpoint). What differs
+between methods (the draft, its loss, its output) is an objective's; the loop is shared.
 
 Data parallel under torchrun: each process takes its share of every global micro-batch, losses are normalized
 by the whole batch's counts and gradients summed, so N processes train exactly as one on the same batch.
@@ -55,11 +57,15 @@ class TrainConfig:
     dtype: str = "float32"  # or bfloat16 (autocast)
     group_by_length: bool = True  # batches of similar lengths (less padding), in shuffled order
     tap_layers: tuple[int, ...] | None = None  # target layers a fresh draft reads (None: the target's defaults)
+    method: str = "eagle3"  # or "sps": a draft language model (distill.py)
+    lm_layers: int = 4  # sps: the draft model's layers ...
+    lm_hidden: int = 256  # ... and width
 
 
 # What may differ when a run is resumed: a run can be extended (the schedule then follows the new step count)
 # and checkpointed more or less often; anything else would not continue the same run.
 RESUMABLE_CHANGES = ("steps", "save_every")
+METHODS = ("eagle3", "sps")
 RUN_FILES = ("train_state.pt", "train_log.jsonl", "summary.json", "draft")  # what a run writes in its folder
 
 
@@ -187,11 +193,61 @@ def make_draft(target: Target, examples: list[Example], cfg: TrainConfig) -> Eag
     return draft.to(target.model.device).attach(target.model.embed.weight)
 
 
-def save_state(path: Path, draft: Eagle3Draft, optimizer, state: TrainState, cfg: TrainConfig, data: str) -> None:
+class Eagle3Objective:
+    """An EAGLE-3 head and its training-time-test loss, for train: a fresh draft, an --init one or a resumed
+    run's; features online (the target in process) or from an offline cache."""
+
+    method = "eagle3"
+
+    def __init__(self, target: Target, examples: list[Example], cfg: TrainConfig, features: FeatureCache | None,
+                 saved: dict | None = None, init: str | Path | None = None):  # fmt: skip
+        device = target.model.device
+        if saved is not None:
+            draft = Eagle3Draft(DraftConfig.from_dict(saved["draft_config"]))
+            draft.load_state_dict(saved["draft"])
+            draft = draft.to(device).attach(target.model.embed.weight)
+        elif init is not None:
+            from eagle3.checkpoint import load_draft
+
+            draft = load_draft(init, target.model.config, device=device, dtype=torch.float32)
+            draft = draft.attach(target.model.embed.weight)
+        else:
+            draft = make_draft(target, examples, cfg)
+        self.taps = tuple(draft.config.tap_layers)
+        if features is not None and tuple(features.tap_layers) != self.taps:
+            raise ValueError(f"the feature cache in {features.folder} holds the target's layers {list(features.tap_layers)}, "
+                             f"the draft reads {list(self.taps)}; use a cache made for this draft")  # fmt: skip
+        self.model, self.target, self.cfg = draft, target, cfg
+
+    def config_dict(self) -> dict:
+        return asdict(self.model.config)
+
+    def loss(self, ids: torch.Tensor, loss_mask: torch.Tensor, items: list | None, reduce, autocast):
+        """(loss to backpropagate, per-step losses detached, hits, counted positions per step) for a
+        micro-batch, normalized by the whole batch's counts (`reduce` sums over the data-parallel ranks)."""
+        target, draft, device = self.target, self.model, self.target.model.device
+        if items is None:
+            features_in, teacher = target_features(target, ids, draft.t2d, self.taps)
+        else:
+            features_in, teacher = cached_features(target, items, ids.shape[1], draft.t2d)
+        loss_mask = loss_mask.to(device)
+        norms = reduce(torch.stack([m.sum() for m in ttt_masks(teacher, loss_mask, self.cfg.ttt_steps)]).float())
+        with autocast:
+            logits = ttt_forward(draft, ids.to(device), features_in, self.cfg.ttt_steps)
+            result = ttt_loss(logits, teacher, loss_mask, self.cfg.decay, normalizers=norms)
+        return result.total, result.per_step, result.hits, norms
+
+    def save(self, folder: Path, target: Target) -> None:
+        from eagle3.checkpoint import save_draft
+
+        save_draft(self.model, folder, verifier=str(target.name), overwrite=True)
+
+
+def save_state(path: Path, objective, optimizer, state: TrainState, cfg: TrainConfig, data: str) -> None:
     """Everything resume needs, written atomically; `data` is the training data's fingerprint."""
     payload = {
-        "draft": draft.state_dict(), "optimizer": optimizer.state_dict(), "state": asdict(state),
-        "config": asdict(cfg), "draft_config": asdict(draft.config), "rng": torch.get_rng_state(), "data": data,
+        "draft": objective.model.state_dict(), "optimizer": optimizer.state_dict(), "state": asdict(state),
+        "config": asdict(cfg), "draft_config": objective.config_dict(), "rng": torch.get_rng_state(), "data": data,
     }  # fmt: skip
     with atomic_path(path) as temp:
         torch.save(payload, temp)
@@ -279,8 +335,9 @@ def train(
     features: FeatureCache | None = None,
     init: str | Path | None = None,
     overwrite: bool = False,
-) -> tuple[Eagle3Draft, TrainState]:
-    """Trains a draft on tokenized examples; returns it (also saved under out_dir/draft) and the run's state.
+) -> tuple[torch.nn.Module, TrainState]:
+    """Trains a draft (cfg.method) on tokenized examples; returns it (also saved under out_dir/draft) and the
+    run's state.
 
     A folder that holds a run is continued with `resume` (the same settings but RESUMABLE_CHANGES, the same
     data) or started over with `overwrite`; otherwise it is refused.
@@ -289,8 +346,6 @@ def train(
     With `init` (a draft checkpoint for this target) training starts from that draft, its vocabulary included,
     instead of a fresh one: fine-tuning a draft on new data, e.g. the target's regenerated answers.
     """
-    from eagle3.checkpoint import save_draft
-
     out_dir = Path(out_dir)
     state_path = out_dir / "train_state.pt"
     rank, world = distributed_rank_and_world()
@@ -301,31 +356,30 @@ def train(
     usable = [i for i, e in enumerate(examples) if int(e.loss_mask[2:].sum()) > 0]  # something to predict
     if not usable:
         raise ValueError("no training example has trained-on tokens")
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown training method {cfg.method!r}; choose from {', '.join(METHODS)}")
     data = examples_fingerprint(examples)
     torch.manual_seed(cfg.seed)
     device = target.model.device
     state = TrainState()
+    saved = None
     if resume:
         saved = load_state(state_path)
         check_resumable(saved, cfg, data, state_path)
-        draft = Eagle3Draft(DraftConfig.from_dict(saved["draft_config"]))
-        draft.load_state_dict(saved["draft"])
-        draft = draft.to(device).attach(target.model.embed.weight)
+    if cfg.method == "sps":
+        from eagle3.distill import SpsObjective
+
+        if features is not None:
+            raise ValueError("--features caches an EAGLE-3 draft's taps; --method sps trains from the target online")
+        objective = SpsObjective(target, cfg.lm_layers, cfg.lm_hidden, cfg.seed, saved, init)
+    else:
+        objective = Eagle3Objective(target, [examples[i] for i in usable], cfg, features, saved, init)
+    if saved is not None:
         state = TrainState(**saved["state"])
         torch.set_rng_state(saved["rng"])
         if rank == 0:
             truncate_log(out_dir / "train_log.jsonl", state.step)
-    elif init is not None:
-        from eagle3.checkpoint import load_draft
-
-        draft = load_draft(init, target.model.config, device=device, dtype=torch.float32)
-        draft = draft.attach(target.model.embed.weight)
-    else:
-        draft = make_draft(target, [examples[i] for i in usable], cfg)
-    taps = tuple(draft.config.tap_layers)
-    if features is not None and tuple(features.tap_layers) != taps:
-        raise ValueError(f"the feature cache in {features.folder} holds the target's layers {list(features.tap_layers)}, "
-                         f"the draft reads {list(taps)}; use a cache made for this draft")  # fmt: skip
+    draft = objective.model
     draft.train()
     optimizer = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     if resume:
@@ -364,19 +418,12 @@ def train(
                 state.batch_index += 1
                 mine = chosen[rank::world]  # this rank's share of the global micro-batch
                 ids, loss_mask = collate([examples[i] for i in mine], pad)
-                if features is None:
-                    features_in, teacher = target_features(target, ids, draft.t2d, taps)
-                else:
-                    features_in, teacher = cached_features(target, [features[i] for i in mine], ids.shape[1], draft.t2d)
-                loss_mask = loss_mask.to(device)
-                # Normalize by the whole micro-batch's counts, so the ranks' losses sum to its loss.
-                norms = all_reduce_sum(torch.stack([m.sum() for m in ttt_masks(teacher, loss_mask, cfg.ttt_steps)]).float())
-                with autocast:
-                    logits = ttt_forward(draft, ids.to(device), features_in, cfg.ttt_steps)
-                    result = ttt_loss(logits, teacher, loss_mask, cfg.decay, normalizers=norms)
-                (result.total / cfg.grad_accum).backward()
-                loss_sum = loss_sum + all_reduce_sum(result.per_step) / cfg.grad_accum
-                hits, counts = hits + all_reduce_sum(result.hits), counts + norms
+                items = None if features is None else [features[i] for i in mine]
+                # Normalized by the whole micro-batch's counts, so the ranks' losses sum to its loss.
+                total, per_step, step_hits, norms = objective.loss(ids, loss_mask, items, all_reduce_sum, autocast)
+                (total / cfg.grad_accum).backward()
+                loss_sum = loss_sum + all_reduce_sum(per_step) / cfg.grad_accum
+                hits, counts = hits + all_reduce_sum(step_hits), counts + norms
             for p in draft.parameters():  # data parallel: the batch's gradient is the sum of the ranks'
                 if p.grad is not None:
                     all_reduce_sum(p.grad)
@@ -398,7 +445,7 @@ def train(
                 log_file.write(json.dumps(row) + "\n")
                 log_file.flush()
                 if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["signal"] is not None:
-                    save_state(state_path, draft, optimizer, state, cfg, data)
+                    save_state(state_path, objective, optimizer, state, cfg, data)
     finally:
         bar.close()
         log_file.close()
@@ -406,7 +453,7 @@ def train(
             signal.signal(s, h)
     draft.eval()
     if rank == 0:  # also when stopped early: the draft so far is usable as it is
-        save_draft(draft, out_dir / "draft", verifier=str(target.name), overwrite=True)  # the run's own
+        objective.save(out_dir / "draft", target)  # the run's own
     if stop["signal"] is not None:
         raise KeyboardInterrupt(f"training stopped by signal {stop['signal']} at step {state.step}; "
                                 f"resume with --resume from {out_dir}")  # fmt: skip
@@ -414,16 +461,14 @@ def train(
 
 
 @torch.no_grad()
-def evaluate_tau(target: Target, draft: Eagle3Draft, conversations: list[list[dict]], max_new_tokens: int = 96,
-                 depth: int = 5) -> dict[str, float]:  # fmt: skip
-    """Mean acceptance length (tau) of the draft on held-out first user turns, greedy, for a chain
-    (one proposal per level) and for the default dynamic tree."""
-    from eagle3.drafter import Eagle3Drafter
+def evaluate_tau(target: Target, drafter, conversations: list[list[dict]], max_new_tokens: int = 96, depth: int = 5,
+                 with_tree: bool = True) -> dict[str, float]:  # fmt: skip
+    """Mean acceptance length (tau) of a drafter on held-out first user turns, greedy, for a chain (one
+    proposal per level) and (with_tree) for the default dynamic tree."""
     from eagle3.speculative import speculative_generate
     from eagle3.tree import TreeSpec
 
-    drafter = Eagle3Drafter(draft.eval())
-    trees = {"chain": TreeSpec(depth + 1, depth, 1), "tree": TreeSpec()}
+    trees = {"chain": TreeSpec(depth + 1, depth, 1), **({"tree": TreeSpec()} if with_tree else {})}
     lengths: dict[str, list[int]] = {name: [] for name in trees}
     for messages in conversations:
         first_user = next((m for m in messages if m["role"] == "user"), None)
@@ -454,8 +499,12 @@ def tap_layers_option(text: str) -> tuple[int, ...]:
 
 
 def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train an EAGLE-3 draft for a target with training-time test")
+    p = sub.add_parser("train", help="train an EAGLE-3 draft for a target with training-time test (or, --method sps, "
+                       "distill a draft language model)")  # fmt: skip
     p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="eagle3 (default): an EAGLE-3 head; sps: a small Llama with the target's vocabulary, distilled "
+                        "from the target, for classic speculative sampling (--lm-layers, --lm-hidden)")  # fmt: skip
     p.add_argument("--data", nargs="*", default=None,
                    help="ShareGPT / OpenAI-messages JSON or JSONL files (default: ShareGPT from PyPI and "
                         "../shared/data/train)")  # fmt: skip
@@ -475,7 +524,8 @@ def add_train_parser(sub) -> None:
                        ("grad-accum", options.integer(1, 65536)), ("lr", options.real(0.0, 10.0, open_below=True)),
                        ("warmup", options.nonnegative), ("ttt-steps", options.integer(1, 64)),
                        ("draft-vocab-size", options.count), ("max-length", options.integer(2, options.BIG)),
-                       ("seed", options.seed), ("save-every", options.count)]:  # fmt: skip
+                       ("seed", options.seed), ("save-every", options.count), ("lm-layers", options.integer(1, 64)),
+                       ("lm-hidden", options.integer(64, 8192))]:  # fmt: skip
         p.add_argument(f"--{name}", type=kind, default=None, help="overrides the recipe")
     p.add_argument("--tap-layers", type=tap_layers_option, default=None,
                    help="the target layers a fresh draft reads, e.g. 2,15,27 (default: the target's EAGLE-3 "
@@ -525,6 +575,8 @@ def train_command(args) -> int:
         prepare_run_folder(Path(args.out), args.resume, args.overwrite)
     saved = load_state(Path(args.out) / "train_state.pt") if args.resume else None
     cfg = base_config(args, saved)
+    if cfg.method == "sps" and args.features:
+        raise ValueError("--features caches an EAGLE-3 draft's taps; --method sps trains from the target online")
     options.apply_threads(args)
     sources = [Path(p) for p in args.data] if args.data else default_sources()
     conversations, stats = read_conversations(sources, args.limit)
@@ -557,7 +609,15 @@ def train_command(args) -> int:
     if rank != 0:
         return 0
     hours = (time.perf_counter() - start) / 3600
-    tau = evaluate_tau(target, draft, held_out) if held_out else {}
+    tau = {}
+    if held_out and cfg.method == "sps":  # (a draft model proposes one path at a time: the chain only)
+        from eagle3.sps import load_draft_model_drafter
+
+        tau = evaluate_tau(target, load_draft_model_drafter(Path(args.out) / "draft", target), held_out, with_tree=False)
+    elif held_out:
+        from eagle3.drafter import Eagle3Drafter
+
+        tau = evaluate_tau(target, Eagle3Drafter(draft.eval()), held_out)
     last = state.log[-1] if state.log else {}
     summary = {"steps": state.step, "epochs": state.epoch, "examples": len(examples),
                "tokens_per_epoch": sum(len(e.input_ids) for e in examples), "hours_this_run": hours,

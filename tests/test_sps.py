@@ -1,4 +1,5 @@
-"""Classic speculative sampling (SpS, eagle3/sps.py): a draft language model with the target's vocabulary.
+"""Classic speculative sampling (SpS, eagle3/sps.py): a draft language model with the target's vocabulary, and
+its distillation (`eagle3 train --method sps`, eagle3/distill.py).
 
 `--draft FOLDER` with a language model in it gives the SpS drafter; its greedy output is the target's, token
 for token, on chains and trees, alone and batched. Its sampling exactness is test_sampling_exact.py's and
@@ -6,6 +7,7 @@ test_batch.py's "oracle" case: TargetOracle is this drafter with the target itse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -14,11 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eagle3.cli import main
+from eagle3.data import tokenize_text
 from eagle3.drafter import load_drafter
 from eagle3.engine import Engine, Request
 from eagle3.generate import generate
+from eagle3.sampling import SamplingParams
 from eagle3.sps import DraftModelDrafter
 from eagle3.speculative import speculative_generate
+from eagle3.train import TrainConfig, train
 from eagle3.tree import TreeSpec
 
 PROMPTS = ("Once upon a time", "The little dog", "One day, Tom")
@@ -93,3 +98,59 @@ def test_the_bench_runs_sps_beside_vanilla(stories, draft_folder, tmp_path):
     summary = json.loads((out / "results.json").read_text())["summary"]
     assert summary["sps"]["all"]["identical"] == summary["sps"]["all"]["n"] == 2
     assert summary["sps"]["all"]["tau"] > 1
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+
+SPS = TrainConfig(method="sps", lm_layers=2, lm_hidden=64, steps=60, batch_size=4, lr=3e-3, warmup=5, save_every=30)
+
+
+@pytest.fixture(scope="module")
+def examples(stories):
+    """Text the target wrote itself (what the drafts are trained on)."""
+    texts = []
+    for i, prompt in enumerate(PROMPTS * 4):
+        out = generate(stories, stories.encode(prompt), 48, SamplingParams(temperature=0.8, seed=i))
+        texts.append(prompt + stories.tokenizer.decode(out.token_ids, skip_special_tokens=True))
+    return [tokenize_text(stories.tokenizer, t) for t in texts]
+
+
+def test_distillation_learns_and_the_draft_model_decodes_losslessly(stories, examples, tmp_path):
+    model, state = train(stories, examples, tmp_path, SPS, progress=False)
+    first = sum(r["loss0"] for r in state.log[:5]) / 5
+    last = sum(r["loss0"] for r in state.log[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    drafter = load_drafter(tmp_path / "draft", stories)  # a transformers Llama folder with the target's tokenizer
+    assert isinstance(drafter, DraftModelDrafter) and drafter.model.config.num_layers == 2
+    prompt = stories.encode("Once upon a time")
+    out = speculative_generate(stories, drafter, prompt, 64, tree=TreeSpec(5, 4, 1))
+    assert out.token_ids == generate(stories, prompt, 64).token_ids
+    assert out.tau > 1.2  # the distilled model agrees with the target often (an untrained one: about 1.0)
+
+
+def test_distillation_resumes_exactly(stories, examples, tmp_path):
+    cfg = dataclasses.replace(SPS, steps=6, save_every=3)
+    straight, _ = train(stories, examples, tmp_path / "straight", cfg, progress=False)
+    train(stories, examples, tmp_path / "resumed", dataclasses.replace(cfg, steps=3), progress=False)
+    resumed, state = train(stories, examples, tmp_path / "resumed", cfg, resume=True, progress=False)
+    assert state.step == 6
+    for key, value in straight.state_dict().items():
+        assert torch.allclose(value, resumed.state_dict()[key], atol=1e-6), key
+
+
+def test_the_cli_distills_and_refuses_features(tmp_path, capsys):
+    rows = [{"conversations": [{"from": "human", "value": "Tell me a story."},
+                               {"from": "gpt", "value": f"Once upon a time, there was a little {w}. It was happy."}]}
+            for w in ["dog", "cat", "girl", "boy", "bird", "fish"]]  # fmt: skip
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = ["train", "--method", "sps", "--target", "stories260k", "--data", str(data), "--steps", "3",
+            "--batch-size", "2", "--lm-layers", "1", "--lm-hidden", "64", "--eval-conversations", "2"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["tau"]["chain"] >= 1 and "tree" not in summary["tau"]
+    assert (tmp_path / "run" / "draft" / "config.json").is_file()
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "run2"), "--features", str(tmp_path / "cache")]) == 2
+    assert "--method sps" in capsys.readouterr().err and not (tmp_path / "cache").exists()
+    assert main([*args, "--out", str(tmp_path / "run3"), "--lm-hidden", "100"]) == 2  # (not a multiple of 64)
