@@ -16,7 +16,7 @@ GenAI's EAGLE-3 transformations look for (read from its source, 2026.4; docs/int
   own hidden output; an `embed_tokens` gather that GenAI overwrites with the target's;
 - both: scaled-dot-product attention over a KV cache kept as state (ReadValue with a zero initializer ->
   Gather by beam_idx -> Concat), which GenAI turns into paged attention.
-Each folder is written beside and renamed into place when whole.
+Both folders are written beside OUT, then each is moved into place whole.
 """
 
 from __future__ import annotations
@@ -385,8 +385,8 @@ def write_genai_folders(model: Transformer, draft: Eagle3Draft, out: Path, targe
 
 def export_openvino(src: str | Path, out: str | Path, target: str, overwrite: bool = False) -> Path:
     """Writes the draft at src and its target (preset, folder or hub id) as OUT/draft and OUT/target for
-    OpenVINO GenAI. OUT appears whole or not at all; an existing folder that holds files needs overwrite (and is
-    then replaced only in its target/ and draft/)."""
+    OpenVINO GenAI. Both are written beside OUT first, then each is moved into place whole; an existing folder
+    that holds files needs overwrite (and then only its target/ and draft/ are replaced)."""
     from eagle3.checkpoint import load_draft
     from eagle3.fetch import resolve_model
     from eagle3.model import load_model
