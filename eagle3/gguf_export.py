@@ -15,8 +15,8 @@ support is young: convert with the converter of the llama.cpp that will run the 
 
 from __future__ import annotations
 
-import os
 import importlib.util
+import os
 import subprocess
 import sys
 import tempfile
