@@ -28,6 +28,28 @@ def ours(draft, stories, tokens, hidden, positions) -> torch.Tensor:
         return draft.logits(draft(tokens[None], hidden[None], positions))[0]
 
 
+def assert_same_logits(theirs, draft, stories, seed: int = 0) -> None:
+    """An engine's draft logits, theirs(tokens, hidden, positions), equal ours on the same inputs (fp32)."""
+    tokens, hidden, positions = inputs(stories, seed)
+    expected = ours(draft, stories, tokens, hidden, positions)
+    got = theirs(tokens, hidden, positions)
+    assert got.shape == expected.shape == (T, draft.config.draft_vocab_size)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def assert_decodes_losslessly(draft, stories) -> None:
+    """Our decoding with the draft equals plain greedy decoding, token for token."""
+    from eagle3.drafter import Eagle3Drafter
+    from eagle3.generate import generate
+    from eagle3.speculative import speculative_generate
+    from eagle3.tree import TreeSpec
+
+    prompt = stories.encode("Once upon a time")
+    drafter = Eagle3Drafter(draft.attach(stories.model.embed.weight))
+    spec = speculative_generate(stories, drafter, prompt, 40, tree=TreeSpec(8, 3, 2))
+    assert spec.token_ids == generate(stories, prompt, 40).token_ids
+
+
 def varied(draft):
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():

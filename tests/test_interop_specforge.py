@@ -19,11 +19,7 @@ from specforge.modeling.draft.llama3_eagle import LlamaForCausalLMEagle3, prepar
 
 from eagle3.checkpoint import load_draft, save_draft  # noqa: E402
 from eagle3.draft import new_draft  # noqa: E402
-from eagle3.drafter import Eagle3Drafter  # noqa: E402
-from eagle3.generate import generate  # noqa: E402
-from eagle3.speculative import speculative_generate  # noqa: E402
-from eagle3.tree import TreeSpec  # noqa: E402
-from interop import T, inputs, ours, scattered, varied  # noqa: E402
+from interop import T, assert_decodes_losslessly, assert_same_logits, scattered, varied  # noqa: E402
 
 
 class NoRunOverride:
@@ -57,11 +53,7 @@ def test_specforge_loads_our_export_and_computes_our_logits(stories, tmp_path):
     assert resolve_eagle_capture_layers(NoRunOverride, model.config, stories.model.config) == [0, 1, 3]
     model.load_embedding(str(stories.path))  # (as its trainer does: the frozen embedding comes from the target)
     assert torch.equal(model.d2t, draft.d2t) and torch.equal(model.t2d, draft.t2d)
-    tokens, hidden, positions = inputs(stories)
-    expected = ours(draft, stories, tokens, hidden, positions)
-    got = theirs(model, tokens, hidden, positions)
-    assert got.shape == expected.shape == (T, 256)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert_same_logits(lambda *args: theirs(model, *args), draft, stories)
 
 
 def test_a_draft_specforge_saves_loads_here_and_decodes_losslessly(stories, tmp_path):
@@ -87,11 +79,5 @@ def test_a_draft_specforge_saves_loads_here_and_decodes_losslessly(stories, tmp_
     assert draft.config.tap_layers == (1, 2, 4)
     assert torch.equal(draft.d2t, model.d2t) and torch.equal(draft.t2d, model.t2d)
     model.load_embedding(str(stories.path))
-    tokens, hidden, positions = inputs(stories, seed=1)
-    torch.testing.assert_close(theirs(model, tokens, hidden, positions), ours(draft, stories, tokens, hidden, positions),
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
-    prompt = stories.encode("Once upon a time")
-    plain = generate(stories, prompt, 40)
-    spec = speculative_generate(stories, Eagle3Drafter(draft.attach(stories.model.embed.weight)), prompt, 40,
-                                tree=TreeSpec(8, 3, 2))  # fmt: skip
-    assert spec.token_ids == plain.token_ids
+    assert_same_logits(lambda *args: theirs(model, *args), draft, stories, seed=1)
+    assert_decodes_losslessly(draft, stories)

@@ -15,11 +15,7 @@ eagle3_models = pytest.importorskip("speculators.models.eagle3", reason="specula
 
 from eagle3.checkpoint import load_draft, save_draft  # noqa: E402
 from eagle3.draft import new_draft  # noqa: E402
-from eagle3.drafter import Eagle3Drafter  # noqa: E402
-from eagle3.generate import generate  # noqa: E402
-from eagle3.speculative import speculative_generate  # noqa: E402
-from eagle3.tree import TreeSpec  # noqa: E402
-from interop import T, inputs, ours, varied  # noqa: E402
+from interop import T, assert_decodes_losslessly, assert_same_logits, varied  # noqa: E402
 
 
 def theirs(model, tokens, hidden, positions) -> torch.Tensor:
@@ -51,11 +47,7 @@ def test_speculators_loads_our_export_and_computes_our_logits(stories, tmp_path)
     with torch.no_grad():
         model.embed_tokens.weight.copy_(stories.model.embed.weight)
     assert torch.equal(model.d2t, draft.d2t) and torch.equal(model.t2d, draft.t2d)
-    tokens, hidden, positions = inputs(stories)
-    expected = ours(draft, stories, tokens, hidden, positions)
-    got = theirs(model, tokens, hidden, positions)
-    assert got.shape == expected.shape == (T, 256)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert_same_logits(lambda *args: theirs(model, *args), draft, stories)
 
 
 def test_a_draft_speculators_saves_loads_here_and_decodes_losslessly(stories, tmp_path):
@@ -75,11 +67,5 @@ def test_a_draft_speculators_saves_loads_here_and_decodes_losslessly(stories, tm
         for name, p in draft.named_parameters():
             if "norm" in name:
                 theirs_by_name[name.replace("midlayer.", "layers.0.")].copy_(p)
-    tokens, hidden, positions = inputs(stories, seed=1)
-    torch.testing.assert_close(theirs(model, tokens, hidden, positions), ours(draft, stories, tokens, hidden, positions),
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
-    prompt = stories.encode("Once upon a time")
-    plain = generate(stories, prompt, 40)
-    spec = speculative_generate(stories, Eagle3Drafter(draft.attach(stories.model.embed.weight)), prompt, 40,
-                                tree=TreeSpec(8, 3, 2))  # fmt: skip
-    assert spec.token_ids == plain.token_ids
+    assert_same_logits(lambda *args: theirs(model, *args), draft, stories, seed=1)
+    assert_decodes_losslessly(draft, stories)
