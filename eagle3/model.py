@@ -452,7 +452,8 @@ class Transformer(nn.Module):
         tree_mask: [n, n] or [B, n, n] bool, True where new token i may see new token j (default: causal).
         logits: "all", "last", "none", or "hidden" (the last layer's outputs instead: `head` turns them into
         logits later, as offline features do). taps: decoder layers whose inputs to return as well (a draft's
-        tap layers; 0 is the token embeddings), concatenated in layer order as SGLang and vLLM do; () for none.
+        tap layers; 0 is the token embeddings, num_layers the last layer's output before the final norm, which
+        drafters of the top feature read), concatenated in layer order as SGLang and vLLM do; () for none.
         rows: the cache rows the B rows of tokens run on (default: all; range(r, r + 1) prefills a sequence
         joining the batch). Rows may hold different lengths: each writes its new tokens after its own last slot.
         """
@@ -472,8 +473,9 @@ class Transformer(nn.Module):
         positions = positions.to(tokens.device, non_blocking=True)
         if max_position >= self.config.context_length:
             raise ValueError(f"position {max_position} is beyond the model's context of {self.config.context_length}")
-        if any(not 0 <= i < self.config.num_layers for i in taps):
-            raise ValueError(f"tap layers {tuple(taps)} must be decoder layer indices in [0, {self.config.num_layers})")
+        if any(not 0 <= i <= self.config.num_layers for i in taps):
+            raise ValueError(f"tap layers {tuple(taps)} must be decoder layer indices in [0, {self.config.num_layers}] "
+                             f"({self.config.num_layers}: the last layer's output)")  # fmt: skip
         rotation = self._rope(positions, max_position)
         write = CacheWrite.after(starts, n, tokens.device)
         if in_step and (tree_mask is None or tree_mask.dim() == 2):
@@ -487,6 +489,8 @@ class Transformer(nn.Module):
             if i in taps:
                 tapped.append(x)
             x = layer(x, rotation, kv[i], write, masks[self._windows[i]])
+        if self.config.num_layers in taps:
+            tapped.append(x)
         for r in rows:
             cache.lengths[r] += n
         out_taps = torch.cat(tapped, dim=-1) if tapped else None

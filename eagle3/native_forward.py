@@ -53,7 +53,9 @@ class NativeLayers:
         inv_freq = model.rope_frequencies(max_position).float().contiguous()
         mask = tree_mask.to(torch.bool).expand(B, n, n).contiguous()
         order = sorted(set(taps))
-        tap_index = torch.tensor([order.index(l) if l in order else -1 for l in range(cfg.num_layers)], dtype=torch.int32)
+        # (index num_layers: the last layer's output, before the final norm)
+        tap_index = torch.tensor([order.index(l) if l in order else -1 for l in range(cfg.num_layers + 1)],
+                                 dtype=torch.int32)  # fmt: skip
         tapped = torch.empty(B, n, len(order), cfg.hidden_size)
         x = model.embed(tokens).float().contiguous()
         dims = torch.tensor(self.shape + [B, n, cache.rows, cache.max_len], dtype=torch.int64)

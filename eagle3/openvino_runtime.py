@@ -153,6 +153,8 @@ def build_graph(model: Transformer, taps: Sequence[int], precision: str = "fp32"
         h = norm(x, block.mlp_norm)
         gate, up = ops.split(matmul(h, block.gate_up_weight, block.gate_up_bias), axis(-1), 2).outputs()
         x = ops.add(x, matmul(ops.multiply(ops.swish(gate), up), block.down_weight, block.down_bias))
+    if len(model.layers) in taps:  # the last layer's output, before the final norm
+        tapped.append(x)
     head_in = ops.gather(x, logit_rows, axis(1))
     logits = matmul(norm(head_in, model.norm), model.lm_head_weight, None)
     outputs = [ops.result(logits, name="logits"), ops.result(ops.concat(new_kv, 0), name="new_kv")]

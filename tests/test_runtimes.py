@@ -63,7 +63,7 @@ def a_tree(tokens: list[int], parents: list[int]) -> DraftTree:
 def test_forward_matches_the_pytorch_model(stories):
     """Prefill and a tree verify in two rows of different lengths: OpenVINO fp32 logits and taps match the
     PyTorch runtime's, and committing a path that is no prefix keeps the two caches in step."""
-    taps = (0, 2, 4)
+    taps = (0, 2, 4, 5)  # (5: the last layer's output)
     ov, ref = openvino_runtime().OpenVINORuntime(stories.model, taps), TorchRuntime(stories, taps)
     prompts = [stories.encode(PROMPTS[2]), stories.encode(PROMPTS[0])]
     for runtime in (ov, ref):
@@ -229,7 +229,7 @@ def test_native_forward_matches_the_pytorch_model(kernels, tmp_path, kind):
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tiny_config(kind)).save_pretrained(tmp_path)
-    taps = (0, 3, 6)
+    taps = (0, 3, 6, 8)  # (8: the last layer's output)
     ref = TorchRuntime(dataclasses.make_dataclass("T", ["model"])(fold_norms(load_model(tmp_path, device="cpu"))), taps)
     nat = NativeRuntime(dataclasses.make_dataclass("T", ["model"])(to_native(fold_norms(load_model(tmp_path, device="cpu")))), taps)
     for runtime in (ref, nat):

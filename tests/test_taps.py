@@ -72,6 +72,22 @@ def test_wrong_taps_are_refused(stories, tmp_path):
             load_drafter(tmp_path / str(taps), stories)
 
 
+def test_tap_num_layers_is_the_last_layers_output(stories):
+    """Tap N (N layers) is what drafters of the top feature read: the last layer's output, before the final
+    norm (the runtimes' agreement on it is test_runtimes.py's)."""
+    model, n = stories.model, stories.model.config.num_layers
+    ids = torch.tensor([stories.encode("Once upon a time")])
+    model.setup_cache(ids.shape[1])
+    hidden = model(ids, logits="hidden").hidden
+    model.setup_cache(ids.shape[1])
+    out = model(ids, taps=(1, n))
+    assert torch.equal(out.taps[..., -stories.model.config.hidden_size :], hidden)
+    assert not torch.equal(out.taps[..., : stories.model.config.hidden_size], hidden)
+    model.setup_cache(ids.shape[1])
+    with pytest.raises(ValueError, match="last layer's output"):
+        model(ids, taps=(n + 1,))
+
+
 @pytest.fixture(scope="module")
 def trained_other_taps(stories, tmp_path_factory):
     """A draft trained on the layers OTHER_TAPS, on text the target wrote."""

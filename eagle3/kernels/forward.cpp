@@ -174,7 +174,8 @@ extern "C" {
 // into the lm_head). cache: the model's KV cache [layers, 2, cache_rows, kv_heads, slots, head_dim]; row b's
 // new token i goes to slot starts[b] + i and sees the row's slots [0, starts[b]) and the new tokens mask
 // [b, i, :] allows (see Sight, with region = starts and R = tokens). positions [T]; inv_freq [head_dim / 2]
-// the RoPE frequencies. tap_index [layers]: where layer l's input goes in taps [T, ntaps, hidden], or -1.
+// the RoPE frequencies. tap_index [layers + 1]: where layer l's input goes in taps [T, ntaps, hidden], or -1
+// (index `layers`: the last layer's output, before the final norm).
 void eagle3_forward(const int64_t* table, const int64_t* dims, float eps, float* x, float* cache,
                     const int32_t* starts, const uint8_t* mask, const float* inv_freq, const int64_t* positions,
                     const int32_t* tap_index, int ntaps, float* taps) {
@@ -213,6 +214,9 @@ void eagle3_forward(const int64_t* table, const int64_t* dims, float eps, float*
     for (int64_t e = 0; e < (int64_t)T * H; e++) x[e] += y[e];
     swiglu(x, T, H, inter, eps, Matrix::at(layer + T_GATE_UP), Matrix::at(layer + T_DOWN));
   }
+  if (tap_index[layers] >= 0)
+    for (int t = 0; t < T; t++)
+      std::memcpy(taps + ((int64_t)t * ntaps + tap_index[layers]) * H, x + (int64_t)t * H, H * sizeof(float));
   unit_norm(x, T, H, eps, x, H);
 }
 
