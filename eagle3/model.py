@@ -347,6 +347,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm: nn.Parameter | None = _param(cfg.hidden_size)  # the final norm's weight (None once folded)
+        self.final_norm_weight: Tensor | None = None  # ... a copy kept by norm_folding when it folds it
         self.lm_head_weight = _param(cfg.hidden_size, cfg.vocab_size)  # [in, out]
         self.lm_head_weight_t: Tensor | None = None  # [out, in] copy for 2..64 rows (cpu_layout.py) ...
         self.matmul_paths: tuple[str, ...] = ()  # ... and the matmul each row count takes

@@ -30,6 +30,8 @@ def fold_norms(model: Transformer) -> Transformer:
         fold(block.qkv_weight, block.attn_norm)
         fold(block.gate_up_weight, block.mlp_norm)
         block.attn_norm = block.mlp_norm = None
+    if model.norm is not None:  # (drafters of the normed top feature, as Medusa's heads, still need it)
+        model.final_norm_weight = model.norm.detach().clone()
     fold(model.lm_head_weight, model.norm)
     model.norm = None
     return model

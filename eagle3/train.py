@@ -57,15 +57,17 @@ class TrainConfig:
     dtype: str = "float32"  # or bfloat16 (autocast)
     group_by_length: bool = True  # batches of similar lengths (less padding), in shuffled order
     tap_layers: tuple[int, ...] | None = None  # target layers a fresh draft reads (None: the target's defaults)
-    method: str = "eagle3"  # or "sps": a draft language model (distill.py)
+    method: str = "eagle3"  # or "sps": a draft language model (distill.py), "medusa": Medusa-1 heads (medusa.py)
     lm_layers: int = 4  # sps: the draft model's layers ...
     lm_hidden: int = 256  # ... and width
+    medusa_heads: int = 4  # medusa: heads ...
+    medusa_layers: int = 1  # ... and residual blocks per head
 
 
 # What may differ when a run is resumed: a run can be extended (the schedule then follows the new step count)
 # and checkpointed more or less often; anything else would not continue the same run.
 RESUMABLE_CHANGES = ("steps", "save_every")
-METHODS = ("eagle3", "sps")
+METHODS = ("eagle3", "sps", "medusa")
 RUN_FILES = ("train_state.pt", "train_log.jsonl", "summary.json", "draft")  # what a run writes in its folder
 
 
@@ -366,12 +368,16 @@ def train(
     if resume:
         saved = load_state(state_path)
         check_resumable(saved, cfg, data, state_path)
+    if cfg.method != "eagle3" and features is not None:
+        raise ValueError(f"--features caches an EAGLE-3 draft's taps; --method {cfg.method} trains from the target online")
     if cfg.method == "sps":
         from eagle3.distill import SpsObjective
 
-        if features is not None:
-            raise ValueError("--features caches an EAGLE-3 draft's taps; --method sps trains from the target online")
         objective = SpsObjective(target, cfg.lm_layers, cfg.lm_hidden, cfg.seed, saved, init)
+    elif cfg.method == "medusa":
+        from eagle3.medusa import MedusaObjective
+
+        objective = MedusaObjective(target, cfg.medusa_heads, cfg.medusa_layers, cfg.seed, saved, init)
     else:
         objective = Eagle3Objective(target, [examples[i] for i in usable], cfg, features, saved, init)
     if saved is not None:
@@ -504,7 +510,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--method", choices=METHODS, default=None,
                    help="eagle3 (default): an EAGLE-3 head; sps: a small Llama with the target's vocabulary, distilled "
-                        "from the target, for classic speculative sampling (--lm-layers, --lm-hidden)")  # fmt: skip
+                        "from the target, for classic speculative sampling (--lm-layers, --lm-hidden); medusa: "
+                        "Medusa-1 heads on the target's top feature (--medusa-heads, --medusa-layers)")  # fmt: skip
     p.add_argument("--data", nargs="*", default=None,
                    help="ShareGPT / OpenAI-messages JSON or JSONL files (default: ShareGPT from PyPI and "
                         "../shared/data/train)")  # fmt: skip
@@ -525,7 +532,8 @@ def add_train_parser(sub) -> None:
                        ("warmup", options.nonnegative), ("ttt-steps", options.integer(1, 64)),
                        ("draft-vocab-size", options.count), ("max-length", options.integer(2, options.BIG)),
                        ("seed", options.seed), ("save-every", options.count), ("lm-layers", options.integer(1, 64)),
-                       ("lm-hidden", options.integer(64, 8192))]:  # fmt: skip
+                       ("lm-hidden", options.integer(64, 8192)), ("medusa-heads", options.integer(1, 64)),
+                       ("medusa-layers", options.integer(0, 16))]:  # fmt: skip
         p.add_argument(f"--{name}", type=kind, default=None, help="overrides the recipe")
     p.add_argument("--tap-layers", type=tap_layers_option, default=None,
                    help="the target layers a fresh draft reads, e.g. 2,15,27 (default: the target's EAGLE-3 "
@@ -575,8 +583,8 @@ def train_command(args) -> int:
         prepare_run_folder(Path(args.out), args.resume, args.overwrite)
     saved = load_state(Path(args.out) / "train_state.pt") if args.resume else None
     cfg = base_config(args, saved)
-    if cfg.method == "sps" and args.features:
-        raise ValueError("--features caches an EAGLE-3 draft's taps; --method sps trains from the target online")
+    if cfg.method != "eagle3" and args.features:
+        raise ValueError(f"--features caches an EAGLE-3 draft's taps; --method {cfg.method} trains from the target online")
     options.apply_threads(args)
     sources = [Path(p) for p in args.data] if args.data else default_sources()
     conversations, stats = read_conversations(sources, args.limit)
@@ -614,6 +622,10 @@ def train_command(args) -> int:
         from eagle3.sps import load_draft_model_drafter
 
         tau = evaluate_tau(target, load_draft_model_drafter(Path(args.out) / "draft", target), held_out, with_tree=False)
+    elif held_out and cfg.method == "medusa":
+        from eagle3.medusa import load_medusa_drafter
+
+        tau = evaluate_tau(target, load_medusa_drafter(Path(args.out) / "draft", target), held_out)
     elif held_out:
         from eagle3.drafter import Eagle3Drafter
 

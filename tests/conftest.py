@@ -40,3 +40,21 @@ def smollm2(smollm2_path):
     from eagle3.target import load_target
 
     return load_target(str(smollm2_path), device="cpu")
+
+
+TRAIN_PROMPTS = ["Once upon a time", "Tom and Lily", "One day, a little", "The cat", "Sara had a", "The sun was",
+                 "Ben wanted to", "There was a big"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def examples(stories):
+    """Training text stories260K wrote itself (the drafts are trained on target-generated answers)."""
+    from eagle3.data import tokenize_text
+    from eagle3.generate import generate
+    from eagle3.sampling import SamplingParams
+
+    texts = []
+    for i, prompt in enumerate(TRAIN_PROMPTS * 2):
+        out = generate(stories, stories.encode(prompt), 60, SamplingParams(temperature=0.8, seed=i))
+        texts.append(prompt + stories.tokenizer.decode(out.token_ids, skip_special_tokens=True))
+    return [tokenize_text(stories.tokenizer, t) for t in texts]

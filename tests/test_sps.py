@@ -16,11 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eagle3.cli import main
-from eagle3.data import tokenize_text
 from eagle3.drafter import load_drafter
 from eagle3.engine import Engine, Request
 from eagle3.generate import generate
-from eagle3.sampling import SamplingParams
 from eagle3.sps import DraftModelDrafter
 from eagle3.speculative import speculative_generate
 from eagle3.train import TrainConfig, train
@@ -103,16 +101,6 @@ def test_the_bench_runs_sps_beside_vanilla(stories, draft_folder, tmp_path):
 # ---------------------------------------------------------------------------------------------- distillation
 
 SPS = TrainConfig(method="sps", lm_layers=2, lm_hidden=64, steps=60, batch_size=4, lr=3e-3, warmup=5, save_every=30)
-
-
-@pytest.fixture(scope="module")
-def examples(stories):
-    """Text the target wrote itself (what the drafts are trained on)."""
-    texts = []
-    for i, prompt in enumerate(PROMPTS * 4):
-        out = generate(stories, stories.encode(prompt), 48, SamplingParams(temperature=0.8, seed=i))
-        texts.append(prompt + stories.tokenizer.decode(out.token_ids, skip_special_tokens=True))
-    return [tokenize_text(stories.tokenizer, t) for t in texts]
 
 
 def test_distillation_learns_and_the_draft_model_decodes_losslessly(stories, examples, tmp_path):

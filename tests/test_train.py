@@ -7,29 +7,12 @@ import pytest
 import torch
 
 from eagle3.checkpoint import load_draft
-from eagle3.data import tokenize_text
 from eagle3.drafter import Eagle3Drafter
 from eagle3.generate import generate
 from eagle3.model import load_model
-from eagle3.sampling import SamplingParams
 from eagle3.speculative import speculative_generate
 from eagle3.train import TrainConfig, epoch_order, train
 from eagle3.tree import TreeSpec
-
-PROMPTS = ["Once upon a time", "Tom and Lily", "One day, a little", "The cat", "Sara had a", "The sun was",
-           "Ben wanted to", "There was a big"]
-
-
-@pytest.fixture(scope="module")
-def examples(stories):
-    """Training text written by the target itself (the paper trains on target-generated answers)."""
-    texts = []
-    for i, prompt in enumerate(PROMPTS * 2):
-        ids = stories.encode(prompt)
-        out = generate(stories, ids, 60, SamplingParams(temperature=0.8, seed=i))
-        texts.append(prompt + stories.tokenizer.decode(out.token_ids, skip_special_tokens=True))
-    return [tokenize_text(stories.tokenizer, t) for t in texts]
-
 
 CFG = TrainConfig(steps=120, batch_size=4, lr=1e-2, warmup=5, ttt_steps=3, draft_vocab_size=256, save_every=50)
 

@@ -1,0 +1,131 @@
+"""Medusa-1 heads (eagle3/medusa.py): Medusa's published checkpoint layout, training (`train --method medusa`,
+exact resume), and decoding with them: greedy output equal to plain decoding on chains and trees, alone and
+batched, and sampled output drawn from the target's distribution."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eagle3.cli import main
+from eagle3.drafter import load_drafter
+from eagle3.engine import Engine, Request
+from eagle3.generate import generate
+from eagle3.medusa import HEADS_FILE, MedusaDrafter, load_medusa, new_heads, save_medusa
+from eagle3.sampling import SamplingParams
+from eagle3.speculative import speculative_generate
+from eagle3.train import TrainConfig, train
+from eagle3.tree import TreeSpec
+from test_sampling_exact import ALPHA, N_LOOP, PARAMS, chi_square_p_value, exact_triples, speculative_triples
+
+PROMPTS = ("Once upon a time", "The little dog", "One day, Tom")
+MEDUSA = TrainConfig(method="medusa", medusa_heads=3, medusa_layers=1, steps=60, batch_size=4, lr=3e-3, warmup=5,
+                     save_every=30)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(stories, examples, tmp_path_factory):
+    out = tmp_path_factory.mktemp("medusa") / "run"
+    heads, state = train(stories, examples, out, MEDUSA, progress=False)
+    return out / "draft", heads, state
+
+
+def test_the_checkpoint_is_in_medusas_layout_and_round_trips(stories, tmp_path):
+    heads = new_heads(stories.model, num_heads=2, num_layers=1, seed=3)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.01 * torch.randn(p.shape))
+    save_medusa(heads, tmp_path / "m", "stories260k")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["medusa_num_heads"] == 2 and config["medusa_num_layers"] == 1
+    assert config["base_model_name_or_path"] == "stories260k"
+    H, V = stories.model.config.hidden_size, stories.model.config.vocab_size
+    assert {k: tuple(v.shape) for k, v in load_file(tmp_path / "m" / HEADS_FILE).items()} == {
+        "0.0.linear.weight": (H, H), "0.0.linear.bias": (H,), "0.1.weight": (V, H),
+        "1.0.linear.weight": (H, H), "1.0.linear.bias": (H,), "1.1.weight": (V, H)}  # fmt: skip
+    loaded = load_medusa(tmp_path / "m", stories.model.config)
+    for key, value in heads.state_dict().items():
+        assert torch.equal(value.cpu(), loaded.state_dict()[key]), key
+    # The heads' output layers start as the target's lm_head: head 0 on the normed feature of a position gives
+    # the target's own logits for it.
+    fresh = new_heads(stories.model, num_heads=1, num_layers=1)
+    ids = torch.tensor([stories.encode("Once upon a time")])
+    stories.model.setup_cache(ids.shape[1])
+    out = stories.model(ids, taps=(stories.model.config.num_layers,))
+    from eagle3.medusa import normed_feature
+
+    torch.testing.assert_close(fresh(normed_feature(stories.model, out.taps))[0], out.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_checkpoint_for_another_model_is_refused(stories, tmp_path, capsys):
+    from eagle3.medusa import MedusaHeads
+
+    save_medusa(MedusaHeads(2, 1, stories.model.config.hidden_size, 100), tmp_path / "m", "x")
+    with pytest.raises(ValueError, match="do not fit this target"):
+        load_medusa(tmp_path / "m", stories.model.config)
+    (tmp_path / "m" / HEADS_FILE).write_bytes(b"not a safetensors file")
+    args = ["generate", "Once", "--target", str(stories.path), "--draft", str(tmp_path / "m"), "--tree", "4,3,1"]
+    assert main(args) == 2 and "not a readable Medusa checkpoint" in capsys.readouterr().err
+
+
+def test_training_learns_and_the_heads_decode_losslessly(stories, trained):
+    folder, heads, state = trained
+    first = sum(r["loss0"] for r in state.log[:5]) / 5
+    last = sum(r["loss0"] for r in state.log[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    drafter = load_drafter(folder, stories)
+    assert isinstance(drafter, MedusaDrafter) and drafter.tap_layers == (stories.model.config.num_layers,)
+    accepted = []
+    for tree in (TreeSpec(4, 3, 1), TreeSpec(10, 3, 3)):
+        for text in PROMPTS:
+            prompt = stories.encode(text)
+            out = speculative_generate(stories, drafter, prompt, 48, tree=tree, method="medusa")
+            assert out.token_ids == generate(stories, prompt, 48).token_ids, (text, tree)
+            accepted += out.accept_lengths
+    assert sum(accepted) / len(accepted) > 1.2  # trained heads get tokens accepted
+
+
+def test_rows_decoded_together_equal_each_alone_and_sampling_is_exact(stories, trained):
+    drafter = load_drafter(trained[0], stories)
+    prompts = [stories.encode(text) for text in PROMPTS]
+    engine = Engine(stories, drafter, TreeSpec(6, 3, 2), max_rows=2)
+    assert [r.token_ids for r in engine.run([Request(p, 40) for p in prompts])] == [
+        generate(stories, p, 40).token_ids for p in prompts]  # fmt: skip
+    prompt = stories.encode("One day, Tom")
+    table = exact_triples(stories, prompt, SamplingParams(**PARAMS))
+    assert chi_square_p_value(speculative_triples(stories, drafter, prompt, PARAMS, N_LOOP), table) > ALPHA
+
+
+def test_training_resumes_exactly(stories, examples, tmp_path):
+    cfg = dataclasses.replace(MEDUSA, steps=6, save_every=3)
+    straight, _ = train(stories, examples, tmp_path / "straight", cfg, progress=False)
+    train(stories, examples, tmp_path / "resumed", dataclasses.replace(cfg, steps=3), progress=False)
+    resumed, state = train(stories, examples, tmp_path / "resumed", cfg, resume=True, progress=False)
+    assert state.step == 6
+    for key, value in straight.state_dict().items():
+        assert torch.allclose(value, resumed.state_dict()[key], atol=1e-6), key
+
+
+def test_the_cli_trains_heads_and_decodes_with_them(stories, trained, tmp_path, capsys):
+    rows = [{"conversations": [{"from": "human", "value": "Tell me a story."},
+                               {"from": "gpt", "value": f"Once upon a time, there was a little {w}. It was happy."}]}
+            for w in ["dog", "cat", "girl", "boy", "bird", "fish"]]  # fmt: skip
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["train", "--method", "medusa", "--target", "stories260k", "--data", str(data), "--steps", "3",
+                 "--batch-size", "2", "--medusa-heads", "2", "--eval-conversations", "2",
+                 "--out", str(tmp_path / "run")]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["tau"]["chain"] >= 1 and summary["tau"]["tree"] >= 1
+    assert (tmp_path / "run" / "draft" / HEADS_FILE).is_file()
+    args = ["generate", "Once upon a time", "--target", str(stories.path), "--max-new-tokens", "24", "--json",
+            "--threads", "1"]  # fmt: skip
+    capsys.readouterr()
+    assert main([*args, "--draft", "none"]) == 0
+    plain = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert main([*args, "--draft", str(trained[0]), "--tree", "8,3,2"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["token_ids"] == plain["token_ids"]
