@@ -129,3 +129,20 @@ def test_the_cli_trains_heads_and_decodes_with_them(stories, trained, tmp_path, 
     plain = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert main([*args, "--draft", str(trained[0]), "--tree", "8,3,2"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["token_ids"] == plain["token_ids"]
+
+
+def test_the_bench_runs_medusa_beside_vanilla(stories, trained, tmp_path, capsys):
+    from test_bench import write_suite
+
+    data = tmp_path / "eval"
+    data.mkdir()
+    write_suite(data, "mt_bench", [("writing", ["Once upon a time", "Then the dog said"])])
+    args = ["bench", "--target", str(stories.path), "--threads", "1", "--suites", "mt_bench", "--methods",
+            "vanilla,medusa", "--medusa", str(trained[0]), "--max-new-tokens", "16", "--data-dir", str(data)]  # fmt: skip
+    assert main([*args, "--medusa-tree", "6,3,2", "--out", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["config"]["medusa_tree"] == "6,3,2"
+    assert results["summary"]["medusa"]["all"]["identical"] == results["summary"]["medusa"]["all"]["n"] == 1
+    capsys.readouterr()
+    assert main([*args, "--medusa-tree", "auto", "--out", str(tmp_path / "out2")]) == 2
+    assert "auto is for EAGLE-3" in capsys.readouterr().err
