@@ -30,6 +30,7 @@ from eagle3.drafter import Proposal, top_children
 from eagle3.files import atomic_path, write_text
 from eagle3.model import ModelConfig, Transformer, read_weights_file, rms_norm
 from eagle3.policy import TreePlan
+from eagle3.target import Target
 from eagle3.tree import TreeGrowth, grow_trees
 
 HEADS_FILE = "medusa_lm_head.safetensors"
@@ -99,10 +100,9 @@ def save_medusa(heads: MedusaHeads, folder: str | Path, base_model: str) -> Path
     state = {k: v.detach().float().cpu().contiguous() for k, v in heads.heads.state_dict().items()}
     with atomic_path(folder / HEADS_FILE) as temp:
         save_file(state, str(temp))
+    vocab, hidden = state[f"0.{heads.num_layers}.weight"].shape  # (each head's output layer)
     config = {"medusa_num_heads": heads.num_heads, "medusa_num_layers": heads.num_layers,
-              "base_model_name_or_path": base_model, "hidden_size": state["0.0.linear.weight"].shape[0]
-              if heads.num_layers else state[f"0.{heads.num_layers}.weight"].shape[1],
-              "vocab_size": state[f"0.{heads.num_layers}.weight"].shape[0]}  # fmt: skip
+              "base_model_name_or_path": base_model, "hidden_size": hidden, "vocab_size": vocab}  # fmt: skip
     write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -184,7 +184,7 @@ class MedusaDrafter:
         return Proposal(grow_trees(growths, expand), [0] * len(growths))
 
 
-def load_medusa_drafter(path: str | Path, target) -> MedusaDrafter:
+def load_medusa_drafter(path: str | Path, target: Target) -> MedusaDrafter:
     return MedusaDrafter(load_medusa(path, target.model.config), target.model)
 
 
@@ -196,12 +196,12 @@ class MedusaObjective:
     method = "medusa"
     DECAY = 0.8
 
-    def __init__(self, target, num_heads: int, num_layers: int, seed: int, saved: dict | None = None,
+    def __init__(self, target: Target, num_heads: int, num_layers: int, seed: int, saved: dict | None = None,
                  init: str | Path | None = None):  # fmt: skip
         cfg = target.model.config
         if saved is not None:
-            self.config = dict(saved["draft_config"])
-            heads = MedusaHeads(self.config["num_heads"], self.config["num_layers"], cfg.hidden_size, cfg.vocab_size)
+            shape = saved["draft_config"]
+            heads = MedusaHeads(shape["num_heads"], shape["num_layers"], cfg.hidden_size, cfg.vocab_size)
             heads.load_state_dict(saved["draft"])
         elif init is not None:
             heads = load_medusa(init, cfg)
@@ -239,5 +239,5 @@ class MedusaObjective:
             hits.append(((pred.argmax(-1) == teacher.argmax(-1)) & mask).float().sum())
         return total, torch.stack(per_head), torch.stack(hits), norms
 
-    def save(self, folder: Path, target) -> None:
+    def save(self, folder: Path, target: Target) -> None:
         save_medusa(self.model, folder, str(target.name))
