@@ -49,8 +49,8 @@ from eagle3.suites import Question, data_dir, parse_suites, read_suite
 from eagle3.target import Target, encode_messages
 from eagle3.tree import AUTO_TREE, TreeSpec
 
-METHODS = ("vanilla", "eagle3", "pld", "sps", "medusa", "hf", "hf-pld", "hf-assisted")
-MEDUSA_TREE = TreeSpec(10, 4, 3)  # the medusa method's default tree (heads' top 3, 4 deep, 9 draft tokens)
+METHODS = ("vanilla", "eagle3", "pld", "sps", "medusa", "hydra", "hf", "hf-pld", "hf-assisted")
+HEADS_TREE = TreeSpec(10, 4, 3)  # the medusa and hydra methods' default tree (top 3, 4 deep, 9 draft tokens)
 LOSSLESS = set(METHODS)  # every method here is lossless: greedy outputs must equal vanilla's
 
 PLOTS = ("speedup.png", "tau.png", "acceptance.png")
@@ -60,8 +60,8 @@ RUN_FILES = ("run.json", "rows.jsonl", "results.json")  # any of them: OUT holds
 # configuration (date, torch version, skipped questions) is recorded, not compared.
 RUN_KEYS = ("target", "draft", "draft_int8", "draft_window", "tree", "suites", "methods", "max_new_tokens",
             "limit", "temperature", "top_p", "top_k", "seed", "pld_tokens", "sps_tokens", "assistant", "medusa",
-            "medusa_tree", "data", "dtype", "device", "threads", "runtime")  # fmt: skip
-RUN_KEY_DEFAULTS = {"runtime": "torch", "sps_tokens": 4, "medusa": None, "medusa_tree": MEDUSA_TREE.label}  # keys runs made before them lack, with the value those runs had
+            "hydra", "heads_tree", "data", "dtype", "device", "threads", "runtime")  # fmt: skip
+RUN_KEY_DEFAULTS = {"runtime": "torch", "sps_tokens": 4, "medusa": None, "hydra": None, "heads_tree": HEADS_TREE.label}  # keys runs made before them lack, with the value those runs had
 
 OUTLIER_MADS = 5.0  # robust standard deviations (1.4826 MAD) from the median log ratio: see outliers
 OUTLIER_MIN_RATIO = 1.5  # never flag a question within this factor of the method's median ratio
@@ -93,7 +93,8 @@ def make_methods(
     draft_window: int | None = DEFAULT_PROMPT_WINDOW,
     sps_tokens: int = 4,
     medusa: str | Path | None = None,
-    medusa_tree: TreeSpec = MEDUSA_TREE,
+    hydra: str | Path | None = None,
+    heads_tree: TreeSpec = HEADS_TREE,
 ) -> dict[str, Method]:
     """One callable per method, all with the same budget, stop tokens and sampling parameters. With several
     trees, eagle3 becomes one method per tree, labelled "eagle3 TREE" (see method_labels)."""
@@ -135,14 +136,19 @@ def make_methods(
             chain = TreeSpec(sps_tokens + 1, sps_tokens, 1)
             methods[name] = ours(lambda ids, d=sps, t=chain: speculative_generate(
                 target, d, ids, max_new_tokens, sampling, tree=t, method="sps"))  # fmt: skip
-        elif name == "medusa":
-            if not medusa:
-                raise ValueError("method medusa needs --medusa PATH (Medusa heads for this target)")
-            from eagle3.medusa import load_medusa_drafter
+        elif name in ("medusa", "hydra"):
+            path = medusa if name == "medusa" else hydra
+            if not path:
+                raise ValueError(f"method {name} needs --{name} PATH ({name.capitalize()} heads for this target)")
+            from eagle3.drafter import load_drafter
+            from eagle3.hydra import HydraDrafter
+            from eagle3.medusa import MedusaDrafter
 
-            heads = load_medusa_drafter(medusa, target)
-            methods[name] = ours(lambda ids, d=heads, t=medusa_tree: speculative_generate(
-                target, d, ids, max_new_tokens, sampling, tree=t, method="medusa"))  # fmt: skip
+            heads = load_drafter(path, target)
+            if not isinstance(heads, MedusaDrafter if name == "medusa" else HydraDrafter):
+                raise ValueError(f"--{name} {path} holds no {name.capitalize()} heads")
+            methods[name] = ours(lambda ids, d=heads, m=name: speculative_generate(
+                target, d, ids, max_new_tokens, sampling, tree=heads_tree, method=m))  # fmt: skip
         elif name in ("hf", "hf-pld", "hf-assisted"):
             methods[name] = _hf_method(target, name, max_new_tokens, sampling, assistant, pld_tokens)
         else:
@@ -578,7 +584,8 @@ def run_bench(
     draft_window: int | None = DEFAULT_PROMPT_WINDOW,
     sps_tokens: int = 4,
     medusa: str | Path | None = None,
-    medusa_tree: TreeSpec = MEDUSA_TREE,
+    hydra: str | Path | None = None,
+    heads_tree: TreeSpec = HEADS_TREE,
     resume: bool = False,
     overwrite: bool = False,
 ) -> dict:
@@ -603,7 +610,7 @@ def run_bench(
         "max_new_tokens": max_new_tokens, "limit": limit, "temperature": sampling.temperature,
         "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed, "pld_tokens": pld_tokens,
         "sps_tokens": sps_tokens, "assistant": assistant, "medusa": str(medusa) if medusa else None,
-        "medusa_tree": medusa_tree.label, "data": str(folder.resolve()), "dtype": str(target.model.dtype),
+        "hydra": str(hydra) if hydra else None, "heads_tree": heads_tree.label, "data": str(folder.resolve()), "dtype": str(target.model.dtype),
         "device": str(target.model.device), "threads": torch.get_num_threads(), "runtime": target.runtime,
         "skipped": skipped,
         "malformed_rows": {f.path.stem: f.malformed for f in files if f.malformed},
@@ -615,7 +622,8 @@ def run_bench(
 
     def ready_methods() -> dict[str, Method]:
         runners = make_methods(target, names, max_new_tokens, sampling, trees, draft, assistant, pld_tokens,
-                               draft_int8, draft_window, sps_tokens, medusa, medusa_tree)  # fmt: skip
+                               draft_int8, draft_window, sps_tokens, medusa, hydra,
+                               heads_tree)  # fmt: skip
         warm = [{"role": "user", "content": questions[0].turns[0]}]
         for runner in runners.values():  # warm-up: first calls pay for allocations and kernel choice
             runner(warm)
@@ -692,8 +700,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--pld-tokens", type=options.integer(1, 64), default=10, help="tokens proposed by pld and hf-pld")
     p.add_argument("--sps-tokens", type=options.integer(1, 64), default=4, help="the chain sps drafts each round")
     p.add_argument("--medusa", default=None, help="Medusa heads (Medusa's layout) for the medusa method")
-    p.add_argument("--medusa-tree", type=medusa_tree_option, default=MEDUSA_TREE,
-                   help=f"the medusa method's tree, TOTAL,DEPTH,TOPK (default {MEDUSA_TREE.label})")  # fmt: skip
+    p.add_argument("--hydra", default=None, help="Hydra heads for the hydra method")
+    p.add_argument("--heads-tree", type=heads_tree_option, default=HEADS_TREE,
+                   help=f"the medusa and hydra methods' tree, TOTAL,DEPTH,TOPK (default {HEADS_TREE.label})")  # fmt: skip
     p.add_argument("--assistant", default=None, help="draft language model for sps and hf-assisted (the target's "
                    "tokenizer)")  # fmt: skip
     p.add_argument("--data-dir", default=None, help="benchmark JSONL folder (default $EAGLE3_DATA or ../shared/data/eval)")
@@ -709,8 +718,8 @@ def add_bench_parser(sub) -> None:
                    help="start over in an --out that holds a run (removes only the files bench writes)")
 
 
-def medusa_tree_option(text: str) -> TreeSpec:
-    """--medusa-tree: TOTAL,DEPTH,TOPK (auto knows an EAGLE-3 head's costs only)."""
+def heads_tree_option(text: str) -> TreeSpec:
+    """--heads-tree: TOTAL,DEPTH,TOPK (auto knows an EAGLE-3 head's costs only)."""
     import argparse
 
     spec = options.tree(text)
@@ -774,5 +783,6 @@ def bench_command(args) -> int:
         return 0
     run_bench(target, suites, methods, out, args.max_new_tokens, args.limit, sampling, args.tree, draft,
               args.assistant, args.data_dir, args.pld_tokens, **draft_options, sps_tokens=args.sps_tokens,
-              medusa=args.medusa, medusa_tree=args.medusa_tree, resume=args.resume, overwrite=args.overwrite)  # fmt: skip
+              medusa=args.medusa, hydra=args.hydra, heads_tree=args.heads_tree, resume=args.resume,
+              overwrite=args.overwrite)  # fmt: skip
     return 0

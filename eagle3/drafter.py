@@ -249,15 +249,18 @@ def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
     CPU). prompt_window: how many of a prompt's last tokens the draft reads (None: all).
 
     A folder holding a causal language model with the target's vocabulary gives the SpS drafter instead
-    (sps.py), one holding Medusa heads the Medusa drafter (medusa.py); int8 and prompt_window do not apply to
-    them."""
+    (sps.py), one holding Medusa or Hydra heads those drafters (medusa.py, hydra.py); int8 and prompt_window do
+    not apply to them."""
     from eagle3.checkpoint import load_draft
     from eagle3.draft import int8_supported, quantize_int8
+    from eagle3.hydra import is_hydra, load_hydra_drafter
     from eagle3.medusa import is_medusa, load_medusa_drafter
     from eagle3.sps import is_language_model, load_draft_model_drafter
 
     if is_medusa(path):
         return load_medusa_drafter(path, target)
+    if is_hydra(path):
+        return load_hydra_drafter(path, target)
     if is_language_model(path):
         return load_draft_model_drafter(path, target)
 

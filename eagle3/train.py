@@ -57,17 +57,17 @@ class TrainConfig:
     dtype: str = "float32"  # or bfloat16 (autocast)
     group_by_length: bool = True  # batches of similar lengths (less padding), in shuffled order
     tap_layers: tuple[int, ...] | None = None  # target layers a fresh draft reads (None: the target's defaults)
-    method: str = "eagle3"  # or "sps": a draft language model (distill.py), "medusa": Medusa-1 heads (medusa.py)
+    method: str = "eagle3"  # or sps (distill.py), medusa (medusa.py), hydra (hydra.py)
     lm_layers: int = 4  # sps: the draft model's layers ...
     lm_hidden: int = 256  # ... and width
-    medusa_heads: int = 4  # medusa: heads ...
-    medusa_layers: int = 1  # ... and residual blocks per head
+    heads: int = 4  # medusa, hydra: heads ...
+    head_layers: int = 1  # ... and residual blocks per head
 
 
 # What may differ when a run is resumed: a run can be extended (the schedule then follows the new step count)
 # and checkpointed more or less often; anything else would not continue the same run.
 RESUMABLE_CHANGES = ("steps", "save_every")
-METHODS = ("eagle3", "sps", "medusa")
+METHODS = ("eagle3", "sps", "medusa", "hydra")
 RUN_FILES = ("train_state.pt", "train_log.jsonl", "summary.json", "draft")  # what a run writes in its folder
 
 
@@ -377,7 +377,11 @@ def train(
     elif cfg.method == "medusa":
         from eagle3.medusa import MedusaObjective
 
-        objective = MedusaObjective(target, cfg.medusa_heads, cfg.medusa_layers, cfg.seed, saved, init)
+        objective = MedusaObjective(target, cfg.heads, cfg.head_layers, cfg.seed, saved, init)
+    elif cfg.method == "hydra":
+        from eagle3.hydra import HydraObjective
+
+        objective = HydraObjective(target, cfg.heads, cfg.head_layers, cfg.seed, saved, init)
     else:
         objective = Eagle3Objective(target, [examples[i] for i in usable], cfg, features, saved, init)
     if saved is not None:
@@ -511,7 +515,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--method", choices=METHODS, default=None,
                    help="eagle3 (default): an EAGLE-3 head; sps: a small Llama with the target's vocabulary, distilled "
                         "from the target, for classic speculative sampling (--lm-layers, --lm-hidden); medusa: "
-                        "Medusa-1 heads on the target's top feature (--medusa-heads, --medusa-layers)")  # fmt: skip
+                        "Medusa-1 heads on the target's top feature; hydra: Hydra's sequentially dependent heads "
+                        "(--heads, --head-layers)")  # fmt: skip
     p.add_argument("--data", nargs="*", default=None,
                    help="ShareGPT / OpenAI-messages JSON or JSONL files (default: ShareGPT from PyPI and "
                         "../shared/data/train)")  # fmt: skip
@@ -532,8 +537,8 @@ def add_train_parser(sub) -> None:
                        ("warmup", options.nonnegative), ("ttt-steps", options.integer(1, 64)),
                        ("draft-vocab-size", options.count), ("max-length", options.integer(2, options.BIG)),
                        ("seed", options.seed), ("save-every", options.count), ("lm-layers", options.integer(1, 64)),
-                       ("lm-hidden", options.integer(64, 8192)), ("medusa-heads", options.integer(1, 64)),
-                       ("medusa-layers", options.integer(0, 16))]:  # fmt: skip
+                       ("lm-hidden", options.integer(64, 8192)), ("heads", options.integer(1, 16)),
+                       ("head-layers", options.integer(0, 16))]:  # fmt: skip
         p.add_argument(f"--{name}", type=kind, default=None, help="overrides the recipe")
     p.add_argument("--tap-layers", type=tap_layers_option, default=None,
                    help="the target layers a fresh draft reads, e.g. 2,15,27 (default: the target's EAGLE-3 "
@@ -622,10 +627,10 @@ def train_command(args) -> int:
         from eagle3.sps import load_draft_model_drafter
 
         tau = evaluate_tau(target, load_draft_model_drafter(Path(args.out) / "draft", target), held_out, with_tree=False)
-    elif held_out and cfg.method == "medusa":
-        from eagle3.medusa import load_medusa_drafter
+    elif held_out and cfg.method in ("medusa", "hydra"):
+        from eagle3.drafter import load_drafter
 
-        tau = evaluate_tau(target, load_medusa_drafter(Path(args.out) / "draft", target), held_out)
+        tau = evaluate_tau(target, load_drafter(Path(args.out) / "draft", target), held_out)
     elif held_out:
         from eagle3.drafter import Eagle3Drafter
 

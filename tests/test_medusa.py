@@ -1,6 +1,7 @@
-"""Medusa-1 heads (eagle3/medusa.py): Medusa's published checkpoint layout, training (`train --method medusa`,
-exact resume), and decoding with them: greedy output equal to plain decoding on chains and trees, alone and
-batched, and sampled output drawn from the target's distribution."""
+"""Medusa-1 heads (eagle3/medusa.py) and Hydra's sequentially dependent heads (eagle3/hydra.py): checkpoint
+layouts (Medusa's published one), training (`train --method medusa|hydra`, exact resume), and decoding with
+them: greedy output equal to plain decoding on chains and trees, alone and batched, and sampled output drawn
+from the target's distribution."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from eagle3.tree import TreeSpec
 from test_sampling_exact import ALPHA, N_LOOP, PARAMS, chi_square_p_value, exact_triples, speculative_triples
 
 PROMPTS = ("Once upon a time", "The little dog", "One day, Tom")
-MEDUSA = TrainConfig(method="medusa", medusa_heads=3, medusa_layers=1, steps=60, batch_size=4, lr=3e-3, warmup=5,
+MEDUSA = TrainConfig(method="medusa", heads=3, head_layers=1, steps=60, batch_size=4, lr=3e-3, warmup=5,
                      save_every=30)  # fmt: skip
 
 
@@ -117,7 +118,7 @@ def test_the_cli_trains_heads_and_decodes_with_them(stories, trained, tmp_path, 
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert main(["train", "--method", "medusa", "--target", "stories260k", "--data", str(data), "--steps", "3",
-                 "--batch-size", "2", "--medusa-heads", "2", "--eval-conversations", "2",
+                 "--batch-size", "2", "--heads", "2", "--eval-conversations", "2",
                  "--out", str(tmp_path / "run")]) == 0  # fmt: skip
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["tau"]["chain"] >= 1 and summary["tau"]["tree"] >= 1
@@ -139,10 +140,75 @@ def test_the_bench_runs_medusa_beside_vanilla(stories, trained, tmp_path, capsys
     write_suite(data, "mt_bench", [("writing", ["Once upon a time", "Then the dog said"])])
     args = ["bench", "--target", str(stories.path), "--threads", "1", "--suites", "mt_bench", "--methods",
             "vanilla,medusa", "--medusa", str(trained[0]), "--max-new-tokens", "16", "--data-dir", str(data)]  # fmt: skip
-    assert main([*args, "--medusa-tree", "6,3,2", "--out", str(tmp_path / "out")]) == 0
+    assert main([*args, "--heads-tree", "6,3,2", "--out", str(tmp_path / "out")]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["config"]["medusa_tree"] == "6,3,2"
+    assert results["config"]["heads_tree"] == "6,3,2"
     assert results["summary"]["medusa"]["all"]["identical"] == results["summary"]["medusa"]["all"]["n"] == 1
     capsys.readouterr()
-    assert main([*args, "--medusa-tree", "auto", "--out", str(tmp_path / "out2")]) == 2
+    assert main([*args, "--heads-tree", "auto", "--out", str(tmp_path / "out2")]) == 2
     assert "auto is for EAGLE-3" in capsys.readouterr().err
+    # Heads of the other kind under a method's option are refused in one line.
+    assert main([*args[:8], "vanilla,hydra", "--hydra", str(trained[0]), *args[11:], "--out", str(tmp_path / "o3")]) == 2
+    assert "holds no Hydra heads" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- Hydra
+
+HYDRA = dataclasses.replace(MEDUSA, method="hydra")
+
+
+@pytest.fixture(scope="module")
+def hydra_trained(stories, examples, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hydra") / "run"
+    heads, state = train(stories, examples, out, HYDRA, progress=False)
+    return out / "draft", heads, state
+
+
+def test_hydra_heads_learn_round_trip_and_decode_losslessly(stories, hydra_trained):
+    from eagle3.hydra import HydraDrafter, load_hydra
+
+    folder, heads, state = hydra_trained
+    first = sum(r["loss0"] for r in state.log[:5]) / 5
+    last = sum(r["loss0"] for r in state.log[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    loaded = load_hydra(folder, stories.model.config)
+    for key, value in heads.state_dict().items():
+        assert torch.equal(value.cpu(), loaded.state_dict()[key]), key
+    drafter = load_drafter(folder, stories)
+    assert isinstance(drafter, HydraDrafter)
+    accepted = []
+    for tree in (TreeSpec(4, 3, 1), TreeSpec(10, 3, 3)):
+        for text in PROMPTS:
+            prompt = stories.encode(text)
+            out = speculative_generate(stories, drafter, prompt, 48, tree=tree, method="hydra")
+            assert out.token_ids == generate(stories, prompt, 48).token_ids, (text, tree)
+            accepted += out.accept_lengths
+    assert sum(accepted) / len(accepted) > 1.2
+
+
+def test_hydra_children_depend_on_their_path(stories, hydra_trained):
+    """What makes Hydra Hydra: two nodes of one depth get different children when their paths differ (Medusa
+    gives every node of a depth the same)."""
+    from eagle3.policy import TreePlan
+
+    drafter = load_drafter(hydra_trained[0], stories)
+    drafter.open(1, 64)
+    prompt = stories.encode("Once upon a time")
+    drafter.join(0, prompt)
+    stories.model.setup_cache(len(prompt))
+    taps = stories.model(torch.tensor([prompt]), taps=drafter.tap_layers).taps[0]
+    drafter.commit(0, torch.tensor(prompt[1:] + [prompt[-1]]), taps)
+    tree = drafter.propose(TreePlan([TreeSpec(13, 2, 3)])).trees[0]
+    level2 = [[int(tree.tokens[c]) for c in tree.children[n]] for n in tree.children[0] if tree.children[n]]
+    assert len(level2) >= 2 and any(children != level2[0] for children in level2[1:])
+
+
+def test_hydra_sampling_is_exact_and_rows_are_independent(stories, hydra_trained):
+    drafter = load_drafter(hydra_trained[0], stories)
+    prompts = [stories.encode(text) for text in PROMPTS]
+    engine = Engine(stories, drafter, TreeSpec(6, 3, 2), max_rows=2)
+    assert [r.token_ids for r in engine.run([Request(p, 40) for p in prompts])] == [
+        generate(stories, p, 40).token_ids for p in prompts]  # fmt: skip
+    prompt = stories.encode("One day, Tom")
+    table = exact_triples(stories, prompt, SamplingParams(**PARAMS))
+    assert chi_square_p_value(speculative_triples(stories, drafter, prompt, PARAMS, N_LOOP), table) > ALPHA
