@@ -17,34 +17,20 @@ feature), sized by the tree spec as every drafter's is. Partial (issue 18): Medu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Sequence
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from eagle3.drafter import Proposal, top_children
-from eagle3.files import atomic_path, write_text
-from eagle3.model import ModelConfig, Transformer, read_weights_file, rms_norm
+from eagle3.heads import (ResBlock, TopFeatureRows, checkpoint_kind, distillation_targets, head_loss, load_heads,
+                          save_heads, target_lm_head)  # fmt: skip
+from eagle3.model import ModelConfig, Transformer
 from eagle3.policy import TreePlan
 from eagle3.target import Target
 from eagle3.tree import TreeGrowth, grow_trees
 
 HEADS_FILE = "medusa_lm_head.safetensors"
-
-
-class ResBlock(nn.Module):
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, hidden_size)
-        nn.init.zeros_(self.linear.weight)  # (each block starts as the identity; Medusa leaves the bias random)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + F.silu(self.linear(x))
 
 
 class MedusaHeads(nn.Module):
@@ -63,111 +49,45 @@ class MedusaHeads(nn.Module):
         return torch.stack([head(feature) for head in self.heads])
 
 
-def normed_feature(model: Transformer, last_hidden: Tensor) -> Tensor:
-    """The target's final norm applied to its last layer's output (tap N): the feature Medusa's heads read."""
-    weight = model.norm if model.norm is not None else model.final_norm_weight
-    if weight is None:
-        raise ValueError("the target's final norm weight is gone (folded without a copy); load it with load_target")
-    return rms_norm(last_hidden, model.config.rms_norm_eps, weight)
-
-
 def new_heads(model: Transformer, num_heads: int, num_layers: int, seed: int = 0) -> MedusaHeads:
     """Fresh heads for a target, each output layer a copy of the target's lm_head (Medusa's initialization)."""
     cfg = model.config
     torch.manual_seed(seed)
     heads = MedusaHeads(num_heads, num_layers, cfg.hidden_size, cfg.vocab_size)
-    lm_head = model.lm_head_weight.detach().float()  # [in, out], the final norm folded into it when it is gone
-    if model.norm is None and model.final_norm_weight is not None:
-        lm_head = lm_head / (model.final_norm_weight.float()[:, None] * cfg.hidden_size**0.5)
     with torch.no_grad():
         for head in heads.heads:
-            head[-1].weight.copy_(lm_head.t())
+            head[-1].weight.copy_(target_lm_head(model))
     return heads.to(model.device)
 
 
 def is_medusa(path: str | Path) -> bool:
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and "medusa_num_heads" in cfg
+    return checkpoint_kind(path) == "medusa"
 
 
 def save_medusa(heads: MedusaHeads, folder: str | Path, base_model: str) -> Path:
     """Medusa's layout in folder (files replaced atomically, one by one)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in heads.heads.state_dict().items()}
-    with atomic_path(folder / HEADS_FILE) as temp:
-        save_file(state, str(temp))
-    vocab, hidden = state[f"0.{heads.num_layers}.weight"].shape  # (each head's output layer)
-    config = {"medusa_num_heads": heads.num_heads, "medusa_num_layers": heads.num_layers,
-              "base_model_name_or_path": base_model, "hidden_size": hidden, "vocab_size": vocab}  # fmt: skip
-    write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
-    return folder
+    return save_heads(heads.heads, folder, HEADS_FILE, "medusa", heads.num_layers, base_model)
 
 
 def load_medusa(folder: str | Path, target_config: ModelConfig) -> MedusaHeads:
     """Heads in Medusa's layout, checked against the target (width, vocabulary, every tensor's shape)."""
-    folder = Path(folder)
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-        num_heads, num_layers = int(cfg["medusa_num_heads"]), int(cfg.get("medusa_num_layers", 1))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{folder} is not a readable Medusa checkpoint ({type(err).__name__}: {err})") from None
-    try:
-        state = read_weights_file(folder / HEADS_FILE)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{folder} is not a readable Medusa checkpoint: {err}") from None
-    if not (1 <= num_heads <= 64 and 0 <= num_layers <= 16):
-        raise ValueError(f"{folder}: medusa_num_heads {num_heads} / medusa_num_layers {num_layers} out of range")
-    heads = MedusaHeads(num_heads, num_layers, target_config.hidden_size, target_config.vocab_size)
-    expected = {k: tuple(v.shape) for k, v in heads.heads.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if found != expected:
-        wrong = sorted(set(found) ^ set(expected)) or [k for k in expected if found[k] != expected[k]]
-        raise ValueError(f"{folder}: the Medusa heads do not fit this target (hidden {target_config.hidden_size}, "
-                         f"vocabulary {target_config.vocab_size}): {', '.join(wrong[:4])}")  # fmt: skip
-    heads.heads.load_state_dict({k: v.float() for k, v in state.items()})
-    return heads
+    build = lambda n, layers: MedusaHeads(n, layers, target_config.hidden_size, target_config.vocab_size)  # noqa: E731
+    return load_heads(folder, HEADS_FILE, "medusa", build, target_config)
 
 
-class MedusaDrafter:
+class MedusaDrafter(TopFeatureRows):
     """Drafter protocol (drafter.py): reads the target's last layer output (tap N) of each row's last committed
     position, and proposes from its heads."""
 
     def __init__(self, heads: MedusaHeads, model: Transformer):
-        self.heads, self.model = heads.to(model.device, model.dtype).eval(), model
-        self.tap_layers = (model.config.num_layers,)
-        self.roots: list[int] = []
-        self.features: list[Tensor | None] = []  # each row's last feature (the one paired with its root)
-
-    def open(self, max_rows: int, max_len: int) -> None:
-        self.roots, self.features = [], []
-
-    def join(self, row: int, prompt_ids: Sequence[int]) -> None:
-        if row != len(self.roots):
-            raise ValueError(f"a new sequence takes row {len(self.roots)}, not {row}")
-        self.roots.append(int(prompt_ids[-1]))
-        self.features.append(None)
-
-    def release(self, row: int) -> None:
-        self.roots[row], self.features[row] = self.roots[-1], self.features[-1]
-        self.roots.pop()
-        self.features.pop()
-
-    def commit(self, row: int, tokens: Tensor, features: Tensor | None) -> None:
-        if features is None:  # (a plain round's commit: the next drafted round reads fresh features)
-            raise ValueError("the Medusa drafter needs the target's features with every commit")
-        self.roots[row], self.features[row] = int(tokens[-1]), features[-1]
+        super().__init__(model)
+        self.heads = heads.to(model.device, model.dtype).eval()
 
     @torch.no_grad()
     def propose(self, plan: TreePlan) -> Proposal:
-        feats = torch.stack([f for f in self.features])  # [B, H]
-        logits = self.heads(normed_feature(self.model, feats))  # [K, B, V]
+        logits = self.heads(self.normed_features())  # [K, B, V]
         K = self.heads.num_heads
-        top_k = max(spec.top_k for spec in plan.specs)
-        logp, ids = top_children(logits, top_k)  # [K, B, top_k]
+        logp, ids = top_children(logits, max(spec.top_k for spec in plan.specs))  # [K, B, top_k]
         growths = [TreeGrowth(self.roots[b], logp[0, b, : spec.top_k], ids[0, b, : spec.top_k], spec, plan.sizer(b, 0))
                    for b, spec in enumerate(plan.specs)]  # fmt: skip
 
@@ -216,27 +136,19 @@ class MedusaObjective:
     def loss(self, ids: Tensor, loss_mask: Tensor, items: list | None, reduce, autocast):
         if items is not None:
             raise ValueError("--features caches an EAGLE-3 draft's taps; --method medusa trains from the target online")
-        model, device = self.target.model, self.target.model.device
+        device = self.target.model.device
         ids, loss_mask = ids.to(device), loss_mask.to(device)
-        L, K = ids.shape[1], self.model.num_heads
-        with torch.no_grad():
-            model.empty_cache(L, batch_size=ids.shape[0])
-            out = model(ids, taps=(model.config.num_layers,))
-            feature = normed_feature(model, out.taps)
-        masks = [loss_mask[:, 2 + k :].bool() for k in range(min(K, L - 2))]
-        norms = reduce(torch.stack([m.sum() for m in masks]).float())
+        out, feature, masks, norms = distillation_targets(self.target, ids, loss_mask, self.model.num_heads, reduce)
         total = feature.new_zeros((), dtype=torch.float32)
         per_head, hits = [], []
         for k, mask in enumerate(masks):
             n = mask.shape[1]
             with autocast:
-                pred = self.model.heads[k](feature[:, :n]).float()
-            teacher = torch.softmax(out.logits[:, 1 + k : 1 + k + n].float(), dim=-1)
-            ce = -(teacher * F.log_softmax(pred, dim=-1)).sum(-1)
-            loss_k = (ce * mask).sum() / norms[k].clamp(min=1)
+                pred = self.model.heads[k](feature[:, :n])
+            loss_k, hits_k = head_loss(pred, out.logits[:, 1 + k : 1 + k + n], mask, norms[k])
             total = total + self.DECAY**k * loss_k
             per_head.append(loss_k.detach())
-            hits.append(((pred.argmax(-1) == teacher.argmax(-1)) & mask).float().sum())
+            hits.append(hits_k)
         return total, torch.stack(per_head), torch.stack(hits), norms
 
     def save(self, folder: Path, target: Target) -> None:

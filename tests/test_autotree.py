@@ -239,5 +239,6 @@ def test_plain_rounds_between_drafted_ones_stay_lossless(stories):
     plain = generate(stories, ids, 150)
     spec = speculative_generate(stories, drafter, ids, 150, tree=AUTO_TREE, policy=policy)
     assert spec.token_ids == plain.token_ids
-    assert policy.backoff > 1 and spec.rounds >= len(spec.token_ids) - 1  # mostly one token per round
+    # (not the policy's final backoff: once realized rates decide, one noisy round on a busy machine resets it)
+    assert spec.rounds >= len(spec.token_ids) - 1  # mostly one token per round
     assert spec.plain_rounds > spec.rounds / 2 and spec.rounds == spec.plain_rounds + len(spec.accept_lengths)

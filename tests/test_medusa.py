@@ -57,7 +57,7 @@ def test_the_checkpoint_is_in_medusas_layout_and_round_trips(stories, tmp_path):
     ids = torch.tensor([stories.encode("Once upon a time")])
     stories.model.setup_cache(ids.shape[1])
     out = stories.model(ids, taps=(stories.model.config.num_layers,))
-    from eagle3.medusa import normed_feature
+    from eagle3.heads import normed_feature
 
     torch.testing.assert_close(fresh(normed_feature(stories.model, out.taps))[0], out.logits, atol=1e-4, rtol=1e-4)
 
