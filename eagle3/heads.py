@@ -152,3 +152,66 @@ def head_loss(pred: Tensor, teacher_logits: Tensor, mask: Tensor, norm: Tensor) 
     ce = -(teacher * F.log_softmax(pred.float(), dim=-1)).sum(-1)
     hits = ((pred.argmax(-1) == teacher.argmax(-1)) & mask).float().sum()
     return (ce * mask).sum() / norm.clamp(min=1), hits
+
+
+class HeadsObjective:
+    """Heads and their self-distillation loss, for train.train: head k at position t against the frozen target's
+    distribution at position t + 1 + k (the token t + 2 + k), where that token is trained on, weighted 0.8^k as
+    Medusa weights its heads. A method says how its heads are made (heads_class, fresh, load, save) and what
+    head k reads (predict)."""
+
+    method = ""
+    DECAY = 0.8
+    heads_class: type = nn.Module
+
+    def __init__(self, target, num_heads: int, num_layers: int, seed: int, saved: dict | None = None,
+                 init: str | Path | None = None):  # fmt: skip
+        cfg = target.model.config
+        if saved is not None:
+            shape = saved["draft_config"]
+            heads = self.heads_class(shape["num_heads"], shape["num_layers"], cfg.hidden_size, cfg.vocab_size)
+            heads.load_state_dict(saved["draft"])
+        elif init is not None:
+            heads = self.load(init, cfg)
+        else:
+            heads = self.fresh(target.model, num_heads, num_layers, seed)
+        self.config = {"num_heads": heads.num_heads, "num_layers": heads.num_layers}
+        self.model, self.target = heads.to(target.model.device), target
+
+    def config_dict(self) -> dict:
+        return self.config
+
+    def fresh(self, model: Transformer, num_heads: int, num_layers: int, seed: int) -> nn.Module:
+        raise NotImplementedError
+
+    def load(self, folder: str | Path, target_config: ModelConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def predict(self, k: int, feature: Tensor, ids: Tensor) -> Tensor:
+        """Head k's logits at the n positions of feature [B, n, H] (ids: the micro-batch's tokens [B, L])."""
+        raise NotImplementedError
+
+    def save_heads(self, folder: Path, base_model: str) -> None:
+        raise NotImplementedError
+
+    def loss(self, ids: Tensor, loss_mask: Tensor, items: list | None, reduce, autocast):
+        if items is not None:
+            raise ValueError(f"--features caches an EAGLE-3 draft's taps; --method {self.method} trains from the "
+                             "target online")  # fmt: skip
+        device = self.target.model.device
+        ids, loss_mask = ids.to(device), loss_mask.to(device)
+        out, feature, masks, norms = distillation_targets(self.target, ids, loss_mask, self.model.num_heads, reduce)
+        total = feature.new_zeros((), dtype=torch.float32)
+        per_head, hits = [], []
+        for k, mask in enumerate(masks):
+            n = mask.shape[1]
+            with autocast:
+                pred = self.predict(k, feature[:, :n], ids)
+            loss_k, hits_k = head_loss(pred, out.logits[:, 1 + k : 1 + k + n], mask, norms[k])
+            total = total + self.DECAY**k * loss_k
+            per_head.append(loss_k.detach())
+            hits.append(hits_k)
+        return total, torch.stack(per_head), torch.stack(hits), norms
+
+    def save(self, folder: Path, target) -> None:
+        self.save_heads(folder, str(target.name))

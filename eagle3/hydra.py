@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from eagle3.drafter import Proposal, top_children
-from eagle3.heads import (ResBlock, TopFeatureRows, checkpoint_kind, distillation_targets, head_loss, load_heads,
-                          save_heads, target_lm_head)  # fmt: skip
+from eagle3.heads import (HeadsObjective, ResBlock, TopFeatureRows, checkpoint_kind, load_heads, save_heads,
+                          target_lm_head)  # fmt: skip
 from eagle3.model import ModelConfig, Transformer
 from eagle3.policy import TreePlan
 from eagle3.target import Target
@@ -114,51 +114,24 @@ def load_hydra_drafter(path: str | Path, target: Target) -> HydraDrafter:
     return HydraDrafter(load_hydra(path, target.model.config), target.model)
 
 
-class HydraObjective:
-    """The heads and their loss, for train.train (`--method hydra`): head k at position t reads the feature at t
-    and the data's tokens t + 1 .. t + 1 + k, against the target's distribution at t + 1 + k (the token
-    t + 2 + k), where that token is trained on; weighted 0.8^k."""
+class HydraObjective(HeadsObjective):
+    """Hydra's heads for train.train (`--method hydra`): head k reads the feature at t and the data's tokens
+    t + 1 .. t + 1 + k (teacher forcing)."""
 
-    method = "hydra"
-    DECAY = 0.8
+    method, heads_class = "hydra", HydraHeads
 
-    def __init__(self, target: Target, num_heads: int, num_layers: int, seed: int, saved: dict | None = None,
-                 init: str | Path | None = None):  # fmt: skip
-        cfg = target.model.config
-        if saved is not None:
-            shape = saved["draft_config"]
-            heads = HydraHeads(shape["num_heads"], shape["num_layers"], cfg.hidden_size, cfg.vocab_size)
-            heads.load_state_dict(saved["draft"])
-        elif init is not None:
-            heads = load_hydra(init, cfg)
-        else:
-            heads = new_heads(target.model, num_heads, num_layers, seed)
-        self.config = {"num_heads": heads.num_heads, "num_layers": heads.num_layers}
-        self.model, self.target = heads.to(target.model.device), target
+    def fresh(self, model: Transformer, num_heads: int, num_layers: int, seed: int) -> HydraHeads:
+        return new_heads(model, num_heads, num_layers, seed)
 
-    def config_dict(self) -> dict:
-        return self.config
+    def load(self, folder: str | Path, target_config: ModelConfig) -> HydraHeads:
+        return load_hydra(folder, target_config)
 
-    def loss(self, ids: Tensor, loss_mask: Tensor, items: list | None, reduce, autocast):
-        if items is not None:
-            raise ValueError("--features caches an EAGLE-3 draft's taps; --method hydra trains from the target online")
-        device = self.target.model.device
-        ids, loss_mask = ids.to(device), loss_mask.to(device)
-        out, feature, masks, norms = distillation_targets(self.target, ids, loss_mask, self.model.num_heads, reduce)
+    def predict(self, k: int, feature: Tensor, ids: Tensor) -> Tensor:
+        n = feature.shape[1]
         with torch.no_grad():
             embedded = self.target.model.embed(ids)
-        total = feature.new_zeros((), dtype=torch.float32)
-        per_head, hits = [], []
-        for k, mask in enumerate(masks):
-            n = mask.shape[1]
-            tokens_in = torch.stack([embedded[:, 1 + j : 1 + j + n] for j in range(k + 1)], dim=2)  # [B, n, k+1, H]
-            with autocast:
-                pred = self.model.head(k, feature[:, :n], tokens_in)
-            loss_k, hits_k = head_loss(pred, out.logits[:, 1 + k : 1 + k + n], mask, norms[k])
-            total = total + self.DECAY**k * loss_k
-            per_head.append(loss_k.detach())
-            hits.append(hits_k)
-        return total, torch.stack(per_head), torch.stack(hits), norms
+        tokens_in = torch.stack([embedded[:, 1 + j : 1 + j + n] for j in range(k + 1)], dim=2)  # [B, n, k+1, H]
+        return self.model.head(k, feature, tokens_in)
 
-    def save(self, folder: Path, target: Target) -> None:
-        save_hydra(self.model, folder, str(target.name))
+    def save_heads(self, folder: Path, base_model: str) -> None:
+        save_hydra(self.model, folder, base_model)

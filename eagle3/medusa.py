@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from eagle3.drafter import Proposal, top_children
-from eagle3.heads import (ResBlock, TopFeatureRows, checkpoint_kind, distillation_targets, head_loss, load_heads,
-                          save_heads, target_lm_head)  # fmt: skip
+from eagle3.heads import (HeadsObjective, ResBlock, TopFeatureRows, checkpoint_kind, load_heads, save_heads,
+                          target_lm_head)  # fmt: skip
 from eagle3.model import ModelConfig, Transformer
 from eagle3.policy import TreePlan
 from eagle3.target import Target
@@ -108,48 +108,19 @@ def load_medusa_drafter(path: str | Path, target: Target) -> MedusaDrafter:
     return MedusaDrafter(load_medusa(path, target.model.config), target.model)
 
 
-class MedusaObjective:
-    """The heads and their loss, for train.train (`--method medusa`): head k at position t against the frozen
-    target's distribution at position t + 1 + k (the token t + 2 + k), where that token is trained on; head k's
-    loss weighted 0.8^k, as Medusa weights its heads."""
+class MedusaObjective(HeadsObjective):
+    """Medusa's heads for train.train (`--method medusa`): each head reads the feature alone."""
 
-    method = "medusa"
-    DECAY = 0.8
+    method, heads_class = "medusa", MedusaHeads
 
-    def __init__(self, target: Target, num_heads: int, num_layers: int, seed: int, saved: dict | None = None,
-                 init: str | Path | None = None):  # fmt: skip
-        cfg = target.model.config
-        if saved is not None:
-            shape = saved["draft_config"]
-            heads = MedusaHeads(shape["num_heads"], shape["num_layers"], cfg.hidden_size, cfg.vocab_size)
-            heads.load_state_dict(saved["draft"])
-        elif init is not None:
-            heads = load_medusa(init, cfg)
-        else:
-            heads = new_heads(target.model, num_heads, num_layers, seed)
-        self.config = {"num_heads": heads.num_heads, "num_layers": heads.num_layers}
-        self.model, self.target = heads.to(target.model.device), target
+    def fresh(self, model: Transformer, num_heads: int, num_layers: int, seed: int) -> MedusaHeads:
+        return new_heads(model, num_heads, num_layers, seed)
 
-    def config_dict(self) -> dict:
-        return self.config
+    def load(self, folder: str | Path, target_config: ModelConfig) -> MedusaHeads:
+        return load_medusa(folder, target_config)
 
-    def loss(self, ids: Tensor, loss_mask: Tensor, items: list | None, reduce, autocast):
-        if items is not None:
-            raise ValueError("--features caches an EAGLE-3 draft's taps; --method medusa trains from the target online")
-        device = self.target.model.device
-        ids, loss_mask = ids.to(device), loss_mask.to(device)
-        out, feature, masks, norms = distillation_targets(self.target, ids, loss_mask, self.model.num_heads, reduce)
-        total = feature.new_zeros((), dtype=torch.float32)
-        per_head, hits = [], []
-        for k, mask in enumerate(masks):
-            n = mask.shape[1]
-            with autocast:
-                pred = self.model.heads[k](feature[:, :n])
-            loss_k, hits_k = head_loss(pred, out.logits[:, 1 + k : 1 + k + n], mask, norms[k])
-            total = total + self.DECAY**k * loss_k
-            per_head.append(loss_k.detach())
-            hits.append(hits_k)
-        return total, torch.stack(per_head), torch.stack(hits), norms
+    def predict(self, k: int, feature: Tensor, ids: Tensor) -> Tensor:
+        return self.model.heads[k](feature)
 
-    def save(self, folder: Path, target: Target) -> None:
-        save_medusa(self.model, folder, str(target.name))
+    def save_heads(self, folder: Path, base_model: str) -> None:
+        save_medusa(self.model, folder, base_model)
