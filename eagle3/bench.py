@@ -140,13 +140,10 @@ def make_methods(
             path = medusa if name == "medusa" else hydra
             if not path:
                 raise ValueError(f"method {name} needs --{name} PATH ({name.capitalize()} heads for this target)")
-            from eagle3.drafter import load_drafter
-            from eagle3.hydra import HydraDrafter
-            from eagle3.medusa import MedusaDrafter
+            from eagle3.hydra import load_hydra_drafter
+            from eagle3.medusa import load_medusa_drafter
 
-            heads = load_drafter(path, target)
-            if not isinstance(heads, MedusaDrafter if name == "medusa" else HydraDrafter):
-                raise ValueError(f"--{name} {path} holds no {name.capitalize()} heads")
+            heads = (load_medusa_drafter if name == "medusa" else load_hydra_drafter)(path, target)
             methods[name] = ours(lambda ids, d=heads, m=name: speculative_generate(
                 target, d, ids, max_new_tokens, sampling, tree=heads_tree, method=m))  # fmt: skip
         elif name in ("hf", "hf-pld", "hf-assisted"):

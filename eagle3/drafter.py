@@ -253,14 +253,14 @@ def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
     not apply to them."""
     from eagle3.checkpoint import load_draft
     from eagle3.draft import int8_supported, quantize_int8
-    from eagle3.hydra import is_hydra, load_hydra_drafter
-    from eagle3.medusa import is_medusa, load_medusa_drafter
+    from eagle3.heads import checkpoint_kind
+    from eagle3.hydra import load_hydra_drafter
+    from eagle3.medusa import load_medusa_drafter
     from eagle3.sps import is_language_model, load_draft_model_drafter
 
-    if is_medusa(path):
-        return load_medusa_drafter(path, target)
-    if is_hydra(path):
-        return load_hydra_drafter(path, target)
+    heads = checkpoint_kind(path)
+    if heads is not None:
+        return (load_medusa_drafter if heads == "medusa" else load_hydra_drafter)(path, target)
     if is_language_model(path):
         return load_draft_model_drafter(path, target)
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from eagle3.drafter import Proposal, top_children
-from eagle3.heads import (HeadsObjective, ResBlock, TopFeatureRows, checkpoint_kind, load_heads, save_heads,
+from eagle3.heads import (HeadsObjective, ResBlock, TopFeatureRows, load_heads, save_heads,
                           target_lm_head)  # fmt: skip
 from eagle3.model import ModelConfig, Transformer
 from eagle3.policy import TreePlan
@@ -61,9 +61,6 @@ def new_heads(model: Transformer, num_heads: int, num_layers: int, seed: int = 0
             head[-1].weight.copy_(target_lm_head(model))
     return heads.to(model.device)
 
-
-def is_hydra(path: str | Path) -> bool:
-    return checkpoint_kind(path) == "hydra"
 
 
 def save_hydra(heads: HydraHeads, folder: str | Path, base_model: str) -> Path:

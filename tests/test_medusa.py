@@ -21,11 +21,13 @@ from eagle3.sampling import SamplingParams
 from eagle3.speculative import speculative_generate
 from eagle3.train import TrainConfig, train
 from eagle3.tree import TreeSpec
+from training_checks import assert_loss_fell, assert_resumes_exactly, story_conversations
 from test_sampling_exact import ALPHA, N_LOOP, PARAMS, chi_square_p_value, exact_triples, speculative_triples
 
 PROMPTS = ("Once upon a time", "The little dog", "One day, Tom")
 MEDUSA = TrainConfig(method="medusa", heads=3, head_layers=1, steps=60, batch_size=4, lr=3e-3, warmup=5,
                      save_every=30)  # fmt: skip
+HYDRA = dataclasses.replace(MEDUSA, method="hydra")
 
 
 @pytest.fixture(scope="module")
@@ -73,25 +75,43 @@ def test_a_checkpoint_for_another_model_is_refused(stories, tmp_path, capsys):
     assert main(args) == 2 and "not a readable Medusa checkpoint" in capsys.readouterr().err
 
 
-def test_training_learns_and_the_heads_decode_losslessly(stories, trained):
-    folder, heads, state = trained
-    first = sum(r["loss0"] for r in state.log[:5]) / 5
-    last = sum(r["loss0"] for r in state.log[-5:]) / 5
-    assert last < 0.8 * first, (first, last)
+@pytest.fixture(scope="module")
+def hydra_trained(stories, examples, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hydra") / "run"
+    heads, state = train(stories, examples, out, HYDRA, progress=False)
+    return out / "draft", heads, state
+
+
+@pytest.fixture(params=["medusa", "hydra"])
+def kind(request):
+    """Each kind of heads: (its name, its trained run, its training config)."""
+    run = request.getfixturevalue("trained" if request.param == "medusa" else "hydra_trained")
+    return request.param, run, MEDUSA if request.param == "medusa" else HYDRA
+
+
+def test_training_learns_and_the_heads_decode_losslessly(stories, kind):
+    from eagle3.hydra import HydraDrafter, load_hydra
+
+    name, (folder, heads, state), _ = kind
+    assert_loss_fell(state, 0.8)
+    loaded = (load_medusa if name == "medusa" else load_hydra)(folder, stories.model.config)
+    for key, value in heads.state_dict().items():
+        assert torch.equal(value.cpu(), loaded.state_dict()[key]), key
     drafter = load_drafter(folder, stories)
-    assert isinstance(drafter, MedusaDrafter) and drafter.tap_layers == (stories.model.config.num_layers,)
+    assert isinstance(drafter, MedusaDrafter if name == "medusa" else HydraDrafter)
+    assert drafter.tap_layers == (stories.model.config.num_layers,)
     accepted = []
     for tree in (TreeSpec(4, 3, 1), TreeSpec(10, 3, 3)):
         for text in PROMPTS:
             prompt = stories.encode(text)
-            out = speculative_generate(stories, drafter, prompt, 48, tree=tree, method="medusa")
+            out = speculative_generate(stories, drafter, prompt, 48, tree=tree, method=name)
             assert out.token_ids == generate(stories, prompt, 48).token_ids, (text, tree)
             accepted += out.accept_lengths
     assert sum(accepted) / len(accepted) > 1.2  # trained heads get tokens accepted
 
 
-def test_rows_decoded_together_equal_each_alone_and_sampling_is_exact(stories, trained):
-    drafter = load_drafter(trained[0], stories)
+def test_rows_decoded_together_equal_each_alone_and_sampling_is_exact(stories, kind):
+    drafter = load_drafter(kind[1][0], stories)
     prompts = [stories.encode(text) for text in PROMPTS]
     engine = Engine(stories, drafter, TreeSpec(6, 3, 2), max_rows=2)
     assert [r.token_ids for r in engine.run([Request(p, 40) for p in prompts])] == [
@@ -101,22 +121,12 @@ def test_rows_decoded_together_equal_each_alone_and_sampling_is_exact(stories, t
     assert chi_square_p_value(speculative_triples(stories, drafter, prompt, PARAMS, N_LOOP), table) > ALPHA
 
 
-def test_training_resumes_exactly(stories, examples, tmp_path):
-    cfg = dataclasses.replace(MEDUSA, steps=6, save_every=3)
-    straight, _ = train(stories, examples, tmp_path / "straight", cfg, progress=False)
-    train(stories, examples, tmp_path / "resumed", dataclasses.replace(cfg, steps=3), progress=False)
-    resumed, state = train(stories, examples, tmp_path / "resumed", cfg, resume=True, progress=False)
-    assert state.step == 6
-    for key, value in straight.state_dict().items():
-        assert torch.allclose(value, resumed.state_dict()[key], atol=1e-6), key
+def test_training_resumes_exactly(stories, examples, tmp_path, kind):
+    assert_resumes_exactly(stories, examples, tmp_path, kind[2])
 
 
 def test_the_cli_trains_heads_and_decodes_with_them(stories, trained, tmp_path, capsys):
-    rows = [{"conversations": [{"from": "human", "value": "Tell me a story."},
-                               {"from": "gpt", "value": f"Once upon a time, there was a little {w}. It was happy."}]}
-            for w in ["dog", "cat", "girl", "boy", "bird", "fish"]]  # fmt: skip
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = story_conversations(tmp_path / "data.jsonl")
     assert main(["train", "--method", "medusa", "--target", "stories260k", "--data", str(data), "--steps", "3",
                  "--batch-size", "2", "--heads", "2", "--eval-conversations", "2",
                  "--out", str(tmp_path / "run")]) == 0  # fmt: skip
@@ -149,41 +159,7 @@ def test_the_bench_runs_medusa_beside_vanilla(stories, trained, tmp_path, capsys
     assert "auto is for EAGLE-3" in capsys.readouterr().err
     # Heads of the other kind under a method's option are refused in one line.
     assert main([*args[:8], "vanilla,hydra", "--hydra", str(trained[0]), *args[11:], "--out", str(tmp_path / "o3")]) == 2
-    assert "holds no Hydra heads" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------------------------- Hydra
-
-HYDRA = dataclasses.replace(MEDUSA, method="hydra")
-
-
-@pytest.fixture(scope="module")
-def hydra_trained(stories, examples, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hydra") / "run"
-    heads, state = train(stories, examples, out, HYDRA, progress=False)
-    return out / "draft", heads, state
-
-
-def test_hydra_heads_learn_round_trip_and_decode_losslessly(stories, hydra_trained):
-    from eagle3.hydra import HydraDrafter, load_hydra
-
-    folder, heads, state = hydra_trained
-    first = sum(r["loss0"] for r in state.log[:5]) / 5
-    last = sum(r["loss0"] for r in state.log[-5:]) / 5
-    assert last < 0.8 * first, (first, last)
-    loaded = load_hydra(folder, stories.model.config)
-    for key, value in heads.state_dict().items():
-        assert torch.equal(value.cpu(), loaded.state_dict()[key]), key
-    drafter = load_drafter(folder, stories)
-    assert isinstance(drafter, HydraDrafter)
-    accepted = []
-    for tree in (TreeSpec(4, 3, 1), TreeSpec(10, 3, 3)):
-        for text in PROMPTS:
-            prompt = stories.encode(text)
-            out = speculative_generate(stories, drafter, prompt, 48, tree=tree, method="hydra")
-            assert out.token_ids == generate(stories, prompt, 48).token_ids, (text, tree)
-            accepted += out.accept_lengths
-    assert sum(accepted) / len(accepted) > 1.2
+    assert "not a readable Hydra checkpoint" in capsys.readouterr().err
 
 
 def test_hydra_children_depend_on_their_path(stories, hydra_trained):
@@ -201,14 +177,3 @@ def test_hydra_children_depend_on_their_path(stories, hydra_trained):
     tree = drafter.propose(TreePlan([TreeSpec(13, 2, 3)])).trees[0]
     level2 = [[int(tree.tokens[c]) for c in tree.children[n]] for n in tree.children[0] if tree.children[n]]
     assert len(level2) >= 2 and any(children != level2[0] for children in level2[1:])
-
-
-def test_hydra_sampling_is_exact_and_rows_are_independent(stories, hydra_trained):
-    drafter = load_drafter(hydra_trained[0], stories)
-    prompts = [stories.encode(text) for text in PROMPTS]
-    engine = Engine(stories, drafter, TreeSpec(6, 3, 2), max_rows=2)
-    assert [r.token_ids for r in engine.run([Request(p, 40) for p in prompts])] == [
-        generate(stories, p, 40).token_ids for p in prompts]  # fmt: skip
-    prompt = stories.encode("One day, Tom")
-    table = exact_triples(stories, prompt, SamplingParams(**PARAMS))
-    assert chi_square_p_value(speculative_triples(stories, drafter, prompt, PARAMS, N_LOOP), table) > ALPHA

@@ -7,7 +7,6 @@ test_batch.py's "oracle" case: TargetOracle is this drafter with the target itse
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -23,6 +22,7 @@ from eagle3.sps import DraftModelDrafter
 from eagle3.speculative import speculative_generate
 from eagle3.train import TrainConfig, train
 from eagle3.tree import TreeSpec
+from training_checks import assert_loss_fell, assert_resumes_exactly, story_conversations
 
 PROMPTS = ("Once upon a time", "The little dog", "One day, Tom")
 
@@ -105,9 +105,7 @@ SPS = TrainConfig(method="sps", lm_layers=2, lm_hidden=64, steps=60, batch_size=
 
 def test_distillation_learns_and_the_draft_model_decodes_losslessly(stories, examples, tmp_path):
     model, state = train(stories, examples, tmp_path, SPS, progress=False)
-    first = sum(r["loss0"] for r in state.log[:5]) / 5
-    last = sum(r["loss0"] for r in state.log[-5:]) / 5
-    assert last < 0.7 * first, (first, last)
+    assert_loss_fell(state, 0.7)
     drafter = load_drafter(tmp_path / "draft", stories)  # a transformers Llama folder with the target's tokenizer
     assert isinstance(drafter, DraftModelDrafter) and drafter.model.config.num_layers == 2
     prompt = stories.encode("Once upon a time")
@@ -117,21 +115,11 @@ def test_distillation_learns_and_the_draft_model_decodes_losslessly(stories, exa
 
 
 def test_distillation_resumes_exactly(stories, examples, tmp_path):
-    cfg = dataclasses.replace(SPS, steps=6, save_every=3)
-    straight, _ = train(stories, examples, tmp_path / "straight", cfg, progress=False)
-    train(stories, examples, tmp_path / "resumed", dataclasses.replace(cfg, steps=3), progress=False)
-    resumed, state = train(stories, examples, tmp_path / "resumed", cfg, resume=True, progress=False)
-    assert state.step == 6
-    for key, value in straight.state_dict().items():
-        assert torch.allclose(value, resumed.state_dict()[key], atol=1e-6), key
+    assert_resumes_exactly(stories, examples, tmp_path, SPS)
 
 
 def test_the_cli_distills_and_refuses_features(tmp_path, capsys):
-    rows = [{"conversations": [{"from": "human", "value": "Tell me a story."},
-                               {"from": "gpt", "value": f"Once upon a time, there was a little {w}. It was happy."}]}
-            for w in ["dog", "cat", "girl", "boy", "bird", "fish"]]  # fmt: skip
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = story_conversations(tmp_path / "data.jsonl")
     args = ["train", "--method", "sps", "--target", "stories260k", "--data", str(data), "--steps", "3",
             "--batch-size", "2", "--lm-layers", "1", "--lm-hidden", "64", "--eval-conversations", "2"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "run")]) == 0

@@ -13,6 +13,7 @@ from eagle3.model import load_model
 from eagle3.speculative import speculative_generate
 from eagle3.train import TrainConfig, epoch_order, train
 from eagle3.tree import TreeSpec
+from training_checks import assert_resumes_exactly, story_conversations
 
 CFG = TrainConfig(steps=120, batch_size=4, lr=1e-2, warmup=5, ttt_steps=3, draft_vocab_size=256, save_every=50)
 
@@ -34,14 +35,7 @@ def test_training_learns_and_the_draft_speculates_losslessly(stories, examples, 
 
 
 def test_resume_is_exact(stories, examples, tmp_path):
-    cfg = TrainConfig(**{**CFG.__dict__, "steps": 6, "save_every": 3})
-    straight, _ = train(stories, examples, tmp_path / "straight", cfg, progress=False)
-    half = TrainConfig(**{**cfg.__dict__, "steps": 3})
-    train(stories, examples, tmp_path / "resumed", half, progress=False)
-    resumed, state = train(stories, examples, tmp_path / "resumed", cfg, resume=True, progress=False)
-    assert state.step == 6
-    for key, value in straight.state_dict().items():
-        assert torch.allclose(value, resumed.state_dict()[key], atol=1e-6), key
+    assert_resumes_exactly(stories, examples, tmp_path, CFG)
 
 
 def test_cli_train_runs_end_to_end(tmp_path, capsys):
@@ -49,11 +43,7 @@ def test_cli_train_runs_end_to_end(tmp_path, capsys):
 
     from eagle3.cli import main
 
-    rows = [{"conversations": [{"from": "human", "value": "Tell me a story."},
-                               {"from": "gpt", "value": f"Once upon a time, there was a little {w}. It was happy."}]}
-            for w in ["dog", "cat", "girl", "boy", "bird", "fish", "tree", "ball"]]
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = story_conversations(tmp_path / "data.jsonl", ["dog", "cat", "girl", "boy", "bird", "fish", "tree", "ball"])
     code = main(["train", "--target", "stories260k", "--data", str(data), "--out", str(tmp_path / "run"),
                  "--steps", "6", "--batch-size", "2", "--ttt-steps", "2", "--draft-vocab-size", "128",
                  "--eval-conversations", "2", "--save-every", "3"])
