@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from eagle3 import native
-from eagle3.native_weights import quantize
+from eagle3.native_weights import NativeWeight
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)] * 30 + [(576, 49152)]  # SmolLM2-135M, [in, out]
 
@@ -33,12 +33,13 @@ def main() -> None:
         raise SystemExit(f"the native kernels are unavailable: {native.why_unavailable()}")
     weights = [torch.randn(i, o) * 0.02 for i, o in SHAPES]  # [in, out]
     weights_t = [w.t().contiguous() for w in weights]
-    int8 = [quantize(w) for w in weights]
+    fp32 = [NativeWeight.of(w) for w in weights_t]
+    int8 = [NativeWeight.of(w, int8=True) for w in weights_t]
     total = sum(i * o for i, o in SHAPES)
     paths = {
         "x @ W": (lambda x, k: x @ weights[k], 4),
         "F.linear": (lambda x, k: F.linear(x, weights_t[k]), 4),
-        "native fp32": (lambda x, k: native.linear(x, weights_t[k]), 4),
+        "native fp32": (lambda x, k: fp32[k].matmul(x), 4),
         "native int8": (lambda x, k: int8[k].matmul(x), 1),
     }
     counts = [int(r) for r in args.rows.split(",")]

@@ -1,9 +1,10 @@
-"""eagle3's native CPU kernels (kernels/*.cpp): few-row matmuls that stream each weight row once for all
-rows, in fp32 and with int8 weights (linear.cpp), and a forward's decoder layers as one call (forward.cpp: the
-target's for native_forward.py, the EAGLE-3 draft's for native_draft.py). Built once per machine with its C++
-compiler (-O3 -march=native) into $EAGLE3_HOME/kernels, and loaded with ctypes: no torch headers, so a build takes seconds.
+"""eagle3's native CPU kernels (kernels/*.cpp): few-row matmuls that stream each weight once for all rows,
+register-blocked, in fp32 and with int8 weights packed in panels (linear.cpp; `pack`), and a forward's decoder
+layers as one call (forward.cpp: the target's for native_forward.py, the EAGLE-3 draft's for native_draft.py).
+Built once per machine with its C++ compiler (-O3 -march=native) into $EAGLE3_HOME/kernels, and loaded with
+ctypes: no torch headers, so a build takes seconds.
 
-They are one more path of cpu_layout's measured choice, taken only where they are measured fastest. Without
+The native runtimes run on them (native_weights.py moves a model's matrices onto them). Without
 a compiler, on a CPU without AVX2, or with EAGLE3_NATIVE=0, they are simply absent (`library()` is None and
 `why_unavailable()` says why).
 """
@@ -55,6 +56,7 @@ def library() -> ctypes.CDLL | None:
         _why = f"the kernels did not build or load ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
+    lib.eagle3_vector_width.restype = i
     lib.eagle3_linear_f32.argtypes = [p, i, i, p, i, p]
     lib.eagle3_linear_i8.argtypes = [p, i, i, p, p, i, p]
     lib.eagle3_forward.argtypes = [p, p, ctypes.c_float, p, p, p, p, p, p, p, i, p]
@@ -106,19 +108,46 @@ def _cpu_flags() -> str:
     return ""
 
 
-def linear(x: Tensor, weight_t: Tensor, scale: Tensor | None = None) -> Tensor:
-    """x [..., in] @ weight_t [out, in]^T -> [..., out], x and the result fp32 on the CPU; weight_t int8 takes
-    `scale` [out] (one per output row). The caller checks `library()` first."""
+def vector_width() -> int:
+    """The floats in one of the kernels' vectors (16 with AVX-512, 8 with AVX2): the step of their panels."""
+    return library().eagle3_vector_width()
+
+
+def pack(weight: Tensor) -> Tensor:
+    """A matrix [out, in] (fp32 or int8) in the kernels' panel order (kernels/linear.hpp), flat: rows [4b, 4b + 4)
+    step by step (each vector_width() columns of the four rows, then their tail columns), then the rows after
+    the last full panel as they are."""
+    out, n_in = weight.shape
+    panels, body = out // 4, n_in - n_in % vector_width()
+    grouped = weight[: 4 * panels].reshape(panels, 4, n_in)
+    steps = grouped[:, :, :body].reshape(panels, 4, -1, vector_width()).transpose(1, 2).reshape(panels, -1)
+    tails = grouped[:, :, body:].reshape(panels, -1)
+    return torch.cat([torch.cat([steps, tails], 1).reshape(-1), weight[4 * panels :].reshape(-1)]).contiguous()
+
+
+def unpack(packed: Tensor, out: int, n_in: int) -> Tensor:
+    """pack's inverse: the matrix [out, in]."""
+    panels, body = out // 4, n_in - n_in % vector_width()
+    grouped = packed[: 4 * panels * n_in].reshape(panels, 4 * n_in)
+    steps = grouped[:, : 4 * body].reshape(panels, -1, 4, vector_width()).transpose(1, 2).reshape(panels, 4, body)
+    tails = grouped[:, 4 * body :].reshape(panels, 4, n_in - body)
+    return torch.cat([torch.cat([steps, tails], 2).reshape(4 * panels, n_in), packed[4 * panels * n_in :].reshape(-1, n_in)])
+
+
+def linear(x: Tensor, packed: Tensor, out: int, scale: Tensor | None = None) -> Tensor:
+    """x [..., in] @ W^T -> [..., out] for the matrix W [out, in] that `packed` holds in panels (pack), x and the
+    result fp32 on the CPU; int8 weights take `scale` [out] (one per output row). The caller checks `library()`
+    first."""
     lib = library()
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    weight_t = weight_t.contiguous()
-    out = weight_t.shape[0]
+    if packed.numel() != out * rows.shape[1] or not packed.is_contiguous():
+        raise ValueError(f"packed weights of {packed.numel()} values for a [{out}, {rows.shape[1]}] matrix")
     y = torch.empty(rows.shape[0], out, dtype=torch.float32)
-    if weight_t.dtype == torch.int8:
-        lib.eagle3_linear_i8(rows.data_ptr(), rows.shape[0], rows.shape[1], weight_t.data_ptr(), scale.data_ptr(), out,
+    if packed.dtype == torch.int8:
+        lib.eagle3_linear_i8(rows.data_ptr(), rows.shape[0], rows.shape[1], packed.data_ptr(), scale.data_ptr(), out,
                              y.data_ptr())  # fmt: skip
     else:
-        lib.eagle3_linear_f32(rows.data_ptr(), rows.shape[0], rows.shape[1], weight_t.data_ptr(), out, y.data_ptr())
+        lib.eagle3_linear_f32(rows.data_ptr(), rows.shape[0], rows.shape[1], packed.data_ptr(), out, y.data_ptr())
     return y.view(*x.shape[:-1], out)
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from eagle3 import native
 from eagle3.model import interleave_rope_rows
-from eagle3.native_weights import NativeWeight, quantize
+from eagle3.native_weights import NativeWeight
 
 class NativeDraft:
     """An Eagle3Draft's forward and logits on the native kernels, on the draft's own KV cache. With `int8`
@@ -37,9 +37,7 @@ class NativeDraft:
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float()
             gate_up = gate_up * layer.post_attention_layernorm.weight.float() * root_h
             head = draft.lm_head.weight.float() * draft.norm.weight.float() * root_h
-            stored = ((lambda w: quantize(w.detach().float().t())) if int8  # ([out, in] already)
-                      else (lambda w: NativeWeight(w.detach().float().contiguous(), None)))  # fmt: skip
-            matrices = [stored(w) for w in (draft.fc.weight, qkv, attn.o_proj.weight, gate_up, mlp.down_proj.weight, head)]
+            matrices = [NativeWeight.of(w, int8) for w in (draft.fc.weight, qkv, attn.o_proj.weight, gate_up, mlp.down_proj.weight, head)]
         biases = [draft.fc.bias, None, None, None, None, None]
         entries = [t for w, b in zip(matrices, biases) for t in (w.data, w.scale, b)] + [draft._inv_freq.float()]
         (table,), self._keep = native.pointer_table([entries])  # (forward.cpp's DraftField order)

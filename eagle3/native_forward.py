@@ -69,4 +69,4 @@ class NativeLayers:
         # x left the call through the final norm: the lm_head's matmul is what the head has left to do (on the
         # native kernel for any row count, so a token's logits never depend on how many rows ran).
         head = model.lm_head_weight_t
-        return ForwardOutput(native.linear(x, head.data, head.scale), tapped.view(B, n, -1) if order else None)
+        return ForwardOutput(native.linear(x, head.data, head.shape[0], head.scale), tapped.view(B, n, -1) if order else None)

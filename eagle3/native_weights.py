@@ -1,7 +1,7 @@
 """Weights for eagle3's native CPU kernels, a step applied to a loaded model (as gpt-fast applies quantization
-after loading, outside the model's definition): every matrix of the blocks and the lm_head stored [out, in],
-in fp32 or in int8 with one fp32 scale per output row (symmetric), run by the native kernels (native.py) with
-fp32 activations. The [in, out] copies are freed, so the model holds its weights once.
+after loading, outside the model's definition): every matrix of the blocks and the lm_head in the kernels'
+panels (native.pack), in fp32 or in int8 with one fp32 scale per output row (symmetric), run by the native
+kernels (native.py) with fp32 activations. The [in, out] copies are freed, so the model holds its weights once.
 
 Decoding on a CPU is bound by streaming the weights, and int8 streams a quarter of fp32's bytes. The kernels
 compute each input row on their own, in the same order whatever the row count, so a tree's logits are bitwise
@@ -25,30 +25,38 @@ PRECISIONS = ("fp32", "int8")
 
 @dataclass
 class NativeWeight:
-    data: Tensor  # [out, in], fp32 or int8
-    scale: Tensor | None  # int8 only: [out] fp32, row o of the matrix is data[o] * scale[o]
+    data: Tensor  # the matrix [out, in] in the kernels' panel order (native.pack), fp32 or int8, flat
+    scale: Tensor | None  # int8 only: [out] fp32, row o of the matrix is its int8 row o times scale[o]
+    shape: tuple[int, int]  # (out, in)
+
+    @staticmethod
+    def of(weight: Tensor, int8: bool = False) -> NativeWeight:
+        """A matrix [out, in] for the kernels, as fp32 or as symmetric int8 per output row."""
+        if int8:
+            q, scale = int8_rows(weight)
+            return NativeWeight(native.pack(q), scale, tuple(weight.shape))
+        return NativeWeight(native.pack(weight.detach().float()), None, tuple(weight.shape))
+
+    def dense(self) -> Tensor:
+        """The matrix [out, in] in fp32 (int8 dequantized), row-major."""
+        w = native.unpack(self.data, *self.shape)
+        return w if self.scale is None else w.float() * self.scale[:, None]
 
     def matmul(self, x: Tensor) -> Tensor:
-        """x [..., in] @ the matrix -> [..., out]. Longer inputs (prompts) run on torch's fp32 matmul (a
-        dequantized copy for int8): the prefill is the same for every method, so this does not touch
-        losslessness."""
+        """x [..., in] @ the matrix -> [..., out]. Longer inputs (prompts) run on torch's fp32 matmul over a dense
+        copy: the prefill is the same for every method, so this does not touch losslessness."""
         if x.numel() // x.shape[-1] <= NATIVE_ROWS:  # (to_native made sure the kernels are here)
-            return native.linear(x, self.data, self.scale)
-        return F.linear(x.float(), self.data if self.scale is None else self.data.float() * self.scale[:, None])
+            return native.linear(x, self.data, self.shape[0], self.scale)
+        return F.linear(x.float(), self.dense())
 
 
-def quantize(weight_in_out: Tensor) -> NativeWeight:
-    """A matrix stored [in, out] (the model's layout) as symmetric int8 per output row."""
-    w = weight_in_out.detach().float().t()
+def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A matrix [out, in] as symmetric int8 per output row: (int8 [out, in], fp32 scales [out])."""
+    w = weight.detach().float()
     amax = w.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8).contiguous()
-    return NativeWeight(q, scale.contiguous())
-
-
-def transpose(weight_in_out: Tensor) -> NativeWeight:
-    """A matrix stored [in, out] (the model's layout) as fp32 [out, in]."""
-    return NativeWeight(weight_in_out.detach().float().t().contiguous(), None)
+    return q, scale.contiguous()
 
 
 MATRICES = ("qkv", "o", "gate_up", "down")
@@ -65,7 +73,7 @@ def to_native(model: torch.nn.Module, precision: str = "fp32") -> torch.nn.Modul
         raise ValueError(f"this runtime needs eagle3's native kernels, which are unavailable here: {native.why_unavailable()}")
     if model.device.type != "cpu" or model.dtype != torch.float32:
         raise ValueError(f"the native kernels run on the CPU from an fp32 model, not {model.dtype} on {model.device}")
-    convert = quantize if precision == "int8" else transpose
+    convert = lambda w: NativeWeight.of(w.t(), int8=precision == "int8")  # noqa: E731 (the model stores [in, out])
     empty = torch.nn.Parameter(torch.empty(0), requires_grad=False)
     for block in model.layers:
         block.few_row_weights = {name: convert(getattr(block, f"{name}_weight")) for name in MATRICES}

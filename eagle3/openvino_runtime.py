@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from eagle3.native_weights import quantize
+from eagle3.native_weights import int8_rows
 from eagle3.model import KVCache, Transformer, rope_inv_freq
 from eagle3.tree import DraftTree
 
@@ -86,11 +86,11 @@ def build_graph(model: Transformer, taps: Sequence[int], precision: str = "fp32"
         return ops.constant(np.array(v, dtype=np.int64))
 
     def matmul(x, weight_in_out: Tensor, bias: Tensor | None):
-        # [out, in]: the layout OpenVINO's FC kernels take; int8 as native_weights quantizes (OpenVINO fuses the
+        # [out, in]: the layout OpenVINO's FC kernels take; int8 as the native runtime quantizes (OpenVINO fuses the
         # dequantizing multiply into its int8 kernel).
         if precision == "int8":
-            int8 = quantize(weight_in_out)
-            w_node = ops.multiply(ops.convert(const(int8.data), "f32"), const(int8.scale[:, None]))
+            q, scale = int8_rows(weight_in_out.t())
+            w_node = ops.multiply(ops.convert(const(q), "f32"), const(scale[:, None]))
         else:
             w_node = const(weight_in_out.detach().t())
         y = ops.matmul(x, w_node, transpose_a=False, transpose_b=True)

@@ -14,7 +14,7 @@ from eagle3.draft import new_draft
 from eagle3.drafter import Eagle3Drafter, NoDrafter
 from eagle3.engine import Engine, Request
 from eagle3.generate import generate
-from eagle3.native_weights import quantize
+from eagle3.native_weights import NATIVE_ROWS, NativeWeight
 from eagle3.model import load_model
 from eagle3.pld import PromptLookupDrafter
 from eagle3.native_draft import NativeDraft
@@ -186,21 +186,25 @@ def kernels():
         pytest.skip(f"eagle3's native kernels are unavailable here: {native.why_unavailable()}")
 
 
-@pytest.mark.parametrize("out,width", [(4, 96), (7, 100), (64, 172), (5, 3)])
+@pytest.mark.parametrize("out,width", [(4, 96), (7, 100), (64, 172), (5, 3), (13, 48)])
 def test_native_kernels_match_torch_and_do_not_depend_on_the_row_count(kernels, out, width):
-    """fp32 and int8 results are close to torch's, for any width (vector lanes and a tail), and each row's
-    result is bitwise the same whether it runs alone or among 1..9 rows (what makes int8 speculation
-    lossless)."""
+    """fp32 and int8 results are close to torch's, for any shape (full panels and plain rows after them, vector
+    steps and a tail), the panels unpack to the matrix, and each row's result is bitwise the same whether it
+    runs alone or among 1..14 rows (register blocks of every size: what makes speculation lossless)."""
     gen = torch.Generator().manual_seed(0)
-    x, w = torch.randn(9, width, generator=gen), torch.randn(width, out, generator=gen)  # w [in, out]
-    int8 = quantize(w)
-    assert torch.allclose(native.linear(x, w.t().contiguous()), x @ w, atol=1e-4)
-    assert torch.allclose(int8.matmul(x), x @ (int8.data.float() * int8.scale[:, None]).t(), atol=1e-4)
-    assert (int8.data.float() * int8.scale[:, None] - w.t()).abs().max() <= int8.scale.max() / 2 + 1e-6
-    for rows in range(1, 10):
-        for r in range(rows):
-            assert torch.equal(native.linear(x[:rows], w.t().contiguous())[r], native.linear(x[r : r + 1], w.t().contiguous())[0])
-            assert torch.equal(int8.matmul(x[:rows])[r], int8.matmul(x[r : r + 1])[0])
+    x, w = torch.randn(14, width, generator=gen), torch.randn(out, width, generator=gen)  # w [out, in]
+    fp32, int8 = NativeWeight.of(w), NativeWeight.of(w, int8=True)
+    assert torch.equal(fp32.dense(), w)
+    assert torch.allclose(fp32.matmul(x), x @ w.t(), atol=1e-4)
+    assert torch.allclose(int8.matmul(x), x @ int8.dense().t(), atol=1e-4)
+    assert (int8.dense() - w).abs().max() <= int8.scale.max() / 2 + 1e-6
+    long = torch.randn(NATIVE_ROWS + 1, width, generator=gen)  # (a prompt: torch's matmul on the dense matrix)
+    assert torch.allclose(fp32.matmul(long), long @ w.t(), atol=1e-4)
+    assert torch.allclose(int8.matmul(long), long @ int8.dense().t(), atol=1e-4)
+    for weight in (fp32, int8):
+        alone = torch.cat([weight.matmul(x[r : r + 1]) for r in range(14)])
+        for rows in range(1, 15):
+            assert torch.equal(weight.matmul(x[:rows]), alone[:rows]), rows
 
 
 def test_native_kernels_absent_say_why(monkeypatch):

@@ -1,8 +1,18 @@
-// y[rows, out] = x[rows, in] @ w[out, in]^T for a few rows of fp32 activations, streaming each weight row
-// once for all rows. Decoding is bound by reading the weights, so the loop is built for that: each thread
-// reads its weight rows one after another, front to back (one sequential stream, which the hardware prefetcher
-// follows: faster than 4 rows interleaved, measured in turns), every input row's accumulators in registers;
-// the output rows are split between the OpenMP threads (the process's one OpenMP runtime, the one torch uses).
+// y[rows, out] = x[rows, in] @ w[out, in]^T for a few rows of fp32 activations, the weights in panels (below).
+// Decoding one row is bound by reading the weights; verifying a tree of many rows by arithmetic. The loop is
+// built for both: each thread streams its panels front to back (one sequential stream, which the hardware
+// prefetcher follows), every panel read once whatever the row count, and within a panel a register block of
+// 4 weight rows x up to ROWS_PER_BLOCK input rows (one accumulator per pair) keeps the FMA units busy without
+// reloading a vector. The output rows are split between the OpenMP threads (the process's one OpenMP runtime,
+// the one torch uses).
+//
+// Panel layout (eagle3/native.py packs it): weight rows [4b, 4b + 4) form panel b, stored step by step: for each
+// WIDTH columns of the body (in - in % WIDTH), the 4 rows' WIDTH values one row after another; then the 4 rows'
+// tail columns, row by row. Rows after the last full panel are stored plain, row after row.
+//
+// Every output is one accumulator over the body in column order, then its tail in order: the same sum
+// whatever the row count and whatever rows run beside it, so a tree's logits are bitwise those of its tokens
+// decoded one by one.
 //
 // Shared by the kernels' translation units (linear.cpp, forward.cpp); built by eagle3/native.py with the
 // machine's C++ compiler (-O3 -march=native).
@@ -35,49 +45,68 @@ static inline vec vload_i8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_c
 #error "eagle3's native kernels need AVX2 with FMA, or AVX-512"
 #endif
 
+// Accumulators of one register block: 4 weight rows x ROWS_PER_BLOCK input rows, plus 4 weight vectors and one
+// input vector, within the 32 vector registers of AVX-512 (16 of AVX2).
+#if WIDTH == 16
+#define ROWS_PER_BLOCK 6
+#else
+#define ROWS_PER_BLOCK 2
+#endif
+
+// How far ahead of its panel a thread asks for the weights, into L2: far enough that arithmetic on many rows
+// and the weights' stream overlap (the hardware prefetcher alone leaves the FMA units waiting).
+constexpr int PREFETCH_BYTES = 16384;
+
+// Keeps a loaded vector in a register: without it the compiler folds the load into every FMA that reads it,
+// and a block then reloads each vector 4 or ROWS_PER_BLOCK times (load-bound at half the FMA rate).
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+
 static inline float weight_at(const float* row, int i) { return row[i]; }
 static inline float weight_at(const int8_t* row, int i) { return (float)row[i]; }
+static inline vec load_weights(const float* p) { return vload(p); }
+static inline vec load_weights(const int8_t* p) { return vload_i8(p); }
 
-// Weight rows [o, o + 4) against R input rows, one weight row after another (a single sequential stream per
-// thread), each with 4 accumulators per input row over interleaved vectors; the same order whatever R is.
+// Panel `panel` (weight rows [o, o + 4)) against R input rows.
 template <int R, typename W>
-static inline void block(const float* x, int in, const W* w, int o, float* y, int out, const float* scale) {
-  const int body = in - in % (4 * WIDTH);
-  for (int j = 0; j < 4; j++) {
-    const W* row = w + (int64_t)(o + j) * in;
-    vec acc[R][4];
-    for (int r = 0; r < R; r++)
-      for (int k = 0; k < 4; k++) acc[r][k] = vzero();
-    for (int i = 0; i < body; i += 4 * WIDTH) {
-      vec wv[4];
-      for (int k = 0; k < 4; k++) {
-        if constexpr (sizeof(W) == 1) wv[k] = vload_i8((const int8_t*)row + i + k * WIDTH);
-        else wv[k] = vload((const float*)row + i + k * WIDTH);
-      }
-      for (int r = 0; r < R; r++)
-        for (int k = 0; k < 4; k++) acc[r][k] = vfma(wv[k], vload(x + (int64_t)r * in + i + k * WIDTH), acc[r][k]);
-    }
+static inline void panel_block(const float* x, int in, const W* panel, int o, float* y, int out, const float* scale) {
+  const int steps = in / WIDTH, body = steps * WIDTH, tail = in - body;
+  vec acc[4][R];
+  for (int j = 0; j < 4; j++)
+    for (int r = 0; r < R; r++) acc[j][r] = vzero();
+  for (int v = 0; v < steps; v++) {
+    const W* step = panel + (int64_t)v * 4 * WIDTH;
+    vec w0 = load_weights(step), w1 = load_weights(step + WIDTH), w2 = load_weights(step + 2 * WIDTH),
+        w3 = load_weights(step + 3 * WIDTH);
+    IN_REGISTER(w0);
+    IN_REGISTER(w1);
+    IN_REGISTER(w2);
+    IN_REGISTER(w3);
+    for (int k = 0; k < 4 * WIDTH * (int)sizeof(W); k += 64) _mm_prefetch((const char*)step + PREFETCH_BYTES + k, _MM_HINT_T1);
     for (int r = 0; r < R; r++) {
-      float sum = vsum(acc[r][0]) + vsum(acc[r][1]) + vsum(acc[r][2]) + vsum(acc[r][3]);
-      for (int i = body; i < in; i++) sum += weight_at(row, i) * x[(int64_t)r * in + i];
-      y[(int64_t)r * out + o + j] = scale ? sum * scale[o + j] : sum;
+      vec xv = vload(x + (int64_t)r * in + v * WIDTH);
+      IN_REGISTER(xv);
+      acc[0][r] = vfma(w0, xv, acc[0][r]);
+      acc[1][r] = vfma(w1, xv, acc[1][r]);
+      acc[2][r] = vfma(w2, xv, acc[2][r]);
+      acc[3][r] = vfma(w3, xv, acc[3][r]);
     }
   }
+  const W* tails = panel + (int64_t)steps * 4 * WIDTH;
+  for (int r = 0; r < R; r++)
+    for (int j = 0; j < 4; j++) {
+      float sum = vsum(acc[j][r]);
+      for (int i = 0; i < tail; i++) sum += weight_at(tails + j * tail, i) * x[(int64_t)r * in + body + i];
+      y[(int64_t)r * out + o + j] = scale ? sum * scale[o + j] : sum;
+    }
 }
 
-// One weight row (the tail when out is not a multiple of 4).
+// One plain weight row after the panels, against every input row, in the panels' order of summation.
 template <typename W>
-static inline void single(const float* x, int rows, int in, const W* w, int o, float* y, int out, const float* scale) {
+static inline void plain_row(const float* x, int rows, int in, const W* row, int o, float* y, int out, const float* scale) {
+  const int body = in - in % WIDTH;
   for (int r = 0; r < rows; r++) {
     vec acc = vzero();
-    const W* row = w + (int64_t)o * in;
-    const int body = in - in % WIDTH;
-    for (int i = 0; i < body; i += WIDTH) {
-      vec wv;
-      if constexpr (sizeof(W) == 1) wv = vload_i8((const int8_t*)row + i);
-      else wv = vload((const float*)row + i);
-      acc = vfma(wv, vload(x + (int64_t)r * in + i), acc);
-    }
+    for (int i = 0; i < body; i += WIDTH) acc = vfma(load_weights(row + i), vload(x + (int64_t)r * in + i), acc);
     float sum = vsum(acc);
     for (int i = body; i < in; i++) sum += weight_at(row, i) * x[(int64_t)r * in + i];
     y[(int64_t)r * out + o] = scale ? sum * scale[o] : sum;
@@ -86,24 +115,29 @@ static inline void single(const float* x, int rows, int in, const W* w, int o, f
 
 template <typename W>
 static void linear(const float* x, int rows, int in, const W* w, int out, float* y, const float* scale) {
-  // Each thread takes its blocks of 4 weight rows and runs every chunk of up to 4 input rows (4 x 4 accumulators
-  // fit the registers) against a block before the next: the weights stream from memory once whatever the row
-  // count, later chunks reading the block from cache. A chunk's arithmetic does not depend on the others, so a
-  // row's outputs are the same bits whatever rows run beside it.
-  const int blocks = out / 4;
+  // Each thread takes its panels and runs every block of input rows against a panel before the next: the
+  // weights stream from memory once whatever the row count, later blocks reading the panel from cache.
+  const int panels = out / 4;
 #pragma omp parallel for schedule(static)
-  for (int b = 0; b < blocks; b++) {
-    for (int r0 = 0; r0 < rows; r0 += 4) {
-      const int R = rows - r0 < 4 ? rows - r0 : 4;
+  for (int b = 0; b < panels; b++) {
+    const W* panel = w + (int64_t)b * 4 * in;
+    for (int r0 = 0; r0 < rows; r0 += ROWS_PER_BLOCK) {
+      const int R = rows - r0 < ROWS_PER_BLOCK ? rows - r0 : ROWS_PER_BLOCK;
       const float* xr = x + (int64_t)r0 * in;
       float* yr = y + (int64_t)r0 * out;
       switch (R) {
-        case 1: block<1>(xr, in, w, 4 * b, yr, out, scale); break;
-        case 2: block<2>(xr, in, w, 4 * b, yr, out, scale); break;
-        case 3: block<3>(xr, in, w, 4 * b, yr, out, scale); break;
-        default: block<4>(xr, in, w, 4 * b, yr, out, scale); break;
+        case 1: panel_block<1>(xr, in, panel, 4 * b, yr, out, scale); break;
+#if ROWS_PER_BLOCK == 6
+        case 2: panel_block<2>(xr, in, panel, 4 * b, yr, out, scale); break;
+        case 3: panel_block<3>(xr, in, panel, 4 * b, yr, out, scale); break;
+        case 4: panel_block<4>(xr, in, panel, 4 * b, yr, out, scale); break;
+        case 5: panel_block<5>(xr, in, panel, 4 * b, yr, out, scale); break;
+        default: panel_block<6>(xr, in, panel, 4 * b, yr, out, scale); break;
+#else
+        default: panel_block<2>(xr, in, panel, 4 * b, yr, out, scale); break;
+#endif
       }
     }
   }
-  for (int o = 4 * blocks; o < out; o++) single(x, rows, in, w, o, y, out, scale);
+  for (int o = 4 * panels; o < out; o++) plain_row(x, rows, in, w + (int64_t)o * in, o, y, out, scale);
 }
