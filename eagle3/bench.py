@@ -47,10 +47,12 @@ from eagle3.sampling import SamplingParams
 from eagle3.speculative import speculative_generate
 from eagle3.suites import Question, data_dir, parse_suites, read_suite
 from eagle3.target import Target, encode_messages
-from eagle3.tree import AUTO_TREE, TreeSpec
+from eagle3.tree import AUTO_TREE, TreeSpec, static_tree
 
-METHODS = ("vanilla", "eagle3", "pld", "sps", "medusa", "hydra", "hf", "hf-pld", "hf-assisted")
-HEADS_TREE = TreeSpec(10, 4, 3)  # the medusa and hydra methods' default tree (top 3, 4 deep, 9 draft tokens)
+METHODS = ("vanilla", "eagle3", "eagle2", "eagle", "hass", "pld", "sps", "medusa", "hydra", "hf", "hf-pld",
+           "hf-assisted")  # fmt: skip
+TREE_METHODS = ("eagle3", "eagle2", "hass")  # the methods that take --tree (one method per tree, auto included)
+HEADS_TREE = static_tree(10)  # the tree of eagle, medusa and hydra (--fixed-tree): one shape every round
 LOSSLESS = set(METHODS)  # every method here is lossless: greedy outputs must equal vanilla's
 
 PLOTS = ("speedup.png", "tau.png", "acceptance.png")
@@ -60,8 +62,10 @@ RUN_FILES = ("run.json", "rows.jsonl", "results.json")  # any of them: OUT holds
 # configuration (date, torch version, skipped questions) is recorded, not compared.
 RUN_KEYS = ("target", "draft", "draft_int8", "draft_window", "tree", "suites", "methods", "max_new_tokens",
             "limit", "temperature", "top_p", "top_k", "seed", "pld_tokens", "sps_tokens", "assistant", "medusa",
-            "hydra", "heads_tree", "data", "dtype", "device", "threads", "runtime")  # fmt: skip
-RUN_KEY_DEFAULTS = {"runtime": "torch", "sps_tokens": 4, "medusa": None, "hydra": None, "heads_tree": HEADS_TREE.label}  # keys runs made before them lack, with the value those runs had
+            "hydra", "eagle", "hass", "heads_tree", "data", "dtype", "device", "threads", "runtime")  # fmt: skip
+# Keys runs made before them lack, with the value those runs had.
+RUN_KEY_DEFAULTS = {"runtime": "torch", "sps_tokens": 4, "medusa": None, "hydra": None, "eagle": None, "hass": None,
+                    "heads_tree": "10,4,3"}  # fmt: skip
 
 OUTLIER_MADS = 5.0  # robust standard deviations (1.4826 MAD) from the median log ratio: see outliers
 OUTLIER_MIN_RATIO = 1.5  # never flag a question within this factor of the method's median ratio
@@ -95,9 +99,12 @@ def make_methods(
     medusa: str | Path | None = None,
     hydra: str | Path | None = None,
     heads_tree: TreeSpec = HEADS_TREE,
+    eagle: str | Path | None = None,
+    hass: str | Path | None = None,
 ) -> dict[str, Method]:
     """One callable per method, all with the same budget, stop tokens and sampling parameters. With several
-    trees, eagle3 becomes one method per tree, labelled "eagle3 TREE" (see method_labels)."""
+    trees, each of TREE_METHODS becomes one method per tree, labelled "NAME TREE" (see method_labels). eagle,
+    eagle2 and hass read EAGLE-layout drafts (eagle: the EAGLE draft, for both; hass: a HASS-trained one)."""
     methods: dict[str, Method] = {}
 
     def ours(run: Callable[[list[int]], object]) -> Method:
@@ -110,18 +117,29 @@ def make_methods(
     for name in names:
         if name == "vanilla":
             methods[name] = ours(lambda ids: generate(target, ids, max_new_tokens, sampling))
-        elif name == "eagle3":
-            if draft_path is None:
-                raise ValueError("method eagle3 needs a draft: pass --draft PATH (no draft is shipped for this target)")
+        elif name in TREE_METHODS:
             from eagle3.autotree import auto_tree
             from eagle3.drafter import load_drafter
 
-            drafter = load_drafter(draft_path, target, draft_int8, draft_window)
-            for tree, label in zip(trees, eagle3_labels(trees)):
+            path = {"eagle3": draft_path, "eagle2": eagle, "hass": hass}[name]
+            if path is None:
+                raise ValueError("method eagle3 needs a draft: pass --draft PATH (no draft is shipped for this target)"
+                                 if name == "eagle3" else f"method {name} needs --{'eagle' if name == 'eagle2' else name} "
+                                 "PATH (a draft in EAGLE's layout for this target)")  # fmt: skip
+            drafter = load_drafter(path, target, draft_int8, draft_window)
+            for tree, label in zip(trees, tree_labels(name, trees)):
                 # One policy per tree for the whole run, so its acceptance corrections carry over questions.
                 policy = auto_tree(target, drafter, tree) if tree.auto else None
-                methods[label] = ours(lambda ids, d=drafter, t=tree, p=policy: speculative_generate(
-                    target, d, ids, max_new_tokens, sampling, tree=t, policy=p))  # fmt: skip
+                methods[label] = ours(lambda ids, d=drafter, t=tree, p=policy, m=name: speculative_generate(
+                    target, d, ids, max_new_tokens, sampling, tree=t, method=m, policy=p))  # fmt: skip
+        elif name == "eagle":
+            from eagle3.eagle1 import load_eagle1_drafter
+
+            if eagle is None:
+                raise ValueError("method eagle needs --eagle PATH (a draft in EAGLE's layout for this target)")
+            drafter = load_eagle1_drafter(eagle, target, draft_int8, draft_window)
+            methods[name] = ours(lambda ids, d=drafter: speculative_generate(
+                target, d, ids, max_new_tokens, sampling, tree=heads_tree, method="eagle"))  # fmt: skip
         elif name == "pld":
             pld = PromptLookupDrafter(pld_tokens)
             methods[name] = ours(lambda ids, d=pld: speculative_generate(
@@ -153,12 +171,12 @@ def make_methods(
     return methods
 
 
-def eagle3_labels(trees: list[TreeSpec]) -> list[str]:
-    return ["eagle3"] if len(trees) == 1 else [f"eagle3 {t.label}" for t in trees]
+def tree_labels(name: str, trees: list[TreeSpec]) -> list[str]:
+    return [name] if len(trees) == 1 else [f"{name} {t.label}" for t in trees]
 
 
 def method_labels(names: list[str], trees: list[TreeSpec]) -> list[str]:
-    return [label for name in names for label in (eagle3_labels(trees) if name == "eagle3" else [name])]
+    return [label for name in names for label in (tree_labels(name, trees) if name in TREE_METHODS else [name])]
 
 
 def _hf_method(
@@ -583,6 +601,8 @@ def run_bench(
     medusa: str | Path | None = None,
     hydra: str | Path | None = None,
     heads_tree: TreeSpec = HEADS_TREE,
+    eagle: str | Path | None = None,
+    hass: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
 ) -> dict:
@@ -607,7 +627,9 @@ def run_bench(
         "max_new_tokens": max_new_tokens, "limit": limit, "temperature": sampling.temperature,
         "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed, "pld_tokens": pld_tokens,
         "sps_tokens": sps_tokens, "assistant": assistant, "medusa": str(medusa) if medusa else None,
-        "hydra": str(hydra) if hydra else None, "heads_tree": heads_tree.label, "data": str(folder.resolve()), "dtype": str(target.model.dtype),
+        "hydra": str(hydra) if hydra else None, "eagle": str(eagle) if eagle else None,
+        "hass": str(hass) if hass else None, "heads_tree": heads_tree.label, "data": str(folder.resolve()),
+        "dtype": str(target.model.dtype),
         "device": str(target.model.device), "threads": torch.get_num_threads(), "runtime": target.runtime,
         "skipped": skipped,
         "malformed_rows": {f.path.stem: f.malformed for f in files if f.malformed},
@@ -619,8 +641,8 @@ def run_bench(
 
     def ready_methods() -> dict[str, Method]:
         runners = make_methods(target, names, max_new_tokens, sampling, trees, draft, assistant, pld_tokens,
-                               draft_int8, draft_window, sps_tokens, medusa, hydra,
-                               heads_tree)  # fmt: skip
+                               draft_int8, draft_window, sps_tokens, medusa, hydra, heads_tree, eagle,
+                               hass)  # fmt: skip
         warm = [{"role": "user", "content": questions[0].turns[0]}]
         for runner in runners.values():  # warm-up: first calls pay for allocations and kernel choice
             runner(warm)
@@ -692,14 +714,17 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--top-k", type=options.top_k, default=0, help="0 disables top-k")
     p.add_argument("--seed", type=options.seed, default=0)
     p.add_argument("--tree", type=options.tree, nargs="+", default=[AUTO_TREE],
-                   help="eagle3's tree: auto (cost-aware, the default) or TOTAL,DEPTH,TOPK; several trees make one "
-                        "eagle3 method each, side by side")  # fmt: skip
+                   help="the tree of eagle3, eagle2 and hass: auto (cost-aware, the default), TOTAL,DEPTH,TOPK or "
+                        "static:N; several trees make one method each, side by side")  # fmt: skip
     p.add_argument("--pld-tokens", type=options.integer(1, 64), default=10, help="tokens proposed by pld and hf-pld")
     p.add_argument("--sps-tokens", type=options.integer(1, 64), default=4, help="the chain sps drafts each round")
     p.add_argument("--medusa", default=None, help="Medusa heads (Medusa's layout) for the medusa method")
     p.add_argument("--hydra", default=None, help="Hydra heads for the hydra method")
-    p.add_argument("--heads-tree", type=heads_tree_option, default=HEADS_TREE,
-                   help=f"the medusa and hydra methods' tree, TOTAL,DEPTH,TOPK (default {HEADS_TREE.label})")  # fmt: skip
+    p.add_argument("--eagle", default=None, help="a draft in EAGLE's layout for the eagle and eagle2 methods")
+    p.add_argument("--hass", default=None, help="a HASS-trained draft (EAGLE's layout) for the hass method")
+    p.add_argument("--fixed-tree", "--heads-tree", dest="heads_tree", type=heads_tree_option, default=HEADS_TREE,
+                   help=f"the tree of eagle, medusa and hydra, one shape every round: static:N (N draft tokens) or "
+                        f"TOTAL,DEPTH,TOPK (default {HEADS_TREE.label})")  # fmt: skip
     p.add_argument("--assistant", default=None, help="draft language model for sps and hf-assisted (the target's "
                    "tokenizer)")  # fmt: skip
     p.add_argument("--data-dir", default=None, help="benchmark JSONL folder (default $EAGLE3_DATA or ../shared/data/eval)")
@@ -716,12 +741,13 @@ def add_bench_parser(sub) -> None:
 
 
 def heads_tree_option(text: str) -> TreeSpec:
-    """--heads-tree: TOTAL,DEPTH,TOPK (auto knows an EAGLE-3 head's costs only)."""
+    """--fixed-tree: static:N or TOTAL,DEPTH,TOPK (these methods verify one shape every round)."""
     import argparse
 
     spec = options.tree(text)
     if spec.auto:
-        raise argparse.ArgumentTypeError("takes TOTAL,DEPTH,TOPK (e.g. 10,4,3); auto is for EAGLE-3 drafts only")
+        raise argparse.ArgumentTypeError("takes static:N or TOTAL,DEPTH,TOPK (e.g. static:10); auto is for the tree "
+                                         "methods (--tree)")  # fmt: skip
     return spec
 
 
@@ -780,6 +806,7 @@ def bench_command(args) -> int:
         return 0
     run_bench(target, suites, methods, out, args.max_new_tokens, args.limit, sampling, args.tree, draft,
               args.assistant, args.data_dir, args.pld_tokens, **draft_options, sps_tokens=args.sps_tokens,
-              medusa=args.medusa, hydra=args.hydra, heads_tree=args.heads_tree, resume=args.resume,
+              medusa=args.medusa, hydra=args.hydra, heads_tree=args.heads_tree, eagle=args.eagle, hass=args.hass,
+              resume=args.resume,
               overwrite=args.overwrite)  # fmt: skip
     return 0

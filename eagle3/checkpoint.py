@@ -104,7 +104,7 @@ def _rope_to_hf(rope: RopeConfig) -> dict:
     return out
 
 
-def _layer_config(cfg: DraftConfig, dtype: torch.dtype) -> dict:
+def llama_layer_config(cfg: DraftConfig, dtype: torch.dtype) -> dict:
     """The Llama config of the draft's one decoder layer (vocab_size is the target's)."""
     return {
         "model_type": "llama",
@@ -130,7 +130,7 @@ def _layer_config(cfg: DraftConfig, dtype: torch.dtype) -> dict:
 def _official_config(cfg: DraftConfig, dtype: torch.dtype, meta: DraftMeta) -> dict:
     out = {
         "architectures": ["LlamaForCausalLMEagle3"],
-        **_layer_config(cfg, dtype),
+        **llama_layer_config(cfg, dtype),
         "draft_vocab_size": cfg.draft_vocab_size,
         "target_hidden_size": cfg.target_hidden_size,
         "bias": cfg.fc_bias,
@@ -151,7 +151,7 @@ def _speculators_config(cfg: DraftConfig, dtype: torch.dtype, meta: DraftMeta) -
         "architectures": ["Eagle3Speculator"],
         "speculators_model_type": "eagle3",
         "speculators_version": SPECULATORS_VERSION,
-        "transformer_layer_config": _layer_config(cfg, dtype),
+        "transformer_layer_config": llama_layer_config(cfg, dtype),
         "draft_vocab_size": cfg.draft_vocab_size,
         "target_hidden_size": cfg.target_hidden_size,
         "norm_before_residual": False,  # explicit: vLLM reads a missing value as true

@@ -35,12 +35,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line instead of streaming")
     options.add_runtime_arguments(p)
     p.add_argument("--draft", default="default",
-                   help="EAGLE-3 draft folder (official or speculators layout), or a draft language model's folder "
-                        "(classic speculative sampling, SpS), 'default' (the shipped draft for "
-                        "the target, if any) or 'none' (plain decoding)")  # fmt: skip
+                   help="EAGLE-3 draft folder (official or speculators layout); or an EAGLE / EAGLE-2 / HASS draft "
+                        "(EAGLE's layout), Medusa or Hydra heads, or a draft language model (classic speculative "
+                        "sampling, SpS); 'default' (the shipped draft for the target, if any) or 'none' (plain "
+                        "decoding)")  # fmt: skip
     p.add_argument("--tree", type=options.tree, default="auto",
-                   help="draft tree: auto (sized each round for this machine's measured costs, the default) or "
-                        "TOTAL,DEPTH,TOPK (e.g. 60,5,10, the EAGLE eval scripts' GPU values)")  # fmt: skip
+                   help="draft tree: auto (sized each round for this machine's measured costs, the default), "
+                        "TOTAL,DEPTH,TOPK (e.g. 60,5,10, the EAGLE eval scripts' GPU values) or static:N (the same N "
+                        "draft tokens' shape every round, as EAGLE-1 and Medusa verify)")  # fmt: skip
     add_drafter_arguments(p)
 
 

@@ -137,7 +137,7 @@ def measure_draft(draft, sizes=DRAFT_SIZES, context: int = 256, repeats: int = 7
     cfg, device = draft.config, draft.fc.weight.device
     draft.setup_cache(context + max(sizes) + 1)
     generator = torch.Generator().manual_seed(0)
-    taps = torch.randn(1, context, 3 * cfg.target_hidden_size, generator=generator).to(device, draft.fc.weight.dtype)
+    taps = torch.randn(1, context, draft.feature_width, generator=generator).to(device, draft.fc.weight.dtype)
     draft(torch.zeros(1, context, dtype=torch.long, device=device), taps, torch.arange(context, device=device))
     steps = {}
     for n in sizes:
@@ -166,7 +166,7 @@ def cost_key(target, draft) -> str:
         if model.device.type == "cuda" else os.uname().machine, "dtype": str(model.dtype),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "method": "interleaved median, monotone, to 256 tokens",
-        "draft_int8": getattr(draft.lm_head, "int8", None) is not None,
+        "draft_kind": type(draft).__name__, "draft_int8": draft.head_in_int8,
         # (native_draft.py: the step on native kernels, every matrix in int8 or fp32)
         "draft_native": None if draft.native is None else "int8" if draft.native.int8 else "fp32",
         "matmul_paths": list(getattr(model, "matmul_paths", ())),  # (cpu_layout's measured choice)

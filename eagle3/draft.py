@@ -103,9 +103,9 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DraftConfig):
+    def __init__(self, cfg: DraftConfig, width: int | None = None):
         super().__init__()
-        width = 2 * cfg.hidden_size  # [embedding ; hidden]
+        width = width or 2 * cfg.hidden_size  # (EAGLE-3's layer reads [embedding ; hidden])
         self.q_proj = nn.Linear(width, cfg.num_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(width, cfg.num_kv_heads * cfg.head_dim, bias=False)
@@ -145,46 +145,25 @@ class MidLayer(nn.Module):
         self.mlp = MLP(cfg)
 
 
-class Eagle3Draft(nn.Module):
+class OneLayerDraft(nn.Module):
+    """A draft of one decoder layer on its own KV cache: the step that writes the cache, builds the masks and
+    attends, shared by EAGLE-3's head (below) and EAGLE's (eagle1.py). A subclass says what goes into attention
+    (project: the residual stream, q, k, v), what comes after it (finish), and how h becomes logits."""
+
     def __init__(self, cfg: DraftConfig):
         super().__init__()
         self.config = cfg
-        self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=cfg.fc_bias)
-        self.midlayer = MidLayer(cfg)
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
-        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
-        self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool) if cfg.full_vocab
-                             else torch.zeros(cfg.vocab_size, dtype=torch.bool))  # fmt: skip
         # The target's token embeddings: frozen, shared, never saved (a plain attribute, not a parameter).
         self.embed_weight: Tensor | None = None
         self.cache: KVCache | None = None
         self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         self.native = None  # native_draft.NativeDraft, when the step runs on the native kernels instead
 
-    # ------------------------------------------------------------------------------------------ setup
-
-    def attach(self, target_embeddings: Tensor) -> "Eagle3Draft":
-        """Shares the target's token embeddings [vocab, H] (checking that draft and target fit)."""
-        cfg = self.config
-        if tuple(target_embeddings.shape) != (cfg.vocab_size, cfg.hidden_size):
-            raise ValueError(
-                f"draft and target do not match: the draft expects token embeddings of shape "
-                f"({cfg.vocab_size}, {cfg.hidden_size}) but the target's are {tuple(target_embeddings.shape)}"
-            )
-        self.embed_weight = target_embeddings.detach()
-        return self
-
     def setup_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
         cfg = self.config
         dtype, device = self.fc.weight.dtype, self.fc.weight.device
         self.cache = KVCache(1, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, dtype, device)
         return self.cache
-
-    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
-        return draft_ids + self.d2t[draft_ids]
-
-    # ------------------------------------------------------------------------------------------ forward
 
     def forward(
         self,
@@ -197,8 +176,9 @@ class Eagle3Draft(nn.Module):
         """One draft step over n inputs per row on top of the draft's KV cache (the first B rows, each after its
         own last slot); returns h [B, n, H] (pre-norm).
 
-        tokens [B, n] target ids; hidden [B, n, 3 * H_target] target taps or [B, n, H] draft outputs;
-        positions [n] or [B, n]. mask [n, T] or [B, n, T] covers each row's last T cache slots, from mask_start
+        tokens [B, n] target ids; hidden [B, n, feature_width] target features or [B, n, H] draft outputs
+        (EAGLE-3: the three taps, 3 * H_target wide; EAGLE: the normed top feature, H wide); positions [n] or
+        [B, n]. mask [n, T] or [B, n, T] covers each row's last T cache slots, from mask_start
         (per row, or one for all rows; default: the first new slot) through the new ones, True where attention
         is allowed; a row's earlier slots are always visible. Default mask: causal among the new tokens.
         """
@@ -238,6 +218,54 @@ class Eagle3Draft(nn.Module):
         out = grouped_attention(q, keys, values, full_mask)
         return self.finish(hidden, out)
 
+    def rotate(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """q [B, n, heads, hd] and k rotated to positions [n] or [B, n] (RoPE, half-split pairs)."""
+        n, hd = q.shape[1], self.config.head_dim
+        angles = positions.float()[..., None] * self._inv_freq.to(positions.device)
+        emb_angles = torch.cat([angles, angles], dim=-1).view(-1, n, 1, hd)
+        cos, sin = emb_angles.cos().to(q.dtype), emb_angles.sin().to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class Eagle3Draft(OneLayerDraft):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__(cfg)
+        self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=cfg.fc_bias)
+        self.midlayer = MidLayer(cfg)
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool) if cfg.full_vocab
+                             else torch.zeros(cfg.vocab_size, dtype=torch.bool))  # fmt: skip
+
+    @property
+    def feature_width(self) -> int:
+        """Width of the target features it reads: three taps."""
+        return 3 * self.config.target_hidden_size
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def attach(self, target_embeddings: Tensor) -> "Eagle3Draft":
+        """Shares the target's token embeddings [vocab, H] (checking that draft and target fit)."""
+        cfg = self.config
+        if tuple(target_embeddings.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise ValueError(
+                f"draft and target do not match: the draft expects token embeddings of shape "
+                f"({cfg.vocab_size}, {cfg.hidden_size}) but the target's are {tuple(target_embeddings.shape)}"
+            )
+        self.embed_weight = target_embeddings.detach()
+        return self
+
+    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    @property
+    def head_in_int8(self) -> bool:
+        """Whether its logits come from an int8 lm_head (quantize_int8; the native step says so itself)."""
+        return getattr(self.lm_head, "int8", None) is not None
+
+    # ------------------------------------------------------------------------------------------ forward
+
     def project(self, tokens: Tensor, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The layer up to attention: (residual hidden [B, n, H], q [B, n, heads, hd], k and v [B, n, kv, hd]),
         q and k rotated to `positions`. Target taps (3 * H_target wide) go through fc first."""
@@ -253,10 +281,7 @@ class Eagle3Draft(nn.Module):
         q = dense(attn.q_proj, x).view(B, n, cfg.num_heads, cfg.head_dim)
         k = dense(attn.k_proj, x).view(B, n, cfg.num_kv_heads, cfg.head_dim)
         v = dense(attn.v_proj, x).view(B, n, cfg.num_kv_heads, cfg.head_dim)
-        angles = positions.float()[..., None] * self._inv_freq.to(positions.device)
-        emb_angles = torch.cat([angles, angles], dim=-1).view(-1, n, 1, cfg.head_dim)
-        cos, sin = emb_angles.cos().to(q.dtype), emb_angles.sin().to(q.dtype)
-        return hidden, q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+        return (hidden, *self.rotate(positions, q, k), v)
 
     def finish(self, hidden: Tensor, attn_out: Tensor) -> Tensor:
         """The layer after attention: residual + o_proj, then + MLP; returns h (pre-norm)."""

@@ -10,8 +10,9 @@ A drafter follows every row's committed sequence (rows are the batch, as in runt
 - `propose(plan) -> Proposal`: a tree for every row, grown from its root (its last committed token) as the
   plan sizes it, and how many tokens each row's catch-up read (the cost model's business).
 
-`Eagle3Drafter` runs an EAGLE-3 head, `NoDrafter` proposes nothing (plain decoding); pld.py holds prompt
-lookup, sps.py a draft language model (classic speculative sampling), and the tests add oracles.
+`Eagle3Drafter` runs an EAGLE-3 head, `NoDrafter` proposes nothing (plain decoding); eagle1.py holds EAGLE's
+draft (EAGLE-1/2, HASS), pld.py prompt lookup, sps.py a draft language model (classic speculative sampling),
+medusa.py and hydra.py heads on the top feature, and the tests add oracles.
 """
 
 from __future__ import annotations
@@ -248,11 +249,13 @@ def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
     step runs on the native kernels too (native_draft.py); default: wherever supported (a float32 draft on a
     CPU). prompt_window: how many of a prompt's last tokens the draft reads (None: all).
 
-    A folder holding a causal language model with the target's vocabulary gives the SpS drafter instead
-    (sps.py), one holding Medusa or Hydra heads those drafters (medusa.py, hydra.py); int8 and prompt_window do
-    not apply to them."""
+    A folder in EAGLE's layout gives the EAGLE / EAGLE-2 drafter (eagle1.py; int8: its copy of the target's
+    lm_head). A folder holding a causal language model with the target's vocabulary gives the SpS drafter
+    (sps.py), one holding Medusa or Hydra heads those drafters (medusa.py, hydra.py); int8 and prompt_window
+    do not apply to them."""
     from eagle3.checkpoint import load_draft
     from eagle3.draft import int8_supported, quantize_int8
+    from eagle3.eagle1 import is_eagle1_checkpoint, load_eagle1_drafter
     from eagle3.heads import checkpoint_kind
     from eagle3.hydra import load_hydra_drafter
     from eagle3.medusa import load_medusa_drafter
@@ -261,11 +264,13 @@ def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
     heads = checkpoint_kind(path)
     if heads is not None:
         return (load_medusa_drafter if heads == "medusa" else load_hydra_drafter)(path, target)
+    if prompt_window is not None and prompt_window < 1:
+        raise ValueError(f"the draft's prompt window must be at least 1 token (None: the whole prompt), got {prompt_window}")
+    if is_eagle1_checkpoint(path):
+        return load_eagle1_drafter(path, target, int8, prompt_window)
     if is_language_model(path):
         return load_draft_model_drafter(path, target)
 
-    if prompt_window is not None and prompt_window < 1:
-        raise ValueError(f"the draft's prompt window must be at least 1 token (None: the whole prompt), got {prompt_window}")
     model = target.model
     draft = load_draft(path, model.config, device=model.device, dtype=model.dtype)
     int8 = int8 or (int8 is None and int8_supported(model.device, model.dtype))

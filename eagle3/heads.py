@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from eagle3.files import atomic_path, write_text
 from eagle3.model import ForwardOutput, ModelConfig, Transformer, read_weights_file, rms_norm
+from eagle3.native_weights import NativeWeight
 
 
 class ResBlock(nn.Module):
@@ -39,7 +40,11 @@ def normed_feature(model: Transformer, last_hidden: Tensor) -> Tensor:
 def target_lm_head(model: Transformer) -> Tensor:
     """The target's lm_head [vocab, hidden] as it acts on the normed feature (the final norm taken back out of
     it where norm_folding moved it in): the heads' output layers start as copies of it."""
-    lm_head = model.lm_head_weight.detach().float()  # [in, out]
+    stored = model.lm_head_weight_t
+    if isinstance(stored, NativeWeight):  # (the native runtimes: the matrix lives there alone, [out, in])
+        lm_head = stored.dense().t()
+    else:
+        lm_head = model.lm_head_weight.detach().float()  # [in, out]
     if model.norm is None and model.final_norm_weight is not None:
         lm_head = lm_head / (model.final_norm_weight.float()[:, None] * model.config.hidden_size**0.5)
     return lm_head.t()

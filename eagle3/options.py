@@ -137,7 +137,7 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 
 def tree(text: str):
-    """--tree: auto or TOTAL,DEPTH,TOPK (tree.TreeSpec.parse)."""
+    """--tree: auto, TOTAL,DEPTH,TOPK or static:N (tree.TreeSpec.parse)."""
     from eagle3.tree import TreeSpec
 
     try:

@@ -57,7 +57,7 @@ class TrainConfig:
     dtype: str = "float32"  # or bfloat16 (autocast)
     group_by_length: bool = True  # batches of similar lengths (less padding), in shuffled order
     tap_layers: tuple[int, ...] | None = None  # target layers a fresh draft reads (None: the target's defaults)
-    method: str = "eagle3"  # or sps (distill.py), medusa (medusa.py), hydra (hydra.py)
+    method: str = "eagle3"  # or eagle, hass (eagle1.py), sps (distill.py), medusa (medusa.py), hydra (hydra.py)
     lm_layers: int = 4  # sps: the draft model's layers ...
     lm_hidden: int = 256  # ... and width
     heads: int = 4  # medusa, hydra: heads ...
@@ -67,7 +67,7 @@ class TrainConfig:
 # What may differ when a run is resumed: a run can be extended (the schedule then follows the new step count)
 # and checkpointed more or less often; anything else would not continue the same run.
 RESUMABLE_CHANGES = ("steps", "save_every")
-METHODS = ("eagle3", "sps", "medusa", "hydra")
+METHODS = ("eagle3", "eagle", "hass", "sps", "medusa", "hydra")
 RUN_FILES = ("train_state.pt", "train_log.jsonl", "summary.json", "draft")  # what a run writes in its folder
 
 
@@ -370,7 +370,11 @@ def train(
         check_resumable(saved, cfg, data, state_path)
     if cfg.method != "eagle3" and features is not None:
         raise ValueError(f"--features caches an EAGLE-3 draft's taps; --method {cfg.method} trains from the target online")
-    if cfg.method == "sps":
+    if cfg.method in ("eagle", "hass"):
+        from eagle3.eagle1 import Eagle1Objective
+
+        objective = Eagle1Objective(target, cfg, saved, init, hass=cfg.method == "hass")
+    elif cfg.method == "sps":
         from eagle3.distill import SpsObjective
 
         objective = SpsObjective(target, cfg.lm_layers, cfg.lm_hidden, cfg.seed, saved, init)
@@ -509,14 +513,15 @@ def tap_layers_option(text: str) -> tuple[int, ...]:
 
 
 def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train an EAGLE-3 draft for a target with training-time test (or, --method sps, "
-                       "distill a draft language model)")  # fmt: skip
+    p = sub.add_parser("train", help="train an EAGLE-3 draft for a target with training-time test (or another "
+                       "method's draft: --method)")  # fmt: skip
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--method", choices=METHODS, default=None,
-                   help="eagle3 (default): an EAGLE-3 head; sps: a small Llama with the target's vocabulary, distilled "
-                        "from the target, for classic speculative sampling (--lm-layers, --lm-hidden); medusa: "
-                        "Medusa-1 heads on the target's top feature; hydra: Hydra's sequentially dependent heads "
-                        "(--heads, --head-layers)")  # fmt: skip
+                   help="eagle3 (default): an EAGLE-3 head; eagle: EAGLE's draft (for EAGLE and EAGLE-2); hass: the "
+                        "same trained with HASS's objective over --ttt-steps; sps: a small Llama with the target's "
+                        "vocabulary, distilled from the target, for classic speculative sampling (--lm-layers, "
+                        "--lm-hidden); medusa: Medusa-1 heads on the target's top feature; hydra: Hydra's sequentially "
+                        "dependent heads (--heads, --head-layers)")  # fmt: skip
     p.add_argument("--data", nargs="*", default=None,
                    help="ShareGPT / OpenAI-messages JSON or JSONL files (default: ShareGPT from PyPI and "
                         "../shared/data/train)")  # fmt: skip
@@ -627,7 +632,7 @@ def train_command(args) -> int:
         from eagle3.sps import load_draft_model_drafter
 
         tau = evaluate_tau(target, load_draft_model_drafter(Path(args.out) / "draft", target), held_out, with_tree=False)
-    elif held_out and cfg.method in ("medusa", "hydra"):
+    elif held_out and cfg.method in ("eagle", "hass", "medusa", "hydra"):
         from eagle3.drafter import load_drafter
 
         tau = evaluate_tau(target, load_drafter(Path(args.out) / "draft", target), held_out)

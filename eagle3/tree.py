@@ -1,4 +1,5 @@
-"""The dynamic draft tree (EAGLE-2): grow it from the draft's proposals, keep the most probable nodes.
+"""The dynamic draft tree (EAGLE-2): grow it from the draft's proposals, keep the most probable nodes; or a
+static tree (EAGLE-1, Medusa): the same paths of child ranks every round.
 
 From the root (the last accepted token), expand `depth` levels: every frontier node proposes its top_k
 children, scored by cumulative draft log-probability, and the best top_k children of the level become the next
@@ -31,8 +32,17 @@ class TreeSpec:
     depth: int = 5
     top_k: int = 10
     auto: bool = False  # sizes are caps; each round's tree is chosen by the cost model (autotree.py)
+    # A static tree (EAGLE-1's and Medusa's kind): the same paths every round, each a tuple of child ranks
+    # from the root ((0, 1): the root's most probable child's second child); sizes follow from them.
+    static: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.static:
+            check_static_paths(self.static)
+            sizes = (len(self.static) + 1, max(map(len, self.static)), 1 + max(max(p) for p in self.static))
+            if (self.total_tokens, self.depth, self.top_k) != sizes or self.auto:
+                raise ValueError(f"a static tree of {len(self.static)} paths is {sizes[0]} tokens, {sizes[1]} levels and "
+                                 f"{sizes[2]} children; use static_tree()")  # fmt: skip
         sizes = (self.total_tokens, self.depth, self.top_k)
         if not all(1 <= s <= cap for s, cap in zip(sizes, MAX_TREE)):
             raise ValueError(f"tree sizes must be in [1, {MAX_TREE[0]}] tokens, [1, {MAX_TREE[1]}] levels and [1, "
@@ -41,13 +51,22 @@ class TreeSpec:
 
     @property
     def label(self) -> str:
+        if self.static:
+            return f"static:{len(self.static)}"
         return "auto" if self.auto else f"{self.total_tokens},{self.depth},{self.top_k}"
 
     @classmethod
     def parse(cls, text: str) -> "TreeSpec":
-        """'TOTAL,DEPTH,TOPK', e.g. '60,5,10', or 'auto' (cost-aware, within 64 tokens, depth 8, top-k 8)."""
+        """'TOTAL,DEPTH,TOPK', e.g. '60,5,10'; 'auto' (cost-aware, within 64 tokens, depth 8, top-k 8); or
+        'static:N', the static tree of N draft tokens (static_tree)."""
         if text.strip().lower() == "auto":
             return AUTO_TREE
+        if text.strip().lower().startswith("static:"):
+            try:
+                n = int(text.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"a static tree is static:N (N draft tokens, e.g. static:10), got {text!r}") from None
+            return static_tree(n)
         try:
             total, depth, top_k = (int(x) for x in text.split(","))
         except ValueError:
@@ -57,6 +76,42 @@ class TreeSpec:
 
 AUTO_TREE = TreeSpec(64, 8, 8, auto=True)
 PLAIN = TreeSpec(1, 1, 1)  # the root alone: a plain decoding step
+
+# The acceptance a static tree is built for: a node's child of rank r is accepted with probability
+# FIRST * RATIO^r whatever its depth (a prior; Medusa calibrates such rates per head on data).
+STATIC_PRIOR = (0.6, 0.4)
+
+
+def check_static_paths(paths: tuple[tuple[int, ...], ...]) -> None:
+    """A static tree's paths must be distinct, each with its parent path listed before it."""
+    seen: set[tuple[int, ...]] = set()
+    for path in paths:
+        if not path or len(path) > MAX_TREE[1] or min(path) < 0 or max(path) >= MAX_TREE[2] or path in seen:
+            raise ValueError(f"static tree path {path} is empty, out of range or repeated")
+        if len(path) > 1 and path[:-1] not in seen:
+            raise ValueError(f"static tree path {path} comes before its parent {path[:-1]}")
+        seen.add(path)
+    if len(paths) + 1 > MAX_TREE[0]:
+        raise ValueError(f"a static tree holds at most {MAX_TREE[0] - 1} paths, got {len(paths)}")
+
+
+def static_tree(n: int, max_depth: int = 8) -> TreeSpec:
+    """The static tree of n draft tokens most likely accepted under STATIC_PRIOR (Medusa's construction: add the
+    path of highest expected acceptance, one at a time), at most max_depth deep; paths listed by level."""
+    if not 1 <= n < MAX_TREE[0]:
+        raise ValueError(f"a static tree holds 1 to {MAX_TREE[0] - 1} draft tokens, got {n}")
+    first, ratio = STATIC_PRIOR
+    frontier = {(0,): np.log(first)}  # candidate paths -> log-probability of being accepted
+    chosen: list[tuple[int, ...]] = []
+    while len(chosen) < n:
+        path = max(frontier, key=lambda p: (frontier[p], -len(p), [-r for r in p]))
+        score = frontier.pop(path)
+        chosen.append(path)
+        frontier[path[:-1] + (path[-1] + 1,)] = score + np.log(ratio)  # its next sibling
+        if len(path) < max_depth:
+            frontier[path + (0,)] = score + np.log(first)  # its first child
+    paths = tuple(sorted(chosen, key=lambda p: (len(p), p)))
+    return TreeSpec(n + 1, max(map(len, paths)), 1 + max(max(p) for p in paths), static=paths)
 
 
 @dataclass
@@ -125,6 +180,10 @@ class TreeGrowth:
         self.levels = np.ones(len(self.scores), dtype=np.int64)
         self.sources = np.zeros(len(self.scores), dtype=np.int64)
         self.frontier = np.arange(len(self.scores))  # candidate indices of the current frontier
+        # A static tree: each candidate's path of child ranks, and the paths the tree keeps or expands.
+        self.paths: list[tuple[int, ...]] = [(r,) for r in range(len(self.scores))]
+        self.static = set(spec.static)
+        self.expandable = {p[:i] for p in spec.static for i in range(1, len(p))}
         self.row_candidate = [-1]  # candidate expanded by each draft row; row 0 is the root step
         self.row_mask = np.ones((1, 1), dtype=bool)  # row i may attend to row j
         self.expanded: list[int] = []  # frontier nodes expanded per level (the draft step sizes after the root's)
@@ -145,6 +204,8 @@ class TreeGrowth:
                 self.done = True
                 return None
             self.frontier = np.sort(self.frontier[best_first(self.scores[self.frontier])[:expand_count]])
+        if self.static:
+            self.frontier = np.array([c for c in self.frontier.tolist() if self.paths[c] in self.expandable], dtype=np.int64)
         if self.depth == self.spec.depth or self.keep < 1 or len(self.frontier) == 0:  # (no frontier: ran out)
             self.done = True
             return None
@@ -170,12 +231,18 @@ class TreeGrowth:
         self.tokens = np.concatenate([self.tokens, child_ids.reshape(-1)])
         self.levels = np.concatenate([self.levels, np.full(len(level_scores), self.depth + 1, dtype=np.int64)])
         self.sources = np.concatenate([self.sources, np.arange(old, old + len(self.frontier)).repeat(child_logp.shape[1])])
-        self.frontier = first + np.sort(best_first(level_scores)[: self.spec.top_k])
+        if self.static:  # (next_level keeps the nodes the static tree expands)
+            self.paths += [self.paths[f] + (r,) for f in self.frontier.tolist() for r in range(child_logp.shape[1])]
+            self.frontier = first + np.arange(len(level_scores))
+        else:
+            self.frontier = first + np.sort(best_first(level_scores)[: self.spec.top_k])
 
     def finish(self) -> DraftTree:
         """The tree of the best nodes (parents before children, children most probable first)."""
-        keep = min(self.keep, len(self.scores))
-        chosen = np.sort(best_first(self.scores)[:keep])
+        if self.static:
+            chosen = np.array([c for c, path in enumerate(self.paths) if path in self.static], dtype=np.int64)
+        else:
+            chosen = np.sort(best_first(self.scores)[: min(self.keep, len(self.scores))])
         node_of_candidate = {c: i + 1 for i, c in enumerate(chosen.tolist())}
         parents = [-1] + [0 if s == 0 else node_of_candidate[self.row_candidate[s]] for s in self.sources[chosen].tolist()]
         node_scores = np.concatenate([np.zeros(1, dtype=np.float32), self.scores[chosen]])

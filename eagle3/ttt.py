@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eagle3.draft import Eagle3Draft
+from eagle3.draft import Eagle3Draft, OneLayerDraft
 
 
 def ttt_attention(q: Tensor, keys0: Tensor, values0: Tensor, diag_keys: list[Tensor], diag_values: list[Tensor]) -> Tensor:
@@ -62,15 +62,16 @@ def shift_left(x: Tensor, n: int, fill: int = 0) -> Tensor:
     return torch.cat([x[:, n:], x.new_full((x.shape[0], min(n, x.shape[1])), fill)], dim=1)
 
 
-def ttt_forward(draft: Eagle3Draft, input_ids: Tensor, taps: Tensor, steps: int) -> list[Tensor]:
-    """Draft logits [B, L, draft_vocab] for each of `steps` unrolled steps (see the module docstring)."""
+def ttt_hidden(draft: OneLayerDraft, input_ids: Tensor, features: Tensor, steps: int) -> list[Tensor]:
+    """The draft's outputs h [B, L, H] for each of `steps` unrolled steps (see the module docstring); step 0
+    reads `features`, the target's (EAGLE-3: its taps; EAGLE: its normed top feature)."""
     B, L = input_ids.shape
-    hidden = taps
+    hidden = features
     keys0 = values0 = None
     diag_keys: list[Tensor] = []
     diag_values: list[Tensor] = []
     base = torch.arange(L, device=input_ids.device)
-    logits = []
+    outputs = []
     for k in range(steps):
         residual, q, key, value = draft.project(shift_left(input_ids, 1 + k), hidden, base + k)
         if k == 0:
@@ -79,8 +80,13 @@ def ttt_forward(draft: Eagle3Draft, input_ids: Tensor, taps: Tensor, steps: int)
             diag_keys.append(key)
             diag_values.append(value)
         hidden = draft.finish(residual, ttt_attention(q, keys0, values0, diag_keys, diag_values))
-        logits.append(draft.logits(hidden))
-    return logits
+        outputs.append(hidden)
+    return outputs
+
+
+def ttt_forward(draft: Eagle3Draft, input_ids: Tensor, taps: Tensor, steps: int) -> list[Tensor]:
+    """Draft logits [B, L, draft_vocab] for each of `steps` unrolled steps (see the module docstring)."""
+    return [draft.logits(h) for h in ttt_hidden(draft, input_ids, taps, steps)]
 
 
 @dataclass

@@ -11,10 +11,10 @@ from eagle3.policy import TreePlan
 from eagle3.generate import generate
 from eagle3.model import load_model
 from eagle3.speculative import speculative_generate
-from eagle3.tree import TreeSpec, grow_tree
+from eagle3.tree import TreeSpec, grow_tree, static_tree
 from oracles import ReferenceOracle, TargetOracle
 
-TREES = [TreeSpec(), TreeSpec(20, 4, 4), TreeSpec(6, 5, 1), TreeSpec(1, 1, 1)]
+TREES = [TreeSpec(), TreeSpec(20, 4, 4), TreeSpec(6, 5, 1), TreeSpec(1, 1, 1), static_tree(9)]
 
 
 # ---------------------------------------------------------------------------------------------- tree
@@ -63,9 +63,31 @@ def test_tree_total_one_is_the_root_alone():
 
 def test_tree_spec_parse():
     assert TreeSpec.parse("60,5,10") == TreeSpec(60, 5, 10)
-    for bad in ["60,5", "a,b,c", "0,5,10"]:
+    assert TreeSpec.parse("static:7") == static_tree(7) and static_tree(7).label == "static:7"
+    for bad in ["60,5", "a,b,c", "0,5,10", "static:0", "static:x"]:
         with pytest.raises(ValueError):
             TreeSpec.parse(bad)
+    for bad in [((0,), (0,)), ((0, 0),), ((1,), ()), ((0,), (-1,))]:  # repeated, orphan, empty, negative paths
+        with pytest.raises(ValueError):
+            TreeSpec(len(bad) + 1, 2, 2, static=bad)
+
+
+def test_a_static_tree_keeps_the_same_paths_whatever_the_scores():
+    """Static trees (EAGLE-1, Medusa): the nodes are the spec's paths of child ranks every round, each path's
+    last rank the node's place among its parent's children by draft probability; paths parents first."""
+    spec = static_tree(12)
+    assert len(spec.static) == 12 and (0,) in spec.static and all(p[:-1] in spec.static for p in spec.static if len(p) > 1)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        expand, calls = fake_expand()
+        tree = grow_tree(7, *torch.log_softmax(torch.randn(50), -1).topk(spec.top_k), expand, spec)
+        paths = {0: ()}
+        for node in range(1, tree.size):
+            parent = tree.parents[node]
+            siblings = sorted(tree.children[parent], key=lambda c: -float(tree.scores[c]))
+            paths[node] = paths[parent] + (siblings.index(node),)
+        assert sorted(paths[n] for n in range(1, tree.size)) == sorted(spec.static)
+        assert len(calls) == spec.depth - 1  # every level of the static tree expanded, no more
 
 
 # ---------------------------------------------------------------------------------------------- greedy
