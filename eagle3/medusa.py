@@ -11,8 +11,10 @@ Checkpoints use Medusa's published layout, which its own code and text-generatio
 medusa` trains the heads (self-distillation: against the target's distribution at each head's position).
 
 The tree: a node at depth d gets head d's top children whatever its parent (the heads see only the root's
-feature), sized by the tree spec as every drafter's is. Partial (issue 18): Medusa's own fixed trees
-("medusa choices") and `--tree auto` (which knows an EAGLE-3 head's costs only) are not offered yet.
+feature), sized by the tree spec as every drafter's is: a static tree (`--tree static:N`, Medusa's kind, built
+from an acceptance prior) or a dynamic one. Partial (issue 18): Medusa's calibrated trees ("medusa choices",
+built from each head's measured accuracies) and `--tree auto` (which knows one-layer drafts' costs only) are
+not offered.
 """
 
 from __future__ import annotations

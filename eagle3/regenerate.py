@@ -167,6 +167,7 @@ def add_regenerate_parser(sub) -> None:
                         "to an endpoint")  # fmt: skip
     p.add_argument("--concurrency", type=options.integer(1, 4096), default=None,
                    help="alias of --batch-size for endpoints")  # fmt: skip
+    options.add_runtime_arguments(p)
 
 
 def regenerate_command(args) -> int:
@@ -184,7 +185,9 @@ def regenerate_command(args) -> int:
     else:
         from eagle3.target import load_target
 
-        answer_many = local_answerer(load_target(args.target), args.max_new_tokens, args.temperature)
+        options.apply_threads(args)
+        target = load_target(args.target, dtype=args.dtype, device=args.device, runtime=args.runtime)
+        answer_many = local_answerer(target, args.max_new_tokens, args.temperature)
     counts = regenerate(conversations, answer_many, out, batch_size)
     print(json.dumps({"read": stats.read, "skipped": stats.skipped, "replaced_bytes": stats.replaced, **counts}))
     return 0

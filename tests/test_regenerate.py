@@ -70,3 +70,20 @@ def test_endpoint_regeneration_with_a_loopback_server(tmp_path, capsys):
     assert seen[0]["model"] == "big-model" and seen[0]["max_tokens"] == 7
     # The second request of a conversation carries the regenerated first answer.
     assert any(m["content"] == "echo 1" for body in seen for m in body["messages"] if m["role"] == "assistant")
+
+
+def test_local_regeneration_runs_on_the_native_runtime(tmp_path, capsys):
+    from eagle3 import native
+    from eagle3.target import load_target
+
+    if native.library() is None:
+        import pytest
+
+        pytest.skip(f"eagle3's native kernels are unavailable here: {native.why_unavailable()}")
+    data, out = tmp_path / "data.jsonl", tmp_path / "regen.jsonl"
+    write_data(data, 2)
+    assert main(["regenerate", "--target", "stories260k", "--data", str(data), "--out", str(out), "--max-new-tokens",
+                 "12", "--runtime", "native", "--threads", "1"]) == 0  # fmt: skip
+    rows = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["source_index"])
+    target = load_target("stories260k", runtime="native")
+    assert rows[0]["conversations"][1]["value"] == generate(target, target.encode("Tom had 0 red"), 12).text
