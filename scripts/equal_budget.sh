@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issue 18's equal-budget comparison for SmolLM2-135M: every method's draft trained from scratch on the same
+# target-regenerated answers, with the same steps, batch, sequence length, learning-rate schedule and seed (so
+# the same training tokens in the same order), then all of them benchmarked side by side.
+#
+#   bash scripts/equal_budget.sh train [METHOD ...]   # default: every method, in the order below
+#   bash scripts/equal_budget.sh bench                 # the six suites, 20 questions each, every method
+#
+# Needs runs/regen/answers.jsonl (the target's own answers):
+#   python scripts/regen_prompts.py --more 3000
+#   eagle3 regenerate --data runs/regen/prompts.jsonl --out runs/regen/answers.jsonl --max-new-tokens 128 \
+#       --batch-size 16 --runtime native --threads 2
+# Each run lives in runs/equal/METHOD; a stopped run (Ctrl-C, SIGTERM) continues exactly where it stopped when
+# this script is run again. Each run's summary.json says its CPU-hours (per session: sum them when resumed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EAGLE3=${EAGLE3:-.venv/bin/eagle3}
+DATA=runs/regen/answers.jsonl
+STEPS=${STEPS:-300}
+COMMON=(--target smollm2-135m --data "$DATA" --recipe cpu --steps "$STEPS" --batch-size 8 --lr 5e-4 --warmup 30
+        --max-length 512 --seed 0 --save-every 25 --eval-conversations 8 --threads 2)
+declare -A EXTRA=(
+  [eagle3]="--method eagle3"
+  [eagle]="--method eagle"
+  [hass]="--method hass --ttt-steps 3"
+  [medusa]="--method medusa --heads 4 --head-layers 1"
+  [hydra]="--method hydra --heads 4 --head-layers 1"
+  [sps]="--method sps --lm-layers 4 --lm-hidden 256"
+)
+ORDER=(eagle3 eagle hass medusa hydra sps)
+
+train() {
+  [ -f "$DATA" ] || { echo "error: $DATA is missing (see the top of this script)" >&2; exit 2; }
+  for method in "${@:-${ORDER[@]}}"; do
+    [ -n "${EXTRA[$method]:-}" ] || { echo "error: unknown method $method (${ORDER[*]})" >&2; exit 2; }
+    out=runs/equal/$method
+    resume=()
+    [ -f "$out/train_state.pt" ] && resume=(--resume)
+    [ -f "$out/summary.json" ] && grep -q "\"steps\": $STEPS," "$out/summary.json" && { echo "$method: done"; continue; }
+    echo "== $method $(date -u +%H:%M)"
+    # shellcheck disable=SC2086
+    "$EAGLE3" train "${COMMON[@]}" ${EXTRA[$method]} --out "$out" "${resume[@]}"
+  done
+}
+
+bench() {
+  "$EAGLE3" bench --suites mt_bench,humaneval,gsm8k,alpaca,cnn_dm,natural_questions \
+    --methods vanilla,sps,pld,medusa,hydra,eagle,eagle2,hass,eagle3 --limit 20 --max-new-tokens 64 \
+    --draft runs/equal/eagle3/draft --assistant runs/equal/sps/draft --medusa runs/equal/medusa/draft \
+    --hydra runs/equal/hydra/draft --eagle runs/equal/eagle/draft --hass runs/equal/hass/draft \
+    --tree auto --fixed-tree static:10 --runtime native --threads 2 --out runs/equal/bench "$@"
+}
+
+case "${1:-}" in
+  train) shift; train "$@" ;;
+  bench) shift; bench "$@" ;;
+  *) echo "usage: bash scripts/equal_budget.sh train [METHOD ...] | bench [--resume]" >&2; exit 2 ;;
+esac
