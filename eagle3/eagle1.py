@@ -16,8 +16,9 @@ cross-entropy term).
 Checkpoints use EAGLE's published layout, which its own code loads: a config.json that is a Llama config of
 one layer (`bias`: whether fc has one, true by default) and the layer's weights, `fc.*` and `layers.0.*`, in
 model.safetensors (written here) or pytorch_model.bin (read, weights only); an `embed_tokens.weight` there is
-ignored (the target's embeddings are used). Partial (issue 18): the draft step runs on PyTorch on every runtime
-(no native step yet); Qwen-style attention biases (`qkv_bias`) are refused.
+ignored (the target's embeddings are used). On the native runtimes the draft's step runs on the native kernels
+(native_draft.py), like an EAGLE-3 head's. Partial (issue 18): Qwen-style attention biases (`qkv_bias`) are
+refused.
 """
 
 from __future__ import annotations
@@ -242,11 +243,17 @@ class Eagle1Drafter(Eagle3Drafter):
 def load_eagle1_drafter(path: str | Path, target, int8: bool | None = None,
                         prompt_window: int | None = None) -> Eagle1Drafter:  # fmt: skip
     """The drafter for an EAGLE-layout folder. int8 (None or True: wherever supported, a float32 target on a CPU
-    with the native kernels; False: never): proposals use an int8 copy of the target's lm_head."""
+    with the native kernels; False: never): proposals use an int8 copy of the target's lm_head, and on the
+    native runtimes the draft's step runs there, its matrices int8 too."""
     model = target.model
     draft = load_eagle1(path, model.config, device=model.device, dtype=model.dtype)
     supported = model.device.type == "cpu" and model.dtype == torch.float32 and native.library() is not None
-    draft.attach(model.embed.weight, target_lm_head(model).to(model.device), int8=int8 is not False and supported)
+    int8 = int8 is not False and supported
+    draft.attach(model.embed.weight, target_lm_head(model).to(model.device), int8=int8)
+    if target.runtime.startswith("native"):  # (the step on the native kernels too, its matrices int8 with int8)
+        from eagle3.native_draft import NativeDraft
+
+        draft.native = NativeDraft(draft, int8=int8)
     return Eagle1Drafter(draft, model, prompt_window)
 
 

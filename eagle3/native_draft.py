@@ -1,6 +1,7 @@
-"""The EAGLE-3 draft's step as one native call (kernels/forward.cpp), a step applied to a loaded draft for the
-native runtimes: its layer and its head read weights laid out for the native kernels, norms folded into the
-matmuls after them, q and k rows interleaved for RoPE.
+"""A one-layer draft's step as one native call (kernels/forward.cpp), a step applied to a loaded draft for the
+native runtimes: EAGLE-3's head (its layer and lm_head) or EAGLE's draft (its layer; eagle1.py), reading
+weights laid out for the native kernels, norms folded into the matmuls after them, q and k rows interleaved
+for RoPE.
 
 A draft step is one small layer, so on a CPU PyTorch's per-op toll is most of its cost, and a round runs
 several. Only the proposals depend on the draft; verification keeps exactly the target's tokens whatever it
@@ -19,29 +20,27 @@ from eagle3 import native
 from eagle3.model import interleave_rope_rows
 from eagle3.native_weights import NativeWeight
 
+EAGLE3_DRAFT, EAGLE_DRAFT = 0, 1  # forward.cpp's DraftKind
+
+
 class NativeDraft:
-    """An Eagle3Draft's forward and logits on the native kernels, on the draft's own KV cache. With `int8`
-    (--draft-int8) every matrix is int8, per output row, the layer's as well as the lm_head's: the int8 kernel
-    reads a quarter of the bytes, and the draft's numerics reach only its proposals, never the output."""
+    """A one-layer draft's forward (and, for an Eagle3Draft, its logits) on the native kernels, on the draft's
+    own KV cache: EAGLE-3's head or EAGLE's draft (eagle1.py). With `int8` (--draft-int8) every matrix is int8,
+    per output row, the layer's as well as the lm_head's: the int8 kernel reads a quarter of the bytes, and the
+    draft's numerics reach only its proposals, never the output."""
 
     def __init__(self, draft, int8: bool = False):
         if native.library() is None:
             raise ValueError(f"the native draft needs eagle3's native kernels, unavailable here: {native.why_unavailable()}")
-        cfg, layer = draft.config, draft.midlayer
-        attn, mlp = layer.self_attn, layer.mlp
-        root_h = math.sqrt(cfg.hidden_size)  # (unit norms leave out sqrt(d): it rides in the matrices)
+        cfg = draft.config
+        self.kind = EAGLE3_DRAFT if hasattr(draft, "midlayer") else EAGLE_DRAFT
         with torch.no_grad():
-            qkv = torch.cat([interleave_rope_rows(attn.q_proj.weight.float(), cfg.num_heads),
-                             interleave_rope_rows(attn.k_proj.weight.float(), cfg.num_kv_heads), attn.v_proj.weight.float()])
-            qkv = qkv * torch.cat([layer.input_layernorm.weight, layer.hidden_norm.weight]).float() * root_h
-            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float()
-            gate_up = gate_up * layer.post_attention_layernorm.weight.float() * root_h
-            head = draft.lm_head.weight.float() * draft.norm.weight.float() * root_h
-            matrices = [NativeWeight.of(w, int8) for w in (draft.fc.weight, qkv, attn.o_proj.weight, gate_up, mlp.down_proj.weight, head)]
-        biases = [draft.fc.bias, None, None, None, None, None]
-        entries = [t for w, b in zip(matrices, biases) for t in (w.data, w.scale, b)] + [draft._inv_freq.float()]
-        (table,), self._keep = native.pointer_table([entries])  # (forward.cpp's DraftField order)
-        self.table, self.draft, self.vocab, self.int8 = table, draft, head.shape[0], int8
+            matrices, biases = (_eagle3_matrices if self.kind == EAGLE3_DRAFT else _eagle1_matrices)(draft)
+            stored = [None if w is None else NativeWeight.of(w, int8) for w in matrices]
+        entries = [t for w, b in zip(stored, biases) for t in ((None, None) if w is None else (w.data, w.scale)) + (b,)]
+        (table,), self._keep = native.pointer_table([entries + [draft._inv_freq.float()]])  # (forward.cpp's DraftField order)
+        self.table, self.draft, self.int8 = table, draft, int8
+        self.vocab = matrices[-1].shape[0] if matrices[-1] is not None else None
         self.shape = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size]
 
     def forward(self, tokens: Tensor, hidden: Tensor, positions: Tensor, mask: Tensor | None = None,
@@ -65,7 +64,8 @@ class NativeDraft:
         features = hidden.float().contiguous()
         h = torch.empty(B, n, cfg.hidden_size)
         region = torch.tensor(region, dtype=torch.int32)  # (every tensor the call reads is held until it returns)
-        dims = torch.tensor(self.shape + [features.shape[-1], B, n, cache.rows, cache.max_len, R], dtype=torch.int64)
+        dims = torch.tensor(self.shape + [features.shape[-1], B, n, cache.rows, cache.max_len, R, self.kind],
+                            dtype=torch.int64)  # fmt: skip
         native.library().eagle3_draft_forward(
             self.table.data_ptr(), dims.data_ptr(), cfg.rms_norm_eps, embedding.data_ptr(), features.data_ptr(),
             cache.kv.data_ptr(), region.data_ptr(), mask.data_ptr(),
@@ -82,3 +82,31 @@ class NativeDraft:
         native.library().eagle3_draft_logits(self.table.data_ptr(), rows.shape[0], rows.shape[1], self.vocab,
                                              self.draft.config.rms_norm_eps, rows.data_ptr(), out.data_ptr())  # fmt: skip
         return out.view(*h.shape[:-1], self.vocab)
+
+
+def _eagle3_matrices(draft) -> tuple[list[Tensor], list[Tensor | None]]:
+    """An EAGLE-3 head's fc, qkv, o, gate_up, down and lm_head [out, in], norms folded into the matmuls after
+    them (unit norms leave out sqrt(d): it rides in the matrices), q and k rows interleaved for RoPE."""
+    cfg, layer = draft.config, draft.midlayer
+    attn, mlp = layer.self_attn, layer.mlp
+    root_h = math.sqrt(cfg.hidden_size)
+    qkv = torch.cat([interleave_rope_rows(attn.q_proj.weight.float(), cfg.num_heads),
+                     interleave_rope_rows(attn.k_proj.weight.float(), cfg.num_kv_heads), attn.v_proj.weight.float()])
+    qkv = qkv * torch.cat([layer.input_layernorm.weight, layer.hidden_norm.weight]).float() * root_h
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float() * layer.post_attention_layernorm.weight.float() * root_h
+    head = draft.lm_head.weight.float() * draft.norm.weight.float() * root_h
+    matrices = [draft.fc.weight.float(), qkv, attn.o_proj.weight.float(), gate_up, mlp.down_proj.weight.float(), head]
+    return matrices, [draft.fc.bias, None, None, None, None, None]
+
+
+def _eagle1_matrices(draft) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """EAGLE's draft (eagle1.py): fc (with its bias), qkv (no input norm), o, gate_up (its norm folded), down;
+    its lm_head is the target's, which the draft runs itself."""
+    cfg, layer = draft.config, draft.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = torch.cat([interleave_rope_rows(attn.q_proj.weight.float(), cfg.num_heads),
+                     interleave_rope_rows(attn.k_proj.weight.float(), cfg.num_kv_heads), attn.v_proj.weight.float()])
+    gate_up = (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float() * layer.post_attention_layernorm.weight.float()
+               * math.sqrt(cfg.hidden_size))  # fmt: skip
+    matrices = [draft.fc.weight.float(), qkv, attn.o_proj.weight.float(), gate_up, mlp.down_proj.weight.float(), None]
+    return matrices, [draft.fc.bias, None, None, None, None, None]

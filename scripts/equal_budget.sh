@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 EAGLE3=${EAGLE3:-.venv/bin/eagle3}
 DATA=runs/regen/answers.jsonl
 STEPS=${STEPS:-300}
-COMMON=(--target smollm2-135m --data "$DATA" --recipe cpu --steps "$STEPS" --batch-size 8 --lr 5e-4 --warmup 30
+COMMON=(--target smollm2-135m --data "$DATA" --recipe cpu --steps "$STEPS" --batch-size 4 --grad-accum 2 --lr 5e-4 --warmup 30
         --max-length 512 --seed 0 --save-every 25 --eval-conversations 8 --threads 2)
 declare -A EXTRA=(
   [eagle3]="--method eagle3"

@@ -213,3 +213,27 @@ def test_the_cli_trains_and_decodes_and_the_bench_runs_eagle2(stories, trained, 
                  "--data-dir", str(suites), "--out", str(tmp_path / "out")]) == 0  # fmt: skip
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["summary"]["eagle2"]["all"]["identical"] == results["summary"]["eagle2"]["all"]["n"] == 1
+
+
+def test_on_the_native_runtime_the_step_runs_natively_and_stays_lossless(stories, trained):
+    from eagle3 import native
+    from eagle3.target import load_target
+
+    if native.library() is None:
+        pytest.skip(f"eagle3's native kernels are unavailable here: {native.why_unavailable()}")
+    target = load_target(str(stories.path), runtime="native")
+    drafter = load_drafter(trained[0], target, int8=False)
+    assert drafter.draft.native is not None and drafter.draft.native.int8 is False
+    reference = load_eagle1(trained[0], stories.model.config).attach(stories.model.embed.weight, target_lm_head(stories.model))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, stories.model.config.vocab_size, (2, 6), generator=gen)
+    features = torch.randn(2, 6, stories.model.config.hidden_size, generator=gen)
+    for draft in (drafter.draft, reference):
+        draft.setup_cache(32, batch_size=2)
+    with torch.no_grad():
+        torch.testing.assert_close(drafter.draft(tokens, features, torch.arange(6)), reference(tokens, features, torch.arange(6)),
+                                   atol=1e-4, rtol=1e-4)  # fmt: skip
+    for text in PROMPTS:
+        prompt = target.encode(text)
+        out = speculative_generate(target, load_drafter(trained[0], target), prompt, 40, tree=TreeSpec(8, 3, 2))
+        assert out.token_ids == generate(target, prompt, 40).token_ids, text

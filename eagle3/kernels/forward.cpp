@@ -167,7 +167,10 @@ enum TargetDim { HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS, ROWS, TOKENS,
 // The draft's table (native_draft.py): fc, qkv, o, gate_up, down, lm_head (3 entries each), RoPE inv_freq.
 enum DraftField { D_FC = 0, D_QKV = 3, D_O = 6, D_GATE_UP = 9, D_DOWN = 12, D_HEAD = 15, D_INV_FREQ = 18, D_FIELDS = 19 };
 enum DraftDim { D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_IN, D_ROWS, D_TOKENS, D_CACHE_ROWS, D_SLOTS, D_R,
-                DRAFT_DIMS };
+                D_KIND, DRAFT_DIMS };
+// The draft's kind: EAGLE-3's layer reads [norm(embedding) ; norm(hidden)] (fc fuses target taps first);
+// EAGLE's reads fc([embedding ; feature]) as it is, for target features and its own outputs alike.
+enum DraftKind { EAGLE3_DRAFT = 0, EAGLE_DRAFT = 1 };
 
 extern "C" {
 // x [T, hidden] (T = rows * tokens) runs through every layer in place, then through the final norm (folded
@@ -220,10 +223,11 @@ void eagle3_forward(const int64_t* table, const int64_t* dims, float eps, float*
   unit_norm(x, T, H, eps, x, H);
 }
 
-// The EAGLE-3 draft's step. embedding [T, hidden] (the tokens' target embeddings), features [T, in] (target
-// taps, fused by fc, when in != hidden; else the draft's own outputs); row b's token i at positions[b * n + i]
+// A draft's step (EAGLE-3's or, with dims[D_KIND], EAGLE's). embedding [T, hidden] (the tokens' target
+// embeddings), features [T, in] (EAGLE-3: target taps, fused by fc, when in != hidden; else the draft's own
+// outputs; EAGLE: the normed top feature or the draft's own outputs); row b's token i at positions[b * n + i]
 // goes to slot region[b] + R - n + i of the draft's cache [2, cache_rows, kv_heads, slots, head_dim] and
-// sees what Sight says. Writes the step's outputs (before the final norm) to h [T, hidden].
+// sees what Sight says. Writes the step's outputs (EAGLE-3: before the final norm) to h [T, hidden].
 void eagle3_draft_forward(const int64_t* table, const int64_t* dims, float eps, const float* embedding,
                           const float* features, float* cache, const int32_t* region, const uint8_t* mask,
                           const int64_t* positions, float* h) {
@@ -235,14 +239,24 @@ void eagle3_draft_forward(const int64_t* table, const int64_t* dims, float eps, 
   std::vector<float> both((size_t)T * 2 * H), qkv((size_t)T * qkv_dim), attn((size_t)T * heads * hd);
   std::vector<float> y((size_t)T * H), rope(hd);
 
-  if (in != H)
-    matmul(features, T, in, Matrix::at(table + D_FC), H, h);
-  else
-    std::memcpy(h, features, (size_t)T * H * sizeof(float));
-  // The attention's input: [norm(embedding) ; norm(hidden)], each norm's weight folded into qkv.
-  unit_norm(embedding, T, H, eps, both.data(), 2 * H);
-  unit_norm(h, T, H, eps, both.data() + H, 2 * H);
-  matmul(both.data(), T, 2 * H, Matrix::at(table + D_QKV), qkv_dim, qkv.data());
+  if (dims[D_KIND] == EAGLE_DRAFT) {
+    // fc over [embedding ; feature], its output the layer's input as it is (no input norm) and its residual.
+    for (int t = 0; t < T; t++) {
+      std::memcpy(both.data() + (int64_t)t * 2 * H, embedding + (int64_t)t * H, H * sizeof(float));
+      std::memcpy(both.data() + (int64_t)t * 2 * H + H, features + (int64_t)t * H, H * sizeof(float));
+    }
+    matmul(both.data(), T, 2 * H, Matrix::at(table + D_FC), H, h);
+    matmul(h, T, H, Matrix::at(table + D_QKV), qkv_dim, qkv.data());
+  } else {
+    if (in != H)
+      matmul(features, T, in, Matrix::at(table + D_FC), H, h);
+    else
+      std::memcpy(h, features, (size_t)T * H * sizeof(float));
+    // The attention's input: [norm(embedding) ; norm(hidden)], each norm's weight folded into qkv.
+    unit_norm(embedding, T, H, eps, both.data(), 2 * H);
+    unit_norm(h, T, H, eps, both.data() + H, 2 * H);
+    matmul(both.data(), T, 2 * H, Matrix::at(table + D_QKV), qkv_dim, qkv.data());
+  }
   for (int t = 0; t < T; t++) {
     rope_table(positions[t], inv_freq, hd, rope.data());
     for (int head = 0; head < heads + kv_heads; head++) rotate(qkv.data() + (int64_t)t * qkv_dim + head * hd, rope.data(), hd);
