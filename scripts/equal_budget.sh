@@ -14,7 +14,7 @@
 # this script is run again. Each run's summary.json says its CPU-hours (per session: sum them when resumed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EAGLE3=${EAGLE3:-.venv/bin/eagle3}
+EAGLE3=${EAGLE3:-.venv/bin/eagle3}  # a command, split on spaces (e.g. ".venv/bin/python -m eagle3")
 DATA=runs/regen/answers.jsonl
 STEPS=${STEPS:-300}
 COMMON=(--target smollm2-135m --data "$DATA" --recipe cpu --steps "$STEPS" --batch-size 4 --grad-accum 2 --lr 5e-4 --warmup 30
@@ -39,12 +39,13 @@ train() {
     [ -f "$out/summary.json" ] && grep -q "\"steps\": $STEPS," "$out/summary.json" && { echo "$method: done"; continue; }
     echo "== $method $(date -u +%H:%M)"
     # shellcheck disable=SC2086
-    "$EAGLE3" train "${COMMON[@]}" ${EXTRA[$method]} --out "$out" "${resume[@]}"
+    $EAGLE3 train "${COMMON[@]}" ${EXTRA[$method]} --out "$out" "${resume[@]}"
   done
 }
 
 bench() {
-  "$EAGLE3" bench --suites mt_bench,humaneval,gsm8k,alpaca,cnn_dm,natural_questions \
+  # shellcheck disable=SC2086
+  $EAGLE3 bench --suites mt_bench,humaneval,gsm8k,alpaca,cnn_dm,natural_questions \
     --methods vanilla,sps,pld,medusa,hydra,eagle,eagle2,hass,eagle3 --limit 20 --max-new-tokens 64 \
     --draft runs/equal/eagle3/draft --assistant runs/equal/sps/draft --medusa runs/equal/medusa/draft \
     --hydra runs/equal/hydra/draft --eagle runs/equal/eagle/draft --hass runs/equal/hass/draft \
