@@ -265,8 +265,8 @@ class AutoTree:
         self.verify_time[verify_bucket(batch * size)].add(report.verify_ms, predicted_verify, self.decay)
         round_ms = report.draft_ms + report.verify_ms
         realized = self.realized_at(batch)
-        if not report.plan.drafted:
-            realized["plain"].add(batch, round_ms, self.decay)
+        if not report.plan.drafted:  # (a grafted lookup chain can add accepted tokens to a plain round)
+            realized["plain"].add(sum(1 + a for a in report.accepted), round_ms, self.decay)
         elif sizers:  # (a long catch-up, after a prompt or a pause, is not what a steady drafted round costs)
             catch_up = predicted_draft - max(s.steady_draft_ms() for s in sizers)
             steady_ms = max(round_ms - self.cost_scale("draft") * catch_up, 1e-3)

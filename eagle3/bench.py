@@ -62,10 +62,10 @@ RUN_FILES = ("run.json", "rows.jsonl", "results.json")  # any of them: OUT holds
 # configuration (date, torch version, skipped questions) is recorded, not compared.
 RUN_KEYS = ("target", "draft", "draft_int8", "draft_window", "tree", "suites", "methods", "max_new_tokens",
             "limit", "temperature", "top_p", "top_k", "seed", "pld_tokens", "sps_tokens", "assistant", "medusa",
-            "hydra", "eagle", "hass", "heads_tree", "data", "dtype", "device", "threads", "runtime")  # fmt: skip
+            "hydra", "eagle", "hass", "heads_tree", "lookup", "data", "dtype", "device", "threads", "runtime")  # fmt: skip
 # Keys runs made before them lack, with the value those runs had.
 RUN_KEY_DEFAULTS = {"runtime": "torch", "sps_tokens": 4, "medusa": None, "hydra": None, "eagle": None, "hass": None,
-                    "heads_tree": "10,4,3"}  # fmt: skip
+                    "heads_tree": "10,4,3", "lookup": 0}  # fmt: skip
 
 OUTLIER_MADS = 5.0  # robust standard deviations (1.4826 MAD) from the median log ratio: see outliers
 OUTLIER_MIN_RATIO = 1.5  # never flag a question within this factor of the method's median ratio
@@ -101,10 +101,13 @@ def make_methods(
     heads_tree: TreeSpec = HEADS_TREE,
     eagle: str | Path | None = None,
     hass: str | Path | None = None,
+    lookup: int = 0,
 ) -> dict[str, Method]:
     """One callable per method, all with the same budget, stop tokens and sampling parameters. With several
     trees, each of TREE_METHODS becomes one method per tree, labelled "NAME TREE" (see method_labels). eagle,
-    eagle2 and hass read EAGLE-layout drafts (eagle: the EAGLE draft, for both; hass: a HASS-trained one)."""
+    eagle2 and hass read EAGLE-layout drafts (eagle: the EAGLE draft, for both; hass: a HASS-trained one).
+    lookup: each of TREE_METHODS also runs with prompt-lookup chains of up to that many tokens grafted onto its
+    trees, labelled "LABEL+lookup"."""
     methods: dict[str, Method] = {}
 
     def ours(run: Callable[[list[int]], object]) -> Method:
@@ -128,10 +131,12 @@ def make_methods(
                                  "PATH (a draft in EAGLE's layout for this target)")  # fmt: skip
             drafter = load_drafter(path, target, draft_int8, draft_window)
             for tree, label in zip(trees, tree_labels(name, trees)):
-                # One policy per tree for the whole run, so its acceptance corrections carry over questions.
-                policy = auto_tree(target, drafter, tree) if tree.auto else None
-                methods[label] = ours(lambda ids, d=drafter, t=tree, p=policy, m=name: speculative_generate(
-                    target, d, ids, max_new_tokens, sampling, tree=t, method=m, policy=p))  # fmt: skip
+                for grafted in (0, lookup) if lookup else (0,):
+                    # One policy per tree for the whole run, so its acceptance corrections carry over questions.
+                    policy = auto_tree(target, drafter, tree) if tree.auto else None
+                    methods[label + ("+lookup" if grafted else "")] = ours(
+                        lambda ids, d=drafter, t=tree, p=policy, m=name, g=grafted: speculative_generate(
+                            target, d, ids, max_new_tokens, sampling, tree=t, method=m, policy=p, lookup=g))  # fmt: skip
         elif name == "eagle":
             from eagle3.eagle1 import load_eagle1_drafter
 
@@ -175,8 +180,13 @@ def tree_labels(name: str, trees: list[TreeSpec]) -> list[str]:
     return [name] if len(trees) == 1 else [f"{name} {t.label}" for t in trees]
 
 
-def method_labels(names: list[str], trees: list[TreeSpec]) -> list[str]:
-    return [label for name in names for label in (tree_labels(name, trees) if name in TREE_METHODS else [name])]
+def method_labels(names: list[str], trees: list[TreeSpec], lookup: int = 0) -> list[str]:
+    """Each method's labels: a tree method's per tree, and with lookup each beside its "+lookup" twin."""
+    labels = []
+    for name in names:
+        for label in tree_labels(name, trees) if name in TREE_METHODS else [name]:
+            labels += [label, label + "+lookup"] if lookup and name in TREE_METHODS else [label]
+    return labels
 
 
 def _hf_method(
@@ -603,6 +613,7 @@ def run_bench(
     heads_tree: TreeSpec = HEADS_TREE,
     eagle: str | Path | None = None,
     hass: str | Path | None = None,
+    lookup: int = 0,
     resume: bool = False,
     overwrite: bool = False,
 ) -> dict:
@@ -615,7 +626,7 @@ def run_bench(
     trees = list(dict.fromkeys([trees] if isinstance(trees, TreeSpec) else trees))
     if draft_int8 is None:
         draft_int8 = int8_supported(target.model.device, target.model.dtype)
-    labels = method_labels(names, trees)
+    labels = method_labels(names, trees, lookup)
     folder = data_dir(data)
     files = [read_suite(name, folder, limit) for name in suites]
     questions, skipped = _fitting(target, [q for f in files for q in f.questions], max_new_tokens)
@@ -628,7 +639,8 @@ def run_bench(
         "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed, "pld_tokens": pld_tokens,
         "sps_tokens": sps_tokens, "assistant": assistant, "medusa": str(medusa) if medusa else None,
         "hydra": str(hydra) if hydra else None, "eagle": str(eagle) if eagle else None,
-        "hass": str(hass) if hass else None, "heads_tree": heads_tree.label, "data": str(folder.resolve()),
+        "hass": str(hass) if hass else None, "heads_tree": heads_tree.label, "lookup": lookup,
+        "data": str(folder.resolve()),
         "dtype": str(target.model.dtype),
         "device": str(target.model.device), "threads": torch.get_num_threads(), "runtime": target.runtime,
         "skipped": skipped,
@@ -642,7 +654,7 @@ def run_bench(
     def ready_methods() -> dict[str, Method]:
         runners = make_methods(target, names, max_new_tokens, sampling, trees, draft, assistant, pld_tokens,
                                draft_int8, draft_window, sps_tokens, medusa, hydra, heads_tree, eagle,
-                               hass)  # fmt: skip
+                               hass, lookup)  # fmt: skip
         warm = [{"role": "user", "content": questions[0].turns[0]}]
         for runner in runners.values():  # warm-up: first calls pay for allocations and kernel choice
             runner(warm)
@@ -690,7 +702,8 @@ def run_bench(
     if sampling.greedy:
         for m in labels:
             bad = summary[m]["all"].get("identical")
-            if m.split()[0] in LOSSLESS and bad is not None and bad != summary[m]["all"]["n"]:
+            lossless = m.split()[0].removesuffix("+lookup") in LOSSLESS
+            if lossless and bad is not None and bad != summary[m]["all"]["n"]:
                 print(f"WARNING: {m} differs from vanilla on {summary[m]['all']['n'] - bad} of "
                       f"{summary[m]['all']['n']} questions at temperature 0: a lossless method must not",
                       file=sys.stderr)  # fmt: skip
@@ -717,6 +730,9 @@ def add_bench_parser(sub) -> None:
                    help="the tree of eagle3, eagle2 and hass: auto (cost-aware, the default), TOTAL,DEPTH,TOPK or "
                         "static:N; several trees make one method each, side by side")  # fmt: skip
     p.add_argument("--pld-tokens", type=options.integer(1, 64), default=10, help="tokens proposed by pld and hf-pld")
+    p.add_argument("--lookup", type=options.integer(0, 64), default=0,
+                   help="eagle3, eagle2 and hass also run with prompt-lookup chains of up to N tokens grafted onto their "
+                        "trees, plain rounds included, as methods NAME+lookup beside them (default 0: none)")  # fmt: skip
     p.add_argument("--sps-tokens", type=options.integer(1, 64), default=4, help="the chain sps drafts each round")
     p.add_argument("--medusa", default=None, help="Medusa heads (Medusa's layout) for the medusa method")
     p.add_argument("--hydra", default=None, help="Hydra heads for the hydra method")
@@ -807,6 +823,6 @@ def bench_command(args) -> int:
     run_bench(target, suites, methods, out, args.max_new_tokens, args.limit, sampling, args.tree, draft,
               args.assistant, args.data_dir, args.pld_tokens, **draft_options, sps_tokens=args.sps_tokens,
               medusa=args.medusa, hydra=args.hydra, heads_tree=args.heads_tree, eagle=args.eagle, hass=args.hass,
-              resume=args.resume,
+              lookup=args.lookup, resume=args.resume,
               overwrite=args.overwrite)  # fmt: skip
     return 0

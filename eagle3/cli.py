@@ -43,11 +43,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="draft tree: auto (sized each round for this machine's measured costs, the default), "
                         "TOTAL,DEPTH,TOPK (e.g. 60,5,10, the EAGLE eval scripts' GPU values) or static:N (the same N "
                         "draft tokens' shape every round, as EAGLE-1 and Medusa verify)")  # fmt: skip
+    p.add_argument("--lookup", type=options.integer(0, 64), default=0,
+                   help="graft a prompt-lookup chain of up to N tokens (what followed the context's last n-gram where "
+                        "it occurred before) onto every round's tree, plain rounds included (default 0: none)")  # fmt: skip
     add_drafter_arguments(p)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from eagle3.drafter import drafter_options, load_drafter
+    from eagle3.drafter import NoDrafter, drafter_options, load_drafter
     from eagle3.fetch import resolve_draft
     from eagle3.generate import generate
     from eagle3.sampling import SamplingParams
@@ -60,19 +63,18 @@ def _generate(args: argparse.Namespace) -> int:
     draft_path = resolve_draft(args.draft, args.target)
     prompt_ids = target.encode(args.prompt, chat=args.chat, system=args.system)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    if draft_path is None:
+    if draft_path is None and not args.lookup:
         result = generate(target, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream)
     else:
-        drafter = load_drafter(draft_path, target, **drafter_options(args))
-        result = speculative_generate(
-            target, drafter, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream, tree=args.tree
-        )
+        drafter = NoDrafter() if draft_path is None else load_drafter(draft_path, target, **drafter_options(args))
+        result = speculative_generate(target, drafter, prompt_ids, args.max_new_tokens, sampling, args.stop,
+                                      on_text=stream, tree=args.tree, lookup=args.lookup)  # fmt: skip
     if args.json:
         print(json.dumps(result.to_json()))
     else:
         sys.stdout.write("\n")
         extra = ""
-        if draft_path is not None:
+        if draft_path is not None or args.lookup:
             plain = f" and {result.plain_rounds} plain" if result.plain_rounds else ""
             extra = f", tau {result.tau:.2f} over {len(result.accept_lengths)} drafted rounds{plain}"
         print(

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from eagle3.drafter import Drafter, NoDrafter
+from eagle3.pld import LookupGraft
 from eagle3.policy import FixedTree, RoundReport, TreePolicy
 from eagle3.runtime import make_runtime
 from eagle3.sampling import SamplingParams, make_generator, next_token
@@ -103,11 +104,13 @@ class _Sequence:
 class Engine:
     """Decodes requests with a target and a drafter, max_rows at a time (continuous batching: a finished row
     takes the next request at once). tree: the drafted trees' sizes; auto trees are sized each round by
-    `policy` (default: autotree.AutoTree on this machine's cost model), fixed ones by policy.FixedTree."""
+    `policy` (default: autotree.AutoTree on this machine's cost model), fixed ones by policy.FixedTree. lookup:
+    graft each row's prompt-lookup chain onto its tree every round, plain rounds included (pld.LookupGraft)."""
 
     def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeSpec = TreeSpec(),
-                 policy: TreePolicy | None = None, max_rows: int = 1, method: str = "eagle3"):  # fmt: skip
-        self.target, self.drafter = target, drafter or NoDrafter()
+                 policy: TreePolicy | None = None, max_rows: int = 1, method: str = "eagle3",
+                 lookup: LookupGraft | None = None):  # fmt: skip
+        self.target, self.drafter, self.lookup = target, drafter or NoDrafter(), lookup
         if isinstance(self.drafter, NoDrafter):  # nothing to draft: every round a plain one
             tree, policy = PLAIN, None
         self.tree, self.method, self.max_rows = tree, method, max_rows
@@ -132,8 +135,11 @@ class Engine:
     def open(self, max_len: int) -> None:
         """An empty batch for sequences of up to max_len positions (capped by the context)."""
         max_len = min(max_len, self.target.context)
-        self.runtime.open(self.max_rows, max_len, spare=self.tree.total_tokens)  # (room for padding)
+        grafted = self.lookup.num_tokens if self.lookup else 0
+        self.runtime.open(self.max_rows, max_len, spare=self.tree.total_tokens + grafted)  # (room for padding)
         self.drafter.open(self.max_rows, max_len + self.tree.depth * self.tree.top_k)  # room for tree rows
+        if self.lookup:
+            self.lookup.open()
         self.sequences, self._report = [], None
 
     @torch.inference_mode()
@@ -156,6 +162,9 @@ class Engine:
         # The drafter pairs the feature of position t with token t + 1.
         tokens = torch.tensor([*list(request.prompt_ids)[1:], root], dtype=torch.long, device=self.target.model.device)
         self.drafter.commit(row, tokens, taps)
+        if self.lookup:
+            self.lookup.join(row, request.prompt_ids)
+            self.lookup.commit(row, [root])
         self._ids += 1
         self.sequences.append(_Sequence(self._ids, request, stopper, streamer, generator, root, started,
                                         time.perf_counter() - started))  # fmt: skip
@@ -181,6 +190,9 @@ class Engine:
             trees = self.drafter.propose(plan).trees
         else:  # plain steps; the drafter catches up on these tokens when it next drafts
             trees = [root_only(seq.root) for seq in sequences]
+        if self.lookup:  # each row's prompt-lookup chain merged into its tree, in plain rounds too
+            trees = [self.lookup.graft(row, tree, self.runtime.max_len - self.runtime.length(row) - tree.size)
+                     for row, tree in enumerate(trees)]  # fmt: skip
         verify_start = time.perf_counter()
         logits, taps = runtime.verify(trees)
         accepted = accept_rows(trees, logits, [s.request.sampling for s in sequences], [s.generator for s in sequences])
@@ -189,12 +201,14 @@ class Engine:
         for b, (seq, tree, (path, bonus)) in enumerate(zip(sequences, trees, accepted)):
             new_tokens = tree.tokens[path[1:]].tolist() + [bonus]
             seq.stopper.extend(new_tokens)
-            if drafted:
+            if tree.size > 1:  # (a drafted tree, or a plain round's root with a lookup chain grafted on)
                 seq.accept_lengths.append(len(path))
             else:
                 seq.plain_rounds += 1
             features = None if taps is None else taps[b, torch.tensor(path, device=device)]
             self.drafter.commit(b, torch.tensor(new_tokens, dtype=torch.long, device=device), features)
+            if self.lookup:
+                self.lookup.commit(b, new_tokens)
             seq.root = new_tokens[-1]
         # (the new tokens are on the host: the round's work is done, on CUDA too)
         done = time.perf_counter()
@@ -236,6 +250,8 @@ class Engine:
         """Frees a row: the last row moves into it (runtime, drafter and sequence list alike)."""
         self.runtime.release(row)
         self.drafter.release(row)
+        if self.lookup:
+            self.lookup.release(row)
         self.sequences[row] = self.sequences[-1]
         self.sequences.pop()
 

@@ -1,20 +1,25 @@
-"""Prompt lookup decoding (PLD): the drafter looks for the last few tokens earlier in the context and proposes
-what followed them there, as a chain. Verified by the same lossless tree path as EAGLE-3; no draft model."""
+"""Prompt lookup decoding (PLD): look for the last few tokens earlier in the context and propose what followed
+them there, as a chain; no draft model. As a drafter of its own (PromptLookupDrafter) or grafted onto another
+drafter's trees (LookupGraft, `--lookup N`): n-gram drafts are strong where text repeats its context
+(summaries, code edits, quotes), and cost nothing to propose. Verified by the same lossless tree path."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from eagle3.drafter import Proposal
 from eagle3.policy import TreePlan
-from eagle3.tree import TreeGrowth, TreeSpec, grow_trees
+from eagle3.tree import DraftTree, TreeGrowth, TreeSpec, ancestor_mask, grow_trees
 
 
 def lookup(history: Sequence[int], max_ngram: int, num_tokens: int, min_ngram: int = 1) -> list[int]:
-    """The tokens that followed the most recent earlier occurrence of the longest matching suffix n-gram."""
+    """The tokens that followed the most recent earlier occurrence of the longest matching suffix n-gram (the
+    definition; NgramIndex answers the same in a few dictionary reads)."""
     n_total = len(history)
     for n in range(min(max_ngram, n_total - 1), min_ngram - 1, -1):
         suffix = list(history[n_total - n :])
@@ -24,6 +29,121 @@ def lookup(history: Sequence[int], max_ngram: int, num_tokens: int, min_ngram: i
     return []
 
 
+class NgramIndex:
+    """A token history with, for n = 1 .. max_ngram, where each n-gram last occurred with a token after it;
+    updated as tokens arrive, so a lookup is a few dictionary reads instead of a scan of the history."""
+
+    def __init__(self, max_ngram: int = 3):
+        self.max_ngram = max_ngram
+        self.tokens: list[int] = []
+        self.last: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram)]  # n - 1 -> n-gram -> start
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            self.tokens.append(int(token))
+            end = len(self.tokens) - 1  # the n-grams ending just before this token now have a continuation
+            for n in range(1, min(self.max_ngram, end) + 1):
+                self.last[n - 1][tuple(self.tokens[end - n : end])] = end - n
+
+    def lookup(self, num_tokens: int, min_ngram: int = 1) -> list[int]:
+        """As lookup(self.tokens, max_ngram, num_tokens, min_ngram)."""
+        for n in range(min(self.max_ngram, len(self.tokens) - 1), min_ngram - 1, -1):
+            start = self.last[n - 1].get(tuple(self.tokens[len(self.tokens) - n :]))
+            if start is not None:
+                return self.tokens[start + n : start + n + num_tokens]
+        return []
+
+
+def graft_chain(tree: DraftTree, chain: Sequence[int], logp: Sequence[float]) -> tuple[DraftTree, int]:
+    """The tree with `chain` (tokens after the root) merged in: it follows existing nodes while they agree and
+    adds new nodes from where it departs (each after its parent's existing children); a new node's score is
+    its parent's plus logp[i] (the chain token's log-probability of acceptance). Returns the tree and how many
+    nodes were added."""
+    tokens, parents = tree.tokens.tolist(), list(tree.parents)
+    children = [list(c) for c in tree.children]
+    depths, scores = tree.depths.tolist(), tree.scores.tolist()
+    node, added = 0, 0
+    for token, lp in zip(chain, logp):
+        child = next((c for c in children[node] if tokens[c] == token), None)
+        if child is None:
+            child = len(tokens)
+            tokens.append(int(token))
+            parents.append(node)
+            depths.append(depths[node] + 1)
+            scores.append(scores[node] + lp)
+            children[node].append(child)
+            children.append([])
+            added += 1
+        node = child
+    if not added:
+        return tree, 0
+    return DraftTree(torch.tensor(tokens, dtype=torch.long), parents, torch.tensor(depths), ancestor_mask(parents),
+                     children, torch.tensor(scores, dtype=torch.float32)), added  # fmt: skip
+
+
+class LookupGraft:
+    """Each row's prompt-lookup chain grafted onto the tree its drafter proposed, in drafted and plain rounds
+    alike (a plain round's tree is its root alone): the engine's --lookup. A chain token goes in while the
+    estimated probability that the chain is right that far stays at least `min_prob`; the estimate is how often
+    chain tokens at each position matched what was committed (given the ones before matched; counted with one
+    match and one miss to start), so where lookups keep failing the chains shrink to nothing and verifying costs
+    what it did without them, and they come back where lookups start matching again."""
+
+    def __init__(self, num_tokens: int = 4, max_ngram: int = 3, min_prob: float = 0.3):
+        self.num_tokens, self.min_prob = num_tokens, min_prob
+        self.max_ngram = max_ngram
+        self.indexes: list[NgramIndex] = []
+        self.pending: list[list[int]] = []  # per row: this round's lookup chain, grafted or not
+        self.proposed = np.zeros(num_tokens)  # chain tokens proposed at each position ...
+        self.accepted = np.zeros(num_tokens)  # ... and accepted there
+
+    def open(self) -> None:
+        self.indexes, self.pending = [], []
+
+    def join(self, row: int, prompt_ids: Sequence[int]) -> None:
+        if row != len(self.indexes):
+            raise ValueError(f"a new sequence takes row {len(self.indexes)}, not {row}")
+        index = NgramIndex(self.max_ngram)
+        index.extend(prompt_ids)
+        self.indexes.append(index)
+        self.pending.append([])
+
+    def release(self, row: int) -> None:
+        self.indexes[row], self.pending[row] = self.indexes[-1], self.pending[-1]
+        self.indexes.pop()
+        self.pending.pop()
+
+    def commit(self, row: int, tokens: Sequence[int]) -> None:
+        """A row's newly committed tokens (the first: the token drawn after the prompt): they extend its history,
+        and score last round's lookup chain, grafted or not (so a pruned chain's estimates can recover): chain
+        token j counts as proposed where the tokens before it matched and the round committed that far, as
+        accepted where it matched too."""
+        chain = self.pending[row]
+        checkable = min(len(chain), len(tokens))
+        matched = next((j for j in range(checkable) if chain[j] != tokens[j]), checkable)
+        self.proposed[: min(matched + 1, checkable)] += 1
+        self.accepted[:matched] += 1
+        self.pending[row] = []
+        self.indexes[row].extend(tokens)
+
+    def graft(self, row: int, tree: DraftTree, room: int) -> DraftTree:
+        """The row's tree with its lookup chain grafted on, adding at most `room` nodes."""
+        found = self.indexes[row].lookup(self.num_tokens)
+        self.pending[row] = found
+        rates = (self.accepted[: len(found)] + 1) / (self.proposed[: len(found)] + 2)
+        keep = int(np.sum(np.cumprod(rates) >= self.min_prob))  # (a product of rates <= 1 only falls)
+        chain, logp = found[:keep], [math.log(r) for r in rates[:keep]]
+        grafted, added = graft_chain(tree, chain, logp)
+        if added > room:  # (near the end of the context: keep what still fits, the prefix)
+            grafted, added = graft_chain(tree, chain[: self._fitting(tree, chain, room)], logp)
+        return grafted
+
+    @staticmethod
+    def _fitting(tree: DraftTree, chain: Sequence[int], room: int) -> int:
+        """The longest chain prefix whose graft adds at most `room` nodes."""
+        return max((m for m in range(len(chain) + 1) if graft_chain(tree, chain[:m], [0.0] * m)[1] <= room), default=0)
+
+
 class PromptLookupDrafter:
     """Drafter protocol (see drafter.py) over n-gram matches in each row's token history."""
 
@@ -31,7 +151,7 @@ class PromptLookupDrafter:
 
     def __init__(self, num_tokens: int = 10, max_ngram: int = 3):
         self.num_tokens, self.max_ngram = num_tokens, max_ngram
-        self.histories: list[list[int]] = []  # per row: the committed tokens (the last one is the next root)
+        self.histories: list[NgramIndex] = []  # per row: the committed tokens (the last one is the next root)
 
     @property
     def tree(self) -> TreeSpec:
@@ -42,24 +162,25 @@ class PromptLookupDrafter:
         self.histories = []
 
     def join(self, row: int, prompt_ids: Sequence[int]) -> None:
-        self.histories.append(list(prompt_ids[:1]))  # (the first commit brings the rest of the prompt)
+        self.histories.append(NgramIndex(self.max_ngram))
+        self.histories[-1].extend(prompt_ids[:1])  # (the first commit brings the rest of the prompt)
 
     def release(self, row: int) -> None:
         self.histories[row] = self.histories[-1]
         self.histories.pop()
 
     def commit(self, row: int, tokens: Tensor, features: Tensor | None) -> None:
-        self.histories[row] += tokens.tolist()
+        self.histories[row].extend(tokens.tolist())
 
     def propose(self, plan: TreePlan) -> Proposal:
-        proposals = [lookup(h, self.max_ngram, self.num_tokens) for h in self.histories]
+        proposals = [h.lookup(self.num_tokens) for h in self.histories]
 
         def children(row: int, depth: int, nodes: int = 1) -> tuple[Tensor, Tensor]:
             if depth < len(proposals[row]):
                 return torch.zeros(nodes, 1), torch.tensor([[proposals[row][depth]]] * nodes)
             return torch.zeros(nodes, 0), torch.zeros(nodes, 0, dtype=torch.long)
 
-        growths = [TreeGrowth(h[-1], *(x[0] for x in children(b, 0)), spec, plan.sizer(b, 0))
+        growths = [TreeGrowth(h.tokens[-1], *(x[0] for x in children(b, 0)), spec, plan.sizer(b, 0))
                    for b, (h, spec) in enumerate(zip(self.histories, plan.specs))]  # fmt: skip
         trees = grow_trees(growths, lambda rows, levels, depth: [children(row, depth, len(level[0]))
                                                                   for row, level in zip(rows, levels)])  # fmt: skip

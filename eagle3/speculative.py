@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 from eagle3.drafter import Drafter
 from eagle3.engine import Engine, Request, SpeculativeResult
+from eagle3.pld import LookupGraft
 from eagle3.policy import TreePolicy
 from eagle3.sampling import SamplingParams
 from eagle3.target import Target
@@ -27,8 +28,10 @@ def speculative_generate(
     tree: TreeSpec = TreeSpec(),
     method: str = "eagle3",
     policy: TreePolicy | None = None,
+    lookup: int = 0,
 ) -> SpeculativeResult:
     """Generates like `generate`, a tree per round. With tree.auto, `policy` sizes each round's tree (default:
-    a fresh AutoTree on this machine's cached cost model; pass one to keep its acceptance corrections)."""
-    engine = Engine(target, drafter, tree, policy, method=method)
+    a fresh AutoTree on this machine's cached cost model; pass one to keep its acceptance corrections). lookup:
+    graft a prompt-lookup chain of up to that many tokens onto every round's tree (pld.LookupGraft)."""
+    engine = Engine(target, drafter, tree, policy, method=method, lookup=LookupGraft(lookup) if lookup else None)
     return engine.run([Request(prompt_ids, max_new_tokens, sampling, stop_strings, on_text)])[0]

@@ -83,12 +83,12 @@ def test_bench_end_to_end(tmp_path, data, draft, capsys, monkeypatch):
     out = tmp_path / "out"
     code = main(["bench", "--target", "stories260k", "--threads", "1", "--draft", str(draft), "--suites",
                  "mt_bench,gsm8k", "--methods", "vanilla,eagle3,pld,hf,hf-pld", "--max-new-tokens", "16",
-                 "--limit", "2", "--tree", "10,3,3", "auto", "--data-dir", str(data), "--out", str(out)])
+                 "--limit", "2", "--tree", "10,3,3", "auto", "--lookup", "3", "--data-dir", str(data), "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     summary, rows = results["summary"], results["rows"]
-    eagle3 = ["eagle3 10,3,3", "eagle3 auto"]  # one method per tree
-    assert set(summary) == {"vanilla", *eagle3, "pld", "hf", "hf-pld"}
+    eagle3 = ["eagle3 10,3,3", "eagle3 10,3,3+lookup", "eagle3 auto", "eagle3 auto+lookup"]  # one per tree, +lookup
+    assert set(summary) == {"vanilla", *eagle3, "pld", "hf", "hf-pld"} and results["config"]["lookup"] == 3
     for per_suite in summary.values():
         assert set(per_suite) == {"mt_bench", "gsm8k", "all"}
         for suite, entry in per_suite.items():
@@ -110,7 +110,7 @@ def test_bench_end_to_end(tmp_path, data, draft, capsys, monkeypatch):
     assert summary["eagle3 10,3,3"]["all"]["tau"] >= 1 and summary["vanilla"]["all"]["tau"] is None
     # MT-bench has two turns; the second follows the method's own first answer.
     mt = [r for r in rows if r["suite"] == "mt_bench"]
-    assert len(mt) == 2 * 6 and all(len(r["turns"]) == 2 for r in mt)
+    assert len(mt) == 2 * 8 and all(len(r["turns"]) == 2 for r in mt)
     # Written as it went: one record per question (plus any re-run), and the configuration first.
     records = read_records(out / "rows.jsonl")
     assert sorted(records) == [0, 1, 2, 3]

@@ -319,11 +319,11 @@ def batched_triples(engine, prompt, runs=25, rows=4):
     return samples
 
 
-def speculative_triples(target, drafter, prompt, params_kw, n, seed0=0):
+def speculative_triples(target, drafter, prompt, params_kw, n, seed0=0, lookup=0):
     samples = []
     for seed in range(seed0, seed0 + n):
         params = SamplingParams(**params_kw, seed=seed)
-        out = speculative_generate(target, drafter, prompt, 3, params, tree=TREE)
+        out = speculative_generate(target, drafter, prompt, 3, params, tree=TREE, lookup=lookup)
         samples.append(tuple(out.token_ids))
     return samples
 

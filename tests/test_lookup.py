@@ -1,0 +1,102 @@
+"""Prompt-lookup chains grafted onto every round's tree (pld.LookupGraft, `--lookup N`): the n-gram index answers
+as the definition does, grafts merge where the tree agrees, and output stays the target's, greedy and sampled,
+with any drafter or none."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+
+from eagle3.cli import main
+from eagle3.draft import new_draft
+from eagle3.drafter import Eagle3Drafter, NoDrafter
+from eagle3.engine import Engine, Request
+from eagle3.generate import generate
+from eagle3.pld import LookupGraft, NgramIndex, graft_chain, lookup
+from eagle3.sampling import SamplingParams
+from eagle3.speculative import speculative_generate
+from eagle3.tree import DraftTree, TreeSpec, ancestor_mask, root_only
+from test_sampling_exact import ALPHA, N_LOOP, PARAMS, chi_square_p_value, exact_triples, speculative_triples
+
+REPETITIVE = "Tom had a red ball. Tom had a red ball. Tom had a red"
+
+
+def test_the_index_answers_as_the_definition():
+    rng = random.Random(0)
+    for _ in range(200):
+        history = [rng.randrange(5) for _ in range(rng.randrange(1, 50))]
+        index = NgramIndex(3)
+        for i, token in enumerate(history):
+            index.extend([token])
+            for k in (1, 3):
+                assert index.lookup(k) == lookup(history[: i + 1], 3, k)
+
+
+def test_a_chain_merges_where_the_tree_agrees_and_grows_where_it_departs():
+    parents = [-1, 0, 0, 1]
+    tree = DraftTree(torch.tensor([5, 7, 8, 9]), parents, torch.tensor([0, 1, 1, 2]), ancestor_mask(parents),
+                     [[1, 2], [3], [], []], torch.tensor([0.0, -0.5, -1.0, -1.5]))  # fmt: skip
+    grafted, added = graft_chain(tree, [7, 9, 4, 6], [-0.1, -0.2, -0.3, -0.4])
+    assert added == 2 and grafted.tokens.tolist() == [5, 7, 8, 9, 4, 6] and grafted.parents == [-1, 0, 0, 1, 3, 4]
+    assert grafted.depths.tolist() == [0, 1, 1, 2, 3, 4] and grafted.children[3] == [4]
+    assert torch.allclose(grafted.scores[4:], torch.tensor([-1.8, -2.2]))
+    assert grafted.mask[5].tolist() == [True, True, False, True, True, True]
+    departs, added = graft_chain(tree, [8, 1], [0.0, 0.0])  # along node 2, then a new child of it
+    assert added == 1 and departs.parents[-1] == 2 and departs.children[2] == [4]
+    assert graft_chain(tree, [7, 9], [0.0, 0.0]) == (tree, 0)
+    single, added = graft_chain(root_only(3), [4, 4], [0.0, 0.0])
+    assert added == 2 and single.tokens.tolist() == [3, 4, 4] and single.parents == [-1, 0, 1]
+
+
+def test_chains_shrink_where_lookups_fail_grow_back_where_they_match_and_respect_the_room():
+    graft = LookupGraft(num_tokens=4, min_prob=0.3)
+    graft.open()
+    graft.join(0, [1, 2, 3, 9, 1, 2])
+    graft.commit(0, [3])  # history ...1 2 3 9 1 2 3: the chain after "1 2 3" is 9 1 2 3
+    tree = graft.graft(0, root_only(3), room=10)
+    assert tree.tokens.tolist() == [3, 9]  # (rates start at 1/2: only the first token's 0.5 >= 0.3 at start)
+    assert graft.graft(0, root_only(3), room=0).size == 1
+    for i in range(30):  # the chain's first token never matches: the estimate falls below min_prob
+        graft.graft(0, root_only(3), room=10)
+        graft.commit(0, [1000 + i, 1, 2, 3])
+    assert graft.graft(0, root_only(3), room=10).size == 1
+    for _ in range(60):  # the (pruned) chains match again: their estimates recover, chains come back
+        chain = graft.indexes[0].lookup(4)
+        graft.graft(0, root_only(3), room=10)
+        graft.commit(0, chain[:1])
+    assert graft.graft(0, root_only(3), room=10).size > 1
+
+
+def test_greedy_output_is_the_targets_with_lookup_whatever_the_drafter(stories):
+    untrained = Eagle3Drafter(new_draft(stories.model.config).attach(stories.model.embed.weight))
+    accepted = {}
+    for text in (REPETITIVE, "Once upon a time"):
+        prompt = stories.encode(text)
+        plain = generate(stories, prompt, 60).token_ids
+        alone = speculative_generate(stories, NoDrafter(), prompt, 60, tree=TreeSpec(1, 1, 1), lookup=5)
+        assert alone.token_ids == plain, text
+        assert speculative_generate(stories, untrained, prompt, 60, tree=TreeSpec(6, 3, 2), lookup=5).token_ids == plain
+        accepted[text] = alone.accept_lengths
+    assert max(accepted[REPETITIVE], default=1) > 1, accepted  # the repetitive prompt's chains got accepted
+    rows = [stories.encode(t) for t in (REPETITIVE, "Once upon a time", "The little dog")]
+    engine = Engine(stories, untrained, TreeSpec(6, 3, 2), max_rows=2, lookup=LookupGraft(4))
+    assert [r.token_ids for r in engine.run([Request(p, 40) for p in rows])] == [generate(stories, p, 40).token_ids
+                                                                                 for p in rows]  # fmt: skip
+
+
+def test_sampling_with_lookup_is_the_targets_distribution(stories):
+    prompt = stories.encode("Tom had a ball. Tom had a")
+    table = exact_triples(stories, prompt, SamplingParams(**PARAMS))
+    samples = speculative_triples(stories, NoDrafter(), prompt, PARAMS, N_LOOP, lookup=3)
+    assert chi_square_p_value(samples, table) > ALPHA
+
+
+def test_the_cli_generates_with_lookup(stories, capsys):
+    args = ["generate", REPETITIVE, "--target", str(stories.path), "--max-new-tokens", "24", "--json", "--threads", "1"]
+    assert main([*args, "--draft", "none"]) == 0
+    plain = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert main([*args, "--draft", "none", "--lookup", "4"]) == 0
+    looked = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert looked["token_ids"] == plain["token_ids"] and looked["tau"] > 1
