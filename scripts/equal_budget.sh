@@ -5,6 +5,12 @@
 #
 #   bash scripts/equal_budget.sh train [METHOD ...]   # default: every method, in the order below
 #   bash scripts/equal_budget.sh bench                 # the six suites, 20 questions each, every method
+#   bash scripts/equal_budget.sh scaling               # EAGLE-3 and EAGLE-2 drafts on 1/4 and 1/2 of the data
+#   bash scripts/equal_budget.sh scaling-bench         # tau on MT-bench at 1/4, 1/2, all; 60,5,10 and auto
+#
+# The budget is one epoch of the data (STEPS, default 440 steps of 8 conversations); the data-scaling runs
+# keep the recipe and the epoch, on a seeded shuffle's first quarter and half (runs/regen/answers-q*.jsonl),
+# and "all" is the equal-budget run itself.
 #
 # Needs runs/regen/answers.jsonl (the target's own answers):
 #   python scripts/regen_prompts.py --more 3000
@@ -16,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 EAGLE3=${EAGLE3:-.venv/bin/eagle3}  # a command, split on spaces (e.g. ".venv/bin/python -m eagle3")
 DATA=runs/regen/answers.jsonl
-STEPS=${STEPS:-300}
+STEPS=${STEPS:-440}
 COMMON=(--target smollm2-135m --data "$DATA" --recipe cpu --steps "$STEPS" --batch-size 4 --grad-accum 2 --lr 5e-4 --warmup 30
         --max-length 512 --seed 0 --save-every 25 --eval-conversations 8 --threads 2)
 declare -A EXTRA=(
@@ -52,8 +58,41 @@ bench() {
     --tree auto --fixed-tree static:10 --runtime native --threads 2 --out runs/equal/bench "$@"
 }
 
+scaling() {
+  [ -f "$DATA" ] || { echo "error: $DATA is missing (see the top of this script)" >&2; exit 2; }
+  for part in 4 2; do  # a quarter and a half of the conversations, the same seeded shuffle for both
+    subset=runs/regen/answers-q$part.jsonl
+    [ -f "$subset" ] || python3 -c "import random, sys; rows = open(sys.argv[1]).read().splitlines(); \
+random.Random(0).shuffle(rows); open(sys.argv[2], 'w').write(''.join(r + '\n' for r in rows[: len(rows) // $part]))" \
+      "$DATA" "$subset"
+    for method in eagle3 eagle; do
+      out=runs/scaling/$method-1of$part
+      resume=()
+      [ -f "$out/train_state.pt" ] && resume=(--resume)
+      [ -f "$out/summary.json" ] && { echo "$out: done"; continue; }
+      echo "== $out $(date -u +%H:%M)"
+      # shellcheck disable=SC2086
+      $EAGLE3 train "${COMMON[@]/$DATA/$subset}" ${EXTRA[$method]} --steps $((STEPS / part)) --out "$out" "${resume[@]}"
+    done
+  done
+}
+
+scaling_bench() {  # $1: 4, 2 or 1 (all: the equal-budget drafts)
+  local folder=runs/scaling suffix=-1of$1
+  [ "$1" = 1 ] && folder=runs/equal suffix=
+  for tree in 60,5,10 auto; do
+    # shellcheck disable=SC2086
+    $EAGLE3 bench --suites mt_bench --methods vanilla,eagle3,eagle2 --limit 40 --max-new-tokens 64 --tree "$tree" \
+      --draft "$folder/eagle3$suffix/draft" --eagle "$folder/eagle$suffix/draft" --runtime native \
+      --threads 2 --out "runs/scaling/bench-1of$1-${tree//,/-}" "${@:2}"
+  done
+}
+
 case "${1:-}" in
   train) shift; train "$@" ;;
   bench) shift; bench "$@" ;;
-  *) echo "usage: bash scripts/equal_budget.sh train [METHOD ...] | bench [--resume]" >&2; exit 2 ;;
+  scaling) shift; scaling ;;
+  scaling-bench) shift; for part in 4 2 1; do scaling_bench "$part" "$@"; done ;;
+  *) echo "usage: bash scripts/equal_budget.sh train [METHOD ...] | bench [--resume] | scaling | scaling-bench" >&2
+     exit 2 ;;
 esac
