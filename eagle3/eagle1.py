@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -274,7 +274,8 @@ def test_sigterm_lets_open_requests_finish_within_the_grace_period_and_exits(sto
     port = free_port()
     env = {**os.environ, "EAGLE3_HOME": str(tmp_path / "home")}
     proc = subprocess.Popen([sys.executable, "-m", "eagle3", "serve", "--target", str(stories_path), "--draft", "none",
-                             "--port", str(port), "--grace", grace, "--threads", "1", "--served-model-name", "stories"],
+                             "--lookup", "3", "--port", str(port), "--grace", grace, "--threads", "1",
+                             "--served-model-name", "stories"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"

@@ -39,9 +39,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve an OpenAI-compatible API (continuous batching, EAGLE-3)")
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"preset ({', '.join(PRESETS)}), local folder or hub id")
     p.add_argument("--draft", default="default",
-                   help="EAGLE-3 draft folder, 'default' (the target's shipped draft, if any) or 'none' (plain "
-                        "batched decoding)")  # fmt: skip
-    p.add_argument("--tree", type=options.tree, default="auto", help="auto (default) or TOTAL,DEPTH,TOPK")
+                   help="draft folder (as `eagle3 generate --draft`), 'default' (the target's shipped draft, if any) or "
+                        "'none' (plain batched decoding)")  # fmt: skip
+    p.add_argument("--tree", type=options.tree, default="auto", help="auto (default), TOTAL,DEPTH,TOPK or static:N")
+    p.add_argument("--lookup", type=options.integer(0, 64), default=0,
+                   help="graft prompt-lookup chains of up to N tokens onto every round's trees (default 0: none)")
     options.add_runtime_arguments(p)
     add_drafter_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -65,6 +67,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from eagle3.drafter import NoDrafter, drafter_options, load_drafter
     from eagle3.engine import Engine
     from eagle3.fetch import resolve_draft
+    from eagle3.pld import LookupGraft
     from eagle3.serving.app import create_app
     from eagle3.serving.scheduler import Scheduler
     from eagle3.target import load_target
@@ -77,16 +80,18 @@ def serve_command(args: argparse.Namespace) -> int:
     options.apply_threads(args)
     target = load_target(args.target, dtype=args.dtype, device=args.device, runtime=args.runtime)
     draft_path = resolve_draft(args.draft, args.target)
+    lookup = LookupGraft(args.lookup) if args.lookup else None
     if draft_path is None:
-        engine = Engine(target, NoDrafter(), max_rows=args.max_batch, method="vanilla")
+        engine = Engine(target, NoDrafter(), max_rows=args.max_batch, method="vanilla", lookup=lookup)
     else:
         drafter = load_drafter(draft_path, target, **drafter_options(args))
-        engine = Engine(target, drafter, args.tree, max_rows=args.max_batch, method="eagle3")
+        engine = Engine(target, drafter, args.tree, max_rows=args.max_batch, method="eagle3", lookup=lookup)
     max_len = min(args.max_len or DEFAULT_MAX_LEN, target.context)
     scheduler = Scheduler(engine, max_len, args.max_queue)
     name = args.served_model_name or target.name
     app = create_app(scheduler, target, name, args.api_key)
-    what = "plain decoding" if draft_path is None else f"EAGLE-3 ({draft_path.name}, tree {args.tree.label})"
+    what = "plain decoding" if draft_path is None else f"the draft {draft_path.name}, tree {args.tree.label}"
+    what += f", lookup chains of up to {args.lookup} tokens" if args.lookup else ""
     print(f"eagle3 serve: {name} with {what}, runtime {target.runtime}; max batch {args.max_batch}, queue "
           f"{args.max_queue}, {max_len} positions per row; http://{args.host}:{args.port}/v1", file=sys.stderr)
     if not is_loopback(args.host) and args.api_key is None:
