@@ -17,17 +17,14 @@ from eagle3.cli import main
 from eagle3.drafter import load_drafter
 from eagle3.eagle1 import (WEIGHTS, Eagle1Drafter, is_eagle1_checkpoint, load_eagle1, new_eagle1_draft,
                            save_eagle1)  # fmt: skip
-from eagle3.engine import Engine, Request
 from eagle3.generate import generate
 from eagle3.heads import normed_feature, target_lm_head
-from eagle3.sampling import SamplingParams
 from eagle3.speculative import speculative_generate
 from eagle3.train import TrainConfig, train
 from eagle3.tree import TreeSpec
-from training_checks import assert_loss_fell, assert_resumes_exactly, story_conversations
-from test_sampling_exact import ALPHA, N_LOOP, PARAMS, chi_square_p_value, exact_triples, speculative_triples
+from training_checks import (PROMPTS, assert_batched_and_sampled_exactly, assert_decodes_losslessly, assert_loss_fell,
+                             assert_resumes_exactly, story_conversations)  # fmt: skip
 
-PROMPTS = ("Once upon a time", "The little dog", "One day, Tom")
 EAGLE = TrainConfig(method="eagle", steps=60, batch_size=4, lr=3e-3, warmup=5, save_every=30)
 HASS = dataclasses.replace(EAGLE, method="hass", ttt_steps=3)
 
@@ -163,25 +160,12 @@ def test_training_learns_and_the_draft_decodes_losslessly(stories, kind):
         assert torch.equal(value.cpu(), loaded.state_dict()[key]), key
     drafter = load_drafter(folder, stories)
     assert isinstance(drafter, Eagle1Drafter) and drafter.tap_layers == (stories.model.config.num_layers,)
-    accepted = []
-    for tree in (TreeSpec(4, 3, 1), TreeSpec(12, 4, 3)):
-        for text in PROMPTS:
-            prompt = stories.encode(text)
-            out = speculative_generate(stories, drafter, prompt, 48, tree=tree, method=name)
-            assert out.token_ids == generate(stories, prompt, 48).token_ids, (text, tree)
-            accepted += out.accept_lengths
-    assert sum(accepted) / len(accepted) > 1.3  # a trained draft gets tokens accepted
+    assert_decodes_losslessly(stories, drafter, (TreeSpec(4, 3, 1), TreeSpec(12, 4, 3)), name, 1.3)  # (a trained draft gets tokens accepted)
 
 
 def test_rows_decoded_together_equal_each_alone_and_sampling_is_exact(stories, trained):
     drafter = load_drafter(trained[0], stories)
-    prompts = [stories.encode(text) for text in PROMPTS]
-    engine = Engine(stories, drafter, TreeSpec(8, 3, 2), max_rows=2)
-    assert [r.token_ids for r in engine.run([Request(p, 40) for p in prompts])] == [
-        generate(stories, p, 40).token_ids for p in prompts]  # fmt: skip
-    prompt = stories.encode("One day, Tom")
-    table = exact_triples(stories, prompt, SamplingParams(**PARAMS))
-    assert chi_square_p_value(speculative_triples(stories, drafter, prompt, PARAMS, N_LOOP), table) > ALPHA
+    assert_batched_and_sampled_exactly(stories, drafter, TreeSpec(8, 3, 2))
 
 
 def test_training_resumes_exactly(stories, examples, tmp_path, kind):

@@ -14,17 +14,12 @@ from safetensors.torch import load_file
 
 from eagle3.cli import main
 from eagle3.drafter import load_drafter
-from eagle3.engine import Engine, Request
-from eagle3.generate import generate
 from eagle3.medusa import HEADS_FILE, MedusaDrafter, load_medusa, new_heads, save_medusa
-from eagle3.sampling import SamplingParams
-from eagle3.speculative import speculative_generate
 from eagle3.train import TrainConfig, train
 from eagle3.tree import TreeSpec
-from training_checks import assert_loss_fell, assert_resumes_exactly, story_conversations
-from test_sampling_exact import ALPHA, N_LOOP, PARAMS, chi_square_p_value, exact_triples, speculative_triples
+from training_checks import (assert_batched_and_sampled_exactly, assert_decodes_losslessly, assert_loss_fell,
+                             assert_resumes_exactly, story_conversations)  # fmt: skip
 
-PROMPTS = ("Once upon a time", "The little dog", "One day, Tom")
 MEDUSA = TrainConfig(method="medusa", heads=3, head_layers=1, steps=60, batch_size=4, lr=3e-3, warmup=5,
                      save_every=30)  # fmt: skip
 HYDRA = dataclasses.replace(MEDUSA, method="hydra")
@@ -100,25 +95,12 @@ def test_training_learns_and_the_heads_decode_losslessly(stories, kind):
     drafter = load_drafter(folder, stories)
     assert isinstance(drafter, MedusaDrafter if name == "medusa" else HydraDrafter)
     assert drafter.tap_layers == (stories.model.config.num_layers,)
-    accepted = []
-    for tree in (TreeSpec(4, 3, 1), TreeSpec(10, 3, 3)):
-        for text in PROMPTS:
-            prompt = stories.encode(text)
-            out = speculative_generate(stories, drafter, prompt, 48, tree=tree, method=name)
-            assert out.token_ids == generate(stories, prompt, 48).token_ids, (text, tree)
-            accepted += out.accept_lengths
-    assert sum(accepted) / len(accepted) > 1.2  # trained heads get tokens accepted
+    assert_decodes_losslessly(stories, drafter, (TreeSpec(4, 3, 1), TreeSpec(10, 3, 3)), name, 1.2)  # (a trained draft gets tokens accepted)
 
 
 def test_rows_decoded_together_equal_each_alone_and_sampling_is_exact(stories, kind):
     drafter = load_drafter(kind[1][0], stories)
-    prompts = [stories.encode(text) for text in PROMPTS]
-    engine = Engine(stories, drafter, TreeSpec(6, 3, 2), max_rows=2)
-    assert [r.token_ids for r in engine.run([Request(p, 40) for p in prompts])] == [
-        generate(stories, p, 40).token_ids for p in prompts]  # fmt: skip
-    prompt = stories.encode("One day, Tom")
-    table = exact_triples(stories, prompt, SamplingParams(**PARAMS))
-    assert chi_square_p_value(speculative_triples(stories, drafter, prompt, PARAMS, N_LOOP), table) > ALPHA
+    assert_batched_and_sampled_exactly(stories, drafter, TreeSpec(6, 3, 2))
 
 
 def test_training_resumes_exactly(stories, examples, tmp_path, kind):

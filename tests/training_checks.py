@@ -37,3 +37,38 @@ def assert_loss_fell(state, factor: float) -> None:
     first = sum(r["loss0"] for r in state.log[:5]) / 5
     last = sum(r["loss0"] for r in state.log[-5:]) / 5
     assert last < factor * first, (first, last)
+
+
+PROMPTS = ("Once upon a time", "The little dog", "One day, Tom")
+
+
+def assert_decodes_losslessly(stories, drafter, trees, method: str, min_tau: float) -> None:
+    """Greedy speculative output equals plain decoding's for PROMPTS on every tree, and the drafted rounds
+    accept on average more than min_tau - 1 draft tokens (a trained draft gets tokens accepted)."""
+    from eagle3.generate import generate
+    from eagle3.speculative import speculative_generate
+
+    accepted = []
+    for tree in trees:
+        for text in PROMPTS:
+            prompt = stories.encode(text)
+            out = speculative_generate(stories, drafter, prompt, 48, tree=tree, method=method)
+            assert out.token_ids == generate(stories, prompt, 48).token_ids, (text, tree)
+            accepted += out.accept_lengths
+    assert sum(accepted) / len(accepted) > min_tau
+
+
+def assert_batched_and_sampled_exactly(stories, drafter, tree) -> None:
+    """Rows decoded together equal each decoded alone, and sampled triples follow the target's distribution."""
+    from eagle3.engine import Engine, Request
+    from eagle3.generate import generate
+    from eagle3.sampling import SamplingParams
+    from test_sampling_exact import ALPHA, N_LOOP, PARAMS, chi_square_p_value, exact_triples, speculative_triples
+
+    prompts = [stories.encode(text) for text in PROMPTS]
+    engine = Engine(stories, drafter, tree, max_rows=2)
+    assert [r.token_ids for r in engine.run([Request(p, 40) for p in prompts])] == [
+        generate(stories, p, 40).token_ids for p in prompts]  # fmt: skip
+    prompt = stories.encode("One day, Tom")
+    table = exact_triples(stories, prompt, SamplingParams(**PARAMS))
+    assert chi_square_p_value(speculative_triples(stories, drafter, prompt, PARAMS, N_LOOP), table) > ALPHA
