@@ -31,14 +31,16 @@ class NativeDraft:
 
     def __init__(self, draft, int8: bool = False):
         if native.library() is None:
-            raise ValueError(f"the native draft needs eagle3's native kernels, unavailable here: {native.why_unavailable()}")
+            raise ValueError(f"the native draft needs eagle3's native kernels, unavailable here: "
+                             f"{native.why_unavailable()}")  # fmt: skip
         cfg = draft.config
         self.kind = EAGLE3_DRAFT if hasattr(draft, "midlayer") else EAGLE_DRAFT
         with torch.no_grad():
             matrices, biases = (_eagle3_matrices if self.kind == EAGLE3_DRAFT else _eagle1_matrices)(draft)
             stored = [None if w is None else NativeWeight.of(w, int8) for w in matrices]
         entries = [t for w, b in zip(stored, biases) for t in ((None, None) if w is None else (w.data, w.scale)) + (b,)]
-        (table,), self._keep = native.pointer_table([entries + [draft._inv_freq.float()]])  # (forward.cpp's DraftField order)
+        # (forward.cpp's DraftField order)
+        (table,), self._keep = native.pointer_table([entries + [draft._inv_freq.float()]])
         self.table, self.draft, self.int8 = table, draft, int8
         self.vocab = matrices[-1].shape[0] if matrices[-1] is not None else None
         self.shape = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size]
@@ -93,7 +95,8 @@ def _eagle3_matrices(draft) -> tuple[list[Tensor], list[Tensor | None]]:
     qkv = torch.cat([interleave_rope_rows(attn.q_proj.weight.float(), cfg.num_heads),
                      interleave_rope_rows(attn.k_proj.weight.float(), cfg.num_kv_heads), attn.v_proj.weight.float()])
     qkv = qkv * torch.cat([layer.input_layernorm.weight, layer.hidden_norm.weight]).float() * root_h
-    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float() * layer.post_attention_layernorm.weight.float() * root_h
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float()
+    gate_up = gate_up * layer.post_attention_layernorm.weight.float() * root_h
     head = draft.lm_head.weight.float() * draft.norm.weight.float() * root_h
     matrices = [draft.fc.weight.float(), qkv, attn.o_proj.weight.float(), gate_up, mlp.down_proj.weight.float(), head]
     return matrices, [draft.fc.bias, None, None, None, None, None]
@@ -106,7 +109,7 @@ def _eagle1_matrices(draft) -> tuple[list[Tensor | None], list[Tensor | None]]:
     attn, mlp = layer.self_attn, layer.mlp
     qkv = torch.cat([interleave_rope_rows(attn.q_proj.weight.float(), cfg.num_heads),
                      interleave_rope_rows(attn.k_proj.weight.float(), cfg.num_kv_heads), attn.v_proj.weight.float()])
-    gate_up = (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float() * layer.post_attention_layernorm.weight.float()
-               * math.sqrt(cfg.hidden_size))  # fmt: skip
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float()
+    gate_up = gate_up * layer.post_attention_layernorm.weight.float() * math.sqrt(cfg.hidden_size)
     matrices = [draft.fc.weight.float(), qkv, attn.o_proj.weight.float(), gate_up, mlp.down_proj.weight.float(), None]
     return matrices, [draft.fc.bias, None, None, None, None, None]

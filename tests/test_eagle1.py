@@ -85,14 +85,15 @@ def test_the_checkpoint_is_in_eagles_layout_and_round_trips(stories, tmp_path):
     save_eagle1(draft, tmp_path / "e", "stories260k")
     config = json.loads((tmp_path / "e" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 1
-    assert config["bias"] is True and config["hidden_size"] == cfg.hidden_size and config["vocab_size"] == cfg.vocab_size
+    assert config["bias"] is True and (config["hidden_size"], config["vocab_size"]) == (cfg.hidden_size, cfg.vocab_size)
     H, I, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     layer = "layers.0."
     assert {k: tuple(v.shape) for k, v in load_file(tmp_path / "e" / WEIGHTS).items()} == {
         "fc.weight": (H, 2 * H), "fc.bias": (H,), layer + "self_attn.q_proj.weight": (q, H),
         layer + "self_attn.k_proj.weight": (kv, H), layer + "self_attn.v_proj.weight": (kv, H),
         layer + "self_attn.o_proj.weight": (H, q), layer + "post_attention_layernorm.weight": (H,),
-        layer + "mlp.gate_proj.weight": (I, H), layer + "mlp.up_proj.weight": (I, H), layer + "mlp.down_proj.weight": (H, I)}
+        layer + "mlp.gate_proj.weight": (I, H), layer + "mlp.up_proj.weight": (I, H),
+        layer + "mlp.down_proj.weight": (H, I)}  # fmt: skip
     loaded = load_eagle1(tmp_path / "e", cfg)
     for key, value in draft.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
@@ -101,7 +102,8 @@ def test_the_checkpoint_is_in_eagles_layout_and_round_trips(stories, tmp_path):
     # target's are used).
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "e" / "config.json").read_text())
-    torch.save({**draft.state_dict(), "embed_tokens.weight": torch.zeros(cfg.vocab_size, H)}, tmp_path / "bin" / "pytorch_model.bin")
+    state = {**draft.state_dict(), "embed_tokens.weight": torch.zeros(cfg.vocab_size, H)}
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
     assert is_eagle1_checkpoint(tmp_path / "bin")
     assert torch.equal(load_eagle1(tmp_path / "bin", cfg).fc.weight, draft.fc.weight)
     assert isinstance(load_drafter(tmp_path / "bin", stories), Eagle1Drafter)
@@ -160,7 +162,7 @@ def test_training_learns_and_the_draft_decodes_losslessly(stories, kind):
         assert torch.equal(value.cpu(), loaded.state_dict()[key]), key
     drafter = load_drafter(folder, stories)
     assert isinstance(drafter, Eagle1Drafter) and drafter.tap_layers == (stories.model.config.num_layers,)
-    assert_decodes_losslessly(stories, drafter, (TreeSpec(4, 3, 1), TreeSpec(12, 4, 3)), name, 1.3)  # (a trained draft gets tokens accepted)
+    assert_decodes_losslessly(stories, drafter, (TreeSpec(4, 3, 1), TreeSpec(12, 4, 3)), name, 1.3)
 
 
 def test_rows_decoded_together_equal_each_alone_and_sampling_is_exact(stories, trained):
@@ -208,15 +210,16 @@ def test_on_the_native_runtime_the_step_runs_natively_and_stays_lossless(stories
     target = load_target(str(stories.path), runtime="native")
     drafter = load_drafter(trained[0], target, int8=False)
     assert drafter.draft.native is not None and drafter.draft.native.int8 is False
-    reference = load_eagle1(trained[0], stories.model.config).attach(stories.model.embed.weight, target_lm_head(stories.model))
+    reference = load_eagle1(trained[0], stories.model.config)
+    reference.attach(stories.model.embed.weight, target_lm_head(stories.model))
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, stories.model.config.vocab_size, (2, 6), generator=gen)
     features = torch.randn(2, 6, stories.model.config.hidden_size, generator=gen)
     for draft in (drafter.draft, reference):
         draft.setup_cache(32, batch_size=2)
     with torch.no_grad():
-        torch.testing.assert_close(drafter.draft(tokens, features, torch.arange(6)), reference(tokens, features, torch.arange(6)),
-                                   atol=1e-4, rtol=1e-4)  # fmt: skip
+        fast, slow = drafter.draft(tokens, features, torch.arange(6)), reference(tokens, features, torch.arange(6))
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
     for text in PROMPTS:
         prompt = target.encode(text)
         out = speculative_generate(target, load_drafter(trained[0], target), prompt, 40, tree=TreeSpec(8, 3, 2))

@@ -95,7 +95,7 @@ def test_training_learns_and_the_heads_decode_losslessly(stories, kind):
     drafter = load_drafter(folder, stories)
     assert isinstance(drafter, MedusaDrafter if name == "medusa" else HydraDrafter)
     assert drafter.tap_layers == (stories.model.config.num_layers,)
-    assert_decodes_losslessly(stories, drafter, (TreeSpec(4, 3, 1), TreeSpec(10, 3, 3)), name, 1.2)  # (a trained draft gets tokens accepted)
+    assert_decodes_losslessly(stories, drafter, (TreeSpec(4, 3, 1), TreeSpec(10, 3, 3)), name, 1.2)
 
 
 def test_rows_decoded_together_equal_each_alone_and_sampling_is_exact(stories, kind):
