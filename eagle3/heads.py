@@ -61,23 +61,28 @@ def checkpoint_kind(path: str | Path) -> str | None:
     return next((kind for kind in ("medusa", "hydra") if f"{kind}_num_heads" in cfg), None)
 
 
-def save_heads(heads: nn.ModuleList, folder: str | Path, file: str, kind: str, num_layers: int, base_model: str) -> Path:
-    """The heads' state in folder/file and a config.json naming `{kind}_num_heads` and `{kind}_num_layers`
-    (files replaced atomically, one by one)."""
+def save_heads(heads: nn.Module, folder: str | Path, file: str, kind: str, num_heads: int, num_layers: int,
+               base_model: str, hidden_size: int, vocab_size: int, extra: dict | None = None) -> Path:
+    """The heads' state in folder/file (safetensors, or a weights-only torch file for a .pt name) and a
+    config.json naming `{kind}_num_heads` and `{kind}_num_layers`, plus `extra` (files replaced atomically, one
+    by one)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in heads.state_dict().items()}
     with atomic_path(folder / file) as temp:
-        save_file(state, str(temp))
-    vocab, hidden = heads[0][-1].weight.shape  # (each head's output layer)
-    config = {f"{kind}_num_heads": len(heads), f"{kind}_num_layers": num_layers, "base_model_name_or_path": base_model,
-              "hidden_size": hidden, "vocab_size": vocab}  # fmt: skip
+        if file.endswith(".pt"):
+            torch.save(state, temp)
+        else:
+            save_file(state, str(temp))
+    config = {f"{kind}_num_heads": num_heads, f"{kind}_num_layers": num_layers,
+              "base_model_name_or_path": base_model, "hidden_size": hidden_size, "vocab_size": vocab_size,
+              **(extra or {})}  # fmt: skip
     write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
     return folder
 
 
 def load_heads(folder: str | Path, file: str, kind: str, build, target_config: ModelConfig) -> nn.Module:
-    """Heads saved by save_heads (or, for Medusa, by Medusa's own code): build(num_heads, num_layers) makes the
+    """Heads saved by save_heads (or by Medusa's or Hydra's own code): build(num_heads, num_layers) makes the
     module, whose `heads` must take the file's state exactly; one-line errors for anything else."""
     folder, name = Path(folder), kind.capitalize()
     try:

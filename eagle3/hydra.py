@@ -2,22 +2,27 @@
 at position t and the embeddings of the k + 1 tokens after it (the root, then the tree's path to the node being
 expanded) and guesses the next one, so a node's children depend on the path that led to it.
 
-    [feature ; embed(root) ; embed(path) ...] (k + 2 widths) -> a projection to the width -> residual blocks
-    (heads.ResBlock) -> its own output layer over the target's vocabulary
+    x = [feature ; embed(root) ; embed(path) ...] (k + 2 widths) -> res_connection(x) + SiLU(linear(x))
+    -> num_layers - 1 residual blocks (x + SiLU(W x + b), one block's weights repeated, as Hydra builds them)
+    -> its own output layer (with a bias) over the target's vocabulary
 
 The feature is the last layer's output after the target's final norm (heads.normed_feature), the embeddings
 the target's own. `eagle3 train --method hydra` trains the heads (self-distillation, teacher-forced on the
-data's tokens, head k weighted 0.8^k); `--draft FOLDER` decodes with them. Checkpoints: eagle3's own layout
-(`hydra_heads.safetensors` and a `config.json` with `hydra_num_heads`, `hydra_num_layers`); Hydra's published
-code keeps its heads in a model-specific checkpoint that was not matched here. Partial (issue 18): Hydra++'s
-prefix attention and `--tree auto` are not offered.
+data's tokens, head k weighted 0.8^k); `--draft FOLDER` decodes with them. Checkpoints use Hydra's published
+layout (its "mlp" heads with grounded heads, what its own code loads): `hydra_lm_head.pt` holding the heads'
+state (`hydra_mlp.{k}.{block}...`, `hydra_lm_head.{k}.weight` / `.bias`; read weights-only) and a `config.json`
+with `hydra_num_heads`, `hydra_num_layers`, `hydra_head_arch` "mlp", `grounded_heads` true,
+`hidden_state_offset` 0 and `base_model_name_or_path`; other head architectures are refused. Partial (issue
+18): Hydra++'s prefix attention and `--tree auto` are not offered.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eagle3.drafter import Proposal, top_children
@@ -28,46 +33,83 @@ from eagle3.policy import TreePlan
 from eagle3.target import Target
 from eagle3.tree import TreeGrowth, grow_trees
 
-HEADS_FILE = "hydra_heads.safetensors"
+HEADS_FILE = "hydra_lm_head.pt"
+LAYOUT = {"hydra_head_arch": "mlp", "grounded_heads": True, "hidden_state_offset": 0}  # what config.json must say
+
+
+class GroundedBlock(nn.Module):
+    """A head's first block: [feature ; k + 1 embeddings] -> res_connection(x) + SiLU(linear(x)), H wide."""
+
+    def __init__(self, hidden_size: int, tokens: int):
+        super().__init__()
+        self.linear = nn.Linear((tokens + 1) * hidden_size, hidden_size)
+        self.res_connection = nn.Linear((tokens + 1) * hidden_size, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.res_connection(x) + F.silu(self.linear(x))
 
 
 class HydraHeads(nn.Module):
+    """num_heads heads; submodules named as Hydra names them, so the state is its checkpoint's."""
+
     def __init__(self, num_heads: int, num_layers: int, hidden_size: int, vocab_size: int):
         super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"Hydra's heads have at least one block (its grounded one), got {num_layers}")
         self.num_heads, self.num_layers = num_heads, num_layers
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear((k + 2) * hidden_size, hidden_size), *(ResBlock(hidden_size) for _ in range(num_layers)),
-                          nn.Linear(hidden_size, vocab_size, bias=False))
+        self.hydra_mlp = nn.ModuleList(
+            nn.Sequential(GroundedBlock(hidden_size, k + 1), *([ResBlock(hidden_size)] * (num_layers - 1)))
             for k in range(num_heads)
         )  # fmt: skip
+        self.hydra_lm_head = nn.ModuleList(nn.Linear(hidden_size, vocab_size) for _ in range(num_heads))
+
+    @property
+    def heads(self) -> nn.Module:
+        """The module whose state the checkpoint holds (heads.load_heads): all of it."""
+        return self
 
     def head(self, k: int, feature: Tensor, embeddings: Tensor) -> Tensor:
         """Head k's logits [..., vocab] from the normed feature [..., H] and k + 1 token embeddings [..., k + 1, H]."""
-        return self.heads[k](torch.cat([feature, embeddings.flatten(-2)], dim=-1))
+        return self.hydra_lm_head[k](self.hydra_mlp[k](torch.cat([feature, embeddings.flatten(-2)], dim=-1)))
 
 
 def new_heads(model: Transformer, num_heads: int, num_layers: int, seed: int = 0) -> HydraHeads:
-    """Fresh heads: each projection starts by passing the feature through, each output layer as the target's
-    lm_head (as Medusa's heads start)."""
+    """Fresh heads that start as the target's own next-token guess: each grounded block passes the feature
+    through (its residual projection the identity on it, its SiLU branch zero), each output layer is the
+    target's lm_head with a zero bias."""
     cfg = model.config
     torch.manual_seed(seed)
     heads = HydraHeads(num_heads, num_layers, cfg.hidden_size, cfg.vocab_size)
     with torch.no_grad():
-        for head in heads.heads:
-            projection = head[0]
-            projection.weight.mul_(0.1)
-            projection.weight[:, : cfg.hidden_size] += torch.eye(cfg.hidden_size)
-            projection.bias.zero_()
-            head[-1].weight.copy_(target_lm_head(model))
+        for block, output in zip(heads.hydra_mlp, heads.hydra_lm_head):
+            grounded = block[0]
+            grounded.linear.weight.zero_()
+            grounded.linear.bias.zero_()
+            grounded.res_connection.weight.mul_(0.1)
+            grounded.res_connection.weight[:, : cfg.hidden_size] += torch.eye(cfg.hidden_size)
+            grounded.res_connection.bias.zero_()
+            output.weight.copy_(target_lm_head(model))
+            output.bias.zero_()
     return heads.to(model.device)
 
 
-
 def save_hydra(heads: HydraHeads, folder: str | Path, base_model: str) -> Path:
-    return save_heads(heads.heads, folder, HEADS_FILE, "hydra", heads.num_layers, base_model)
+    """Hydra's layout in folder (files replaced atomically, one by one)."""
+    vocab, hidden = heads.hydra_lm_head[0].weight.shape
+    return save_heads(heads, folder, HEADS_FILE, "hydra", heads.num_heads, heads.num_layers, base_model, hidden, vocab,
+                      LAYOUT)  # fmt: skip
 
 
 def load_hydra(folder: str | Path, target_config: ModelConfig) -> HydraHeads:
+    """Heads in Hydra's layout, checked against the target; other head architectures refused in one line."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder} is not a readable Hydra checkpoint ({type(err).__name__}: {err})") from None
+    if isinstance(cfg, dict):
+        found = {k: cfg.get(k, v) for k, v in LAYOUT.items()}
+        if found != LAYOUT:
+            raise ValueError(f"{folder}: Hydra heads {found} are not supported (only {LAYOUT})")
     build = lambda n, layers: HydraHeads(n, layers, target_config.hidden_size, target_config.vocab_size)  # noqa: E731
     return load_heads(folder, HEADS_FILE, "hydra", build, target_config)
 

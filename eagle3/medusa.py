@@ -65,7 +65,9 @@ def new_heads(model: Transformer, num_heads: int, num_layers: int, seed: int = 0
 
 def save_medusa(heads: MedusaHeads, folder: str | Path, base_model: str) -> Path:
     """Medusa's layout in folder (files replaced atomically, one by one)."""
-    return save_heads(heads.heads, folder, HEADS_FILE, "medusa", heads.num_layers, base_model)
+    vocab, hidden = heads.heads[0][-1].weight.shape
+    return save_heads(heads.heads, folder, HEADS_FILE, "medusa", heads.num_heads, heads.num_layers, base_model, hidden,
+                      vocab)  # fmt: skip
 
 
 def load_medusa(folder: str | Path, target_config: ModelConfig) -> MedusaHeads:

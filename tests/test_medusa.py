@@ -1,5 +1,5 @@
 """Medusa-1 heads (eagle3/medusa.py) and Hydra's sequentially dependent heads (eagle3/hydra.py): checkpoint
-layouts (Medusa's published one), training (`train --method medusa|hydra`, exact resume), and decoding with
+layouts (Medusa's and Hydra's published ones), training (`train --method medusa|hydra`, exact resume), and decoding with
 them: greedy output equal to plain decoding on chains and trees, alone and batched, and sampled output drawn
 from the target's distribution."""
 
@@ -57,6 +57,33 @@ def test_the_checkpoint_is_in_medusas_layout_and_round_trips(stories, tmp_path):
     from eagle3.heads import normed_feature
 
     torch.testing.assert_close(fresh(normed_feature(stories.model, out.taps))[0], out.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_hydra_checkpoints_are_in_hydras_layout_and_round_trip(stories, tmp_path, capsys):
+    from eagle3.hydra import HEADS_FILE as HYDRA_FILE, load_hydra, new_heads as new_hydra_heads, save_hydra
+
+    heads = new_hydra_heads(stories.model, num_heads=2, num_layers=2, seed=3)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.01 * torch.randn(p.shape))
+    save_hydra(heads, tmp_path / "h", "stories260k")
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert config["hydra_num_heads"] == 2 and config["hydra_num_layers"] == 2 and config["hydra_head_arch"] == "mlp"
+    assert config["grounded_heads"] is True and config["hidden_state_offset"] == 0
+    H, V = stories.model.config.hidden_size, stories.model.config.vocab_size
+    state = torch.load(tmp_path / "h" / HYDRA_FILE, weights_only=True)
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        **{f"hydra_mlp.{k}.0.{name}.{part}": (H, (k + 2) * H) if part == "weight" else (H,)
+           for k in range(2) for name in ("linear", "res_connection") for part in ("weight", "bias")},
+        **{f"hydra_mlp.{k}.1.linear.{part}": (H, H) if part == "weight" else (H,) for k in range(2) for part in ("weight", "bias")},
+        **{f"hydra_lm_head.{k}.{part}": (V, H) if part == "weight" else (V,) for k in range(2) for part in ("weight", "bias")},
+    }  # fmt: skip
+    loaded = load_hydra(tmp_path / "h", stories.model.config)
+    for key, value in heads.state_dict().items():
+        assert torch.equal(value.cpu(), loaded.state_dict()[key]), key
+    (tmp_path / "h" / "config.json").write_text(json.dumps({**config, "hydra_head_arch": "cross-attn"}))
+    args = ["generate", "Once", "--target", str(stories.path), "--draft", str(tmp_path / "h"), "--tree", "4,3,1"]
+    assert main(args) == 2 and "cross-attn" in capsys.readouterr().err
 
 
 def test_a_checkpoint_for_another_model_is_refused(stories, tmp_path, capsys):
