@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from eagle3.drafter import Drafter, NoDrafter
-from eagle3.pld import LookupGraft
+from eagle3.pld import GraftPrice, LookupGraft
 from eagle3.policy import FixedTree, RoundReport, TreePolicy
 from eagle3.runtime import make_runtime
 from eagle3.sampling import SamplingParams, make_generator, next_token
@@ -191,7 +191,8 @@ class Engine:
         else:  # plain steps; the drafter catches up on these tokens when it next drafts
             trees = [root_only(seq.root) for seq in sequences]
         if self.lookup:  # each row's prompt-lookup chain merged into its tree, in plain rounds too
-            trees = [self.lookup.graft(row, tree, self.runtime.max_len - self.runtime.length(row) - tree.size)
+            trees = [self.lookup.graft(row, tree, self.runtime.max_len - self.runtime.length(row) - tree.size,
+                                       self._graft_price(plan, row, tree, draft_start))
                      for row, tree in enumerate(trees)]  # fmt: skip
         verify_start = time.perf_counter()
         logits, taps = runtime.verify(trees)
@@ -217,6 +218,16 @@ class Engine:
         for seq in sequences:  # (after the round's timing: the policy prices the round, not the printing)
             if seq.streamer and not seq.stopper.done:
                 seq.streamer.update(seq.stopper.text())
+
+    @staticmethod
+    def _graft_price(plan, row: int, tree, draft_start: float) -> GraftPrice | None:
+        """A row's round as its policy priced it, for weighing a lookup chain (None: the policy prices nothing)."""
+        if plan.verify_ms is None:
+            return None
+        expected = getattr(plan.sizers.get(row), "gain", 0.0)  # (the tree's expected accepted draft tokens)
+        spent = (time.perf_counter() - draft_start) * 1000
+        return GraftPrice(1.0 + expected, spent + float(plan.verify_ms[min(tree.size, len(plan.verify_ms)) - 1]),
+                          plan.verify_ms)  # fmt: skip
 
     def _fit(self, spec: TreeSpec, row: int) -> TreeSpec:
         """Near the end of the context a row's tree shrinks to what still fits, down to the root alone."""

@@ -6,6 +6,7 @@ drafter's trees (LookupGraft, `--lookup N`): n-gram drafts are strong where text
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -81,6 +82,17 @@ def graft_chain(tree: DraftTree, chain: Sequence[int], logp: Sequence[float]) ->
                      children, torch.tensor(scores, dtype=torch.float32)), added  # fmt: skip
 
 
+@dataclass(frozen=True)
+class GraftPrice:
+    """What a row's round brings and costs without a chain: its expected tokens (1 + the tree's expected
+    accepted draft tokens), its ms so far and to come (drafting spent, verifying its tree), and the verify cost
+    of 1, 2, ... tree tokens (ms) that extra nodes are priced by."""
+
+    tokens: float
+    ms: float
+    verify_ms: np.ndarray
+
+
 class LookupGraft:
     """Each row's prompt-lookup chain grafted onto the tree its drafter proposed, in drafted and plain rounds
     alike (a plain round's tree is its root alone): the engine's --lookup. A chain token goes in while the
@@ -126,17 +138,43 @@ class LookupGraft:
         self.pending[row] = []
         self.indexes[row].extend(tokens)
 
-    def graft(self, row: int, tree: DraftTree, room: int) -> DraftTree:
-        """The row's tree with its lookup chain grafted on, adding at most `room` nodes."""
+    def graft(self, row: int, tree: DraftTree, room: int, price: GraftPrice | None = None) -> DraftTree:
+        """The row's tree with its lookup chain grafted on, adding at most `room` nodes: with a price, the chain
+        prefix that maximizes the round's expected tokens per ms (none, where no prefix pays for its
+        verification); without one, the prefix whose estimated chance of being right stays >= min_prob."""
         found = self.indexes[row].lookup(self.num_tokens)
         self.pending[row] = found
         rates = (self.accepted[: len(found)] + 1) / (self.proposed[: len(found)] + 2)
-        keep = int(np.sum(np.cumprod(rates) >= self.min_prob))  # (a product of rates <= 1 only falls)
+        reach = np.cumprod(rates)  # chance the chain is right through each position
+        if price is None:
+            keep = int(np.sum(reach >= self.min_prob))  # (a product of rates <= 1 only falls)
+        else:
+            keep = self._paying_prefix(tree, found, reach, price)
         chain, logp = found[:keep], [math.log(r) for r in rates[:keep]]
         grafted, added = graft_chain(tree, chain, logp)
         if added > room:  # (near the end of the context: keep what still fits, the prefix)
             grafted, added = graft_chain(tree, chain[: self._fitting(tree, chain, room)], logp)
         return grafted
+
+    @staticmethod
+    def _paying_prefix(tree: DraftTree, chain: Sequence[int], reach: np.ndarray, price: GraftPrice) -> int:
+        """The chain length m maximizing (tokens + expected new accepted tokens) / (ms + added verify ms); the
+        positions the tree already holds add neither."""
+        node, shared = 0, 0  # how far the chain runs along existing nodes
+        tokens = tree.tokens.tolist()
+        for token in chain:
+            child = next((c for c in tree.children[node] if tokens[c] == token), None)
+            if child is None:
+                break
+            node, shared = child, shared + 1
+        v, size = price.verify_ms, tree.size
+        best, best_rate = 0, price.tokens / price.ms
+        for m in range(shared + 1, len(chain) + 1):
+            added = min(size + m - shared, len(v)) - 1
+            rate = (price.tokens + float(reach[shared:m].sum())) / (price.ms + float(v[added] - v[min(size, len(v)) - 1]))
+            if rate > best_rate:
+                best, best_rate = m, rate
+        return best
 
     @staticmethod
     def _fitting(tree: DraftTree, chain: Sequence[int], room: int) -> int:

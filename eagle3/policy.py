@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+import numpy as np
+
 from eagle3.tree import DraftTree, SizePolicy, TreeSpec
 
 
@@ -25,6 +27,9 @@ class TreePlan:
     make_sizer: Callable[[int, int], SizePolicy] | None = None  # (row, tokens its catch-up read) -> sizer
     drafted: bool = True  # False: a plain round, every tree the root alone
     sizers: dict[int, SizePolicy] = field(default_factory=dict)
+    # What verifying 1, 2, ... tree tokens per row costs this round (ms), as the policy prices it; None where the
+    # policy does not price rounds. Lookup chains grafted onto the trees are weighed against it (pld.py).
+    verify_ms: np.ndarray | None = None
 
     def sizer(self, row: int, read: int) -> SizePolicy | None:
         """The sizer of a row's tree (None: the spec's fixed sizes)."""

@@ -68,8 +68,9 @@ class Rounds:
         predicted_draft = max((s.draft_ms for s in plan.sizers.values()), default=0.0)
         size = max(t.size for t in trees)
         predicted_verify = float(self.policy._verify_ms(self.contexts[0], len(trees))[size - 1])
-        self.report = RoundReport(plan, trees, [accepted] * len(trees), self.contexts,
-                                  draft_factor * predicted_draft, verify_factor * predicted_verify)  # fmt: skip
+        accepted = [min(accepted, int(t.depths.max())) for t in trees]  # (a plain round's root accepts nothing)
+        self.report = RoundReport(plan, trees, accepted, self.contexts, draft_factor * predicted_draft,
+                                  verify_factor * predicted_verify)  # fmt: skip
 
     def round(self, p_top=0.9, accepted=0, **factors) -> tuple[TreePlan, list[DraftTree]]:
         plan = self.plan()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import torch
 
 from eagle3.cli import main
@@ -14,10 +15,10 @@ from eagle3.draft import new_draft
 from eagle3.drafter import Eagle3Drafter, NoDrafter
 from eagle3.engine import Engine, Request
 from eagle3.generate import generate
-from eagle3.pld import LookupGraft, NgramIndex, graft_chain, lookup
+from eagle3.pld import GraftPrice, LookupGraft, NgramIndex, graft_chain, lookup
 from eagle3.sampling import SamplingParams
 from eagle3.speculative import speculative_generate
-from eagle3.tree import DraftTree, TreeSpec, ancestor_mask, root_only
+from eagle3.tree import DraftTree, TreeSpec, ancestor_mask, chain, root_only
 from test_sampling_exact import ALPHA, N_LOOP, PARAMS, chi_square_p_value, exact_triples, speculative_triples
 
 REPETITIVE = "Tom had a red ball. Tom had a red ball. Tom had a red"
@@ -63,10 +64,27 @@ def test_chains_shrink_where_lookups_fail_grow_back_where_they_match_and_respect
         graft.commit(0, [1000 + i, 1, 2, 3])
     assert graft.graft(0, root_only(3), room=10).size == 1
     for _ in range(60):  # the (pruned) chains match again: their estimates recover, chains come back
-        chain = graft.indexes[0].lookup(4)
+        found = graft.indexes[0].lookup(4)
         graft.graft(0, root_only(3), room=10)
-        graft.commit(0, chain[:1])
+        graft.commit(0, found[:1])
     assert graft.graft(0, root_only(3), room=10).size > 1
+
+
+def test_a_priced_chain_goes_in_as_far_as_it_pays():
+    """With the policy's prices the chain prefix maximizes the round's tokens per ms: all of it where verifying
+    more tokens is nearly free, none where each token costs a step, and nodes the tree already has cost nothing."""
+    graft = LookupGraft(num_tokens=4)
+    graft.open()
+    graft.join(0, [1, 2, 3, 9, 8, 7, 1, 2])
+    graft.commit(0, [3])  # the chain after "1 2 3": 9 8 7 1 (estimated right 1/2, 1/4, 1/8, 1/16 of the time)
+    flat = GraftPrice(tokens=1.0, ms=10.0, verify_ms=np.array([10.0, 10.2, 10.4, 10.6, 10.8, 11.0]))
+    steep = GraftPrice(tokens=1.0, ms=10.0, verify_ms=np.array([10.0, 20.0, 30.0, 40.0, 50.0, 60.0]))
+    assert graft.graft(0, root_only(3), room=10, price=flat).tokens.tolist() == [3, 9, 8, 7, 1]
+    assert graft.graft(0, root_only(3), room=10, price=steep).size == 1
+    along = chain(torch.tensor([3, 9, 8]))  # a tree already holding the chain's first two tokens
+    assert graft.graft(0, along, room=10, price=steep).size == 3
+    middle = GraftPrice(tokens=1.0, ms=10.0, verify_ms=np.array([10.0, 13.0, 16.0, 19.0, 22.0, 25.0]))
+    assert graft.graft(0, root_only(3), room=10, price=middle).size == 2  # the first token pays, the rest not
 
 
 def test_greedy_output_is_the_targets_with_lookup_whatever_the_drafter(stories):
