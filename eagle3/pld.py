@@ -55,29 +55,39 @@ class NgramIndex:
         return []
 
 
+def along(tree: DraftTree, chain: Sequence[int]) -> tuple[int, int]:
+    """How far `chain` (tokens after the root) runs along the tree's existing nodes: (the last node it reaches,
+    how many of its tokens it matched)."""
+    tokens, node, shared = tree.tokens.tolist(), 0, 0
+    for token in chain:
+        child = next((c for c in tree.children[node] if tokens[c] == token), None)
+        if child is None:
+            break
+        node, shared = child, shared + 1
+    return node, shared
+
+
 def graft_chain(tree: DraftTree, chain: Sequence[int], logp: Sequence[float]) -> tuple[DraftTree, int]:
     """The tree with `chain` (tokens after the root) merged in: it follows existing nodes while they agree and
     adds new nodes from where it departs (each after its parent's existing children); a new node's score is
     its parent's plus logp[i] (the chain token's log-probability of acceptance). Returns the tree and how many
     nodes were added."""
+    node, shared = along(tree, chain)
+    if shared == len(chain):
+        return tree, 0
     tokens, parents = tree.tokens.tolist(), list(tree.parents)
     children = [list(c) for c in tree.children]
     depths, scores = tree.depths.tolist(), tree.scores.tolist()
-    node, added = 0, 0
-    for token, lp in zip(chain, logp):
-        child = next((c for c in children[node] if tokens[c] == token), None)
-        if child is None:
-            child = len(tokens)
-            tokens.append(int(token))
-            parents.append(node)
-            depths.append(depths[node] + 1)
-            scores.append(scores[node] + lp)
-            children[node].append(child)
-            children.append([])
-            added += 1
+    for token, lp in zip(chain[shared:], logp[shared:]):
+        child = len(tokens)
+        tokens.append(int(token))
+        parents.append(node)
+        depths.append(depths[node] + 1)
+        scores.append(scores[node] + lp)
+        children[node].append(child)
+        children.append([])
         node = child
-    if not added:
-        return tree, 0
+    added = len(chain) - shared
     return DraftTree(torch.tensor(tokens, dtype=torch.long), parents, torch.tensor(depths), ancestor_mask(parents),
                      children, torch.tensor(scores, dtype=torch.float32)), added  # fmt: skip
 
@@ -95,11 +105,12 @@ class GraftPrice:
 
 class LookupGraft:
     """Each row's prompt-lookup chain grafted onto the tree its drafter proposed, in drafted and plain rounds
-    alike (a plain round's tree is its root alone): the engine's --lookup. A chain token goes in while the
-    estimated probability that the chain is right that far stays at least `min_prob`; the estimate is how often
-    chain tokens at each position matched what was committed (given the ones before matched; counted with one
-    match and one miss to start), so where lookups keep failing the chains shrink to nothing and verifying costs
-    what it did without them, and they come back where lookups start matching again."""
+    alike (a plain round's tree is its root alone): the engine's --lookup. How far a chain goes in rests on the
+    estimated chance that it is right that far: how often chain tokens at each position matched what was
+    committed (given the ones before matched; counted with one match and one miss to start). With the policy's
+    prices (GraftPrice) the chain goes in as far as it raises the round's expected tokens per ms; without them,
+    while that chance stays at least `min_prob`. Where lookups keep failing the chains shrink to nothing, and
+    verifying costs what it did without them; they come back where lookups start matching again."""
 
     def __init__(self, num_tokens: int = 4, max_ngram: int = 3, min_prob: float = 0.3):
         self.num_tokens, self.min_prob = num_tokens, min_prob
@@ -160,18 +171,13 @@ class LookupGraft:
     def _paying_prefix(tree: DraftTree, chain: Sequence[int], reach: np.ndarray, price: GraftPrice) -> int:
         """The chain length m maximizing (tokens + expected new accepted tokens) / (ms + added verify ms); the
         positions the tree already holds add neither."""
-        node, shared = 0, 0  # how far the chain runs along existing nodes
-        tokens = tree.tokens.tolist()
-        for token in chain:
-            child = next((c for c in tree.children[node] if tokens[c] == token), None)
-            if child is None:
-                break
-            node, shared = child, shared + 1
+        shared = along(tree, chain)[1]
         v, size = price.verify_ms, tree.size
+        now = float(v[min(size, len(v)) - 1])  # verifying the tree as it is
         best, best_rate = 0, price.tokens / price.ms
         for m in range(shared + 1, len(chain) + 1):
-            added = min(size + m - shared, len(v)) - 1
-            rate = (price.tokens + float(reach[shared:m].sum())) / (price.ms + float(v[added] - v[min(size, len(v)) - 1]))
+            extra_ms = float(v[min(size + m - shared, len(v)) - 1]) - now
+            rate = (price.tokens + float(reach[shared:m].sum())) / (price.ms + extra_ms)
             if rate > best_rate:
                 best, best_rate = m, rate
         return best
