@@ -2,9 +2,9 @@
 
 A round (`Engine.step`) runs every live row at once:
 
-    plan (tree sizes) -> propose (drafter: catch up, grow each row's tree) -> verify (target: one forward over
-    every row's tree) -> accept (each row its own path and next token) -> commit (target cache, drafter)
-    -> stop rules, per row; finished rows leave
+    plan (tree sizes) -> propose (drafter: catch up, grow each row's tree; with lookup, n-gram chains grafted
+    on) -> verify (target: one forward over every row's tree) -> accept (each row its own path and next token)
+    -> commit (target cache, drafter) -> stop rules, per row; finished rows leave
 
 A sequence joins between rounds (`Engine.add`): its prompt is prefilled into the next free row and its first
 token drawn. Plain decoding is the drafter that proposes nothing (drafter.NoDrafter): the same loop, one token
