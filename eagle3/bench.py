@@ -29,7 +29,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from statistics import fmean, median
 from typing import Callable
@@ -84,30 +84,37 @@ class TurnOutput:
 Method = Callable[[list[dict]], TurnOutput]
 
 
-def make_methods(
-    target: Target,
-    names: list[str],
-    max_new_tokens: int,
-    sampling: SamplingParams,
-    trees: list[TreeSpec],
-    draft_path: str | Path | None,
-    assistant: str | None,
-    pld_tokens: int,
-    draft_int8: bool | None = None,
-    draft_window: int | None = DEFAULT_PROMPT_WINDOW,
-    sps_tokens: int = 4,
-    medusa: str | Path | None = None,
-    hydra: str | Path | None = None,
-    heads_tree: TreeSpec = HEADS_TREE,
-    eagle: str | Path | None = None,
-    hass: str | Path | None = None,
-    lookup: int = 0,
-) -> dict[str, Method]:
+@dataclass(frozen=True)
+class MethodDrafts:
+    """What the methods beside vanilla draft with: each one's draft, heads or assistant, and the knobs that shape
+    its trees. Recorded in run.json under these names (they make a run the run it is)."""
+
+    draft: str | Path | None = None  # eagle3's
+    draft_int8: bool | None = None  # None: wherever supported
+    draft_window: int | None = DEFAULT_PROMPT_WINDOW
+    assistant: str | None = None  # sps, hf-assisted
+    pld_tokens: int = 10  # pld, hf-pld
+    sps_tokens: int = 4
+    medusa: str | Path | None = None
+    hydra: str | Path | None = None
+    eagle: str | Path | None = None  # eagle, eagle2
+    hass: str | Path | None = None
+    heads_tree: TreeSpec = HEADS_TREE  # eagle, medusa, hydra
+    lookup: int = 0  # TREE_METHODS also run with lookup chains ("+lookup")
+
+    def record(self) -> dict:
+        paths = ("draft", "medusa", "hydra", "eagle", "hass")
+        return {f.name: (str(v) if v is not None and f.name in paths else v.label if isinstance(v, TreeSpec) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]}  # fmt: skip
+
+
+def make_methods(target: Target, names: list[str], max_new_tokens: int, sampling: SamplingParams,
+                 trees: list[TreeSpec], drafts: MethodDrafts = MethodDrafts()) -> dict[str, Method]:  # fmt: skip
     """One callable per method, all with the same budget, stop tokens and sampling parameters. With several
     trees, each of TREE_METHODS becomes one method per tree, labelled "NAME TREE" (see method_labels). eagle,
-    eagle2 and hass read EAGLE-layout drafts (eagle: the EAGLE draft, for both; hass: a HASS-trained one).
-    lookup: each of TREE_METHODS also runs with prompt-lookup chains of up to that many tokens grafted onto its
-    trees, labelled "LABEL+lookup"."""
+    eagle2 and hass read EAGLE-layout drafts (eagle: the EAGLE draft, for both; hass: a HASS-trained one). With
+    drafts.lookup, each of TREE_METHODS also runs with prompt-lookup chains of up to that many tokens grafted
+    onto its trees, labelled "LABEL+lookup"."""
     methods: dict[str, Method] = {}
 
     def ours(run: Callable[[list[int]], object]) -> Method:
@@ -124,14 +131,14 @@ def make_methods(
             from eagle3.autotree import auto_tree
             from eagle3.drafter import load_drafter
 
-            path = {"eagle3": draft_path, "eagle2": eagle, "hass": hass}[name]
+            path = {"eagle3": drafts.draft, "eagle2": drafts.eagle, "hass": drafts.hass}[name]
             if path is None:
                 raise ValueError("method eagle3 needs a draft: pass --draft PATH (no draft is shipped for this target)"
                                  if name == "eagle3" else f"method {name} needs --{'eagle' if name == 'eagle2' else name} "
                                  "PATH (a draft in EAGLE's layout for this target)")  # fmt: skip
-            drafter = load_drafter(path, target, draft_int8, draft_window)
+            drafter = load_drafter(path, target, drafts.draft_int8, drafts.draft_window)
             for tree, label in zip(trees, tree_labels(name, trees)):
-                for grafted in (0, lookup) if lookup else (0,):
+                for grafted in (0, drafts.lookup) if drafts.lookup else (0,):
                     # One policy per tree for the whole run, so its acceptance corrections carry over questions.
                     policy = auto_tree(target, drafter, tree) if tree.auto else None
                     methods[label + ("+lookup" if grafted else "")] = ours(
@@ -140,27 +147,27 @@ def make_methods(
         elif name == "eagle":
             from eagle3.eagle1 import load_eagle1_drafter
 
-            if eagle is None:
+            if drafts.eagle is None:
                 raise ValueError("method eagle needs --eagle PATH (a draft in EAGLE's layout for this target)")
-            drafter = load_eagle1_drafter(eagle, target, draft_int8, draft_window)
+            drafter = load_eagle1_drafter(drafts.eagle, target, drafts.draft_int8, drafts.draft_window)
             methods[name] = ours(lambda ids, d=drafter: speculative_generate(
-                target, d, ids, max_new_tokens, sampling, tree=heads_tree, method="eagle"))  # fmt: skip
+                target, d, ids, max_new_tokens, sampling, tree=drafts.heads_tree, method="eagle"))  # fmt: skip
         elif name == "pld":
-            pld = PromptLookupDrafter(pld_tokens)
+            pld = PromptLookupDrafter(drafts.pld_tokens)
             methods[name] = ours(lambda ids, d=pld: speculative_generate(
                 target, d, ids, max_new_tokens, sampling, tree=d.tree, method="pld"))  # fmt: skip
         elif name == "sps":
-            if not assistant:
+            if not drafts.assistant:
                 raise ValueError("method sps needs --assistant MODEL (a draft language model with the target's tokenizer)")
             from eagle3.fetch import resolve_model
             from eagle3.sps import load_draft_model_drafter
 
-            sps = load_draft_model_drafter(resolve_model(assistant), target)
-            chain = TreeSpec(sps_tokens + 1, sps_tokens, 1)
+            sps = load_draft_model_drafter(resolve_model(drafts.assistant), target)
+            chain = TreeSpec(drafts.sps_tokens + 1, drafts.sps_tokens, 1)
             methods[name] = ours(lambda ids, d=sps, t=chain: speculative_generate(
                 target, d, ids, max_new_tokens, sampling, tree=t, method="sps"))  # fmt: skip
         elif name in ("medusa", "hydra"):
-            path = medusa if name == "medusa" else hydra
+            path = drafts.medusa if name == "medusa" else drafts.hydra
             if not path:
                 raise ValueError(f"method {name} needs --{name} PATH ({name.capitalize()} heads for this target)")
             from eagle3.hydra import load_hydra_drafter
@@ -168,9 +175,9 @@ def make_methods(
 
             heads = (load_medusa_drafter if name == "medusa" else load_hydra_drafter)(path, target)
             methods[name] = ours(lambda ids, d=heads, m=name: speculative_generate(
-                target, d, ids, max_new_tokens, sampling, tree=heads_tree, method=m))  # fmt: skip
+                target, d, ids, max_new_tokens, sampling, tree=drafts.heads_tree, method=m))  # fmt: skip
         elif name in ("hf", "hf-pld", "hf-assisted"):
-            methods[name] = _hf_method(target, name, max_new_tokens, sampling, assistant, pld_tokens)
+            methods[name] = _hf_method(target, name, max_new_tokens, sampling, drafts.assistant, drafts.pld_tokens)
         else:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return methods
@@ -601,19 +608,8 @@ def run_bench(
     limit: int | None = None,
     sampling: SamplingParams = SamplingParams(),
     trees: list[TreeSpec] | TreeSpec = TreeSpec(),
-    draft: str | Path | None = None,
-    assistant: str | None = None,
+    drafts: MethodDrafts = MethodDrafts(),
     data: str | None = None,
-    pld_tokens: int = 10,
-    draft_int8: bool | None = None,
-    draft_window: int | None = DEFAULT_PROMPT_WINDOW,
-    sps_tokens: int = 4,
-    medusa: str | Path | None = None,
-    hydra: str | Path | None = None,
-    heads_tree: TreeSpec = HEADS_TREE,
-    eagle: str | Path | None = None,
-    hass: str | Path | None = None,
-    lookup: int = 0,
     resume: bool = False,
     overwrite: bool = False,
 ) -> dict:
@@ -624,23 +620,18 @@ def run_bench(
     check_out(out, resume, overwrite)
     names = list(dict.fromkeys(["vanilla", *methods]))  # vanilla: the baseline for speed-ups and identical outputs
     trees = list(dict.fromkeys([trees] if isinstance(trees, TreeSpec) else trees))
-    if draft_int8 is None:
-        draft_int8 = int8_supported(target.model.device, target.model.dtype)
-    labels = method_labels(names, trees, lookup)
+    if drafts.draft_int8 is None:
+        drafts = replace(drafts, draft_int8=int8_supported(target.model.device, target.model.dtype))
+    labels = method_labels(names, trees, drafts.lookup)
     folder = data_dir(data)
     files = [read_suite(name, folder, limit) for name in suites]
     questions, skipped = _fitting(target, [q for f in files for q in f.questions], max_new_tokens)
     if not questions:
         raise ValueError("no questions to run (none fits the context)")
     config = json.loads(json.dumps({
-        "target": target.name, "draft": str(draft) if draft else None, "draft_int8": draft_int8,
-        "draft_window": draft_window, "tree": " ".join(t.label for t in trees), "suites": suites, "methods": labels,
-        "max_new_tokens": max_new_tokens, "limit": limit, "temperature": sampling.temperature,
-        "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed, "pld_tokens": pld_tokens,
-        "sps_tokens": sps_tokens, "assistant": assistant, "medusa": str(medusa) if medusa else None,
-        "hydra": str(hydra) if hydra else None, "eagle": str(eagle) if eagle else None,
-        "hass": str(hass) if hass else None, "heads_tree": heads_tree.label, "lookup": lookup,
-        "data": str(folder.resolve()),
+        "target": target.name, **drafts.record(), "tree": " ".join(t.label for t in trees), "suites": suites,
+        "methods": labels, "max_new_tokens": max_new_tokens, "limit": limit, "temperature": sampling.temperature,
+        "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed, "data": str(folder.resolve()),
         "dtype": str(target.model.dtype),
         "device": str(target.model.device), "threads": torch.get_num_threads(), "runtime": target.runtime,
         "skipped": skipped,
@@ -652,9 +643,7 @@ def run_bench(
     records = resumed_records(out, config, questions) if resume else {}
 
     def ready_methods() -> dict[str, Method]:
-        runners = make_methods(target, names, max_new_tokens, sampling, trees, draft, assistant, pld_tokens,
-                               draft_int8, draft_window, sps_tokens, medusa, hydra, heads_tree, eagle,
-                               hass, lookup)  # fmt: skip
+        runners = make_methods(target, names, max_new_tokens, sampling, trees, drafts)
         warm = [{"role": "user", "content": questions[0].turns[0]}]
         for runner in runners.values():  # warm-up: first calls pay for allocations and kernel choice
             runner(warm)
@@ -820,9 +809,9 @@ def bench_command(args) -> int:
                         args.tree, draft, args.pld_tokens, **draft_options, data=args.data_dir,
                         resume=args.resume, overwrite=args.overwrite)  # fmt: skip
         return 0
-    run_bench(target, suites, methods, out, args.max_new_tokens, args.limit, sampling, args.tree, draft,
-              args.assistant, args.data_dir, args.pld_tokens, **draft_options, sps_tokens=args.sps_tokens,
-              medusa=args.medusa, hydra=args.hydra, heads_tree=args.heads_tree, eagle=args.eagle, hass=args.hass,
-              lookup=args.lookup, resume=args.resume,
-              overwrite=args.overwrite)  # fmt: skip
+    drafts = MethodDrafts(draft, **draft_options, assistant=args.assistant, pld_tokens=args.pld_tokens,
+                          sps_tokens=args.sps_tokens, medusa=args.medusa, hydra=args.hydra, eagle=args.eagle,
+                          hass=args.hass, heads_tree=args.heads_tree, lookup=args.lookup)  # fmt: skip
+    run_bench(target, suites, methods, out, args.max_new_tokens, args.limit, sampling, args.tree, drafts,
+              args.data_dir, resume=args.resume, overwrite=args.overwrite)
     return 0
