@@ -199,14 +199,17 @@ class AutoTree:
         if report is not None:
             self._observe(report)
         batch = len(contexts)
-        verify_ms = self._verify_ms(int(np.mean(contexts)), batch) * self.verify_scales(batch)
+
+        def verify_prices() -> np.ndarray:
+            return self._verify_ms(int(np.mean(contexts)), batch) * self.verify_scales(batch)
+
         if self.pause > 0 or self.streak >= PROBE_EVERY:
             self.pause, self.streak = max(self.pause - 1, 0), 0
-            return TreePlan([PLAIN] * batch, drafted=False, verify_ms=verify_ms)
+            return TreePlan([PLAIN] * batch, drafted=False, verify_prices=verify_prices)
         self.streak += 1
-        prices = Prices(self.cost, batch, self.cost_scale("draft"), verify_ms, self._corrections())
+        prices = Prices(self.cost, batch, self.cost_scale("draft"), verify_prices(), self._corrections())
         return TreePlan([self.spec] * batch, lambda row, read: RoundSizer(prices, read, self.max_tokens, self.max_depth),
-                        verify_ms=verify_ms)  # fmt: skip
+                        verify_prices=lambda: prices.verify_ms)  # fmt: skip
 
     def realized_at(self, batch: int) -> dict[str, Throughput]:
         """Tokens and time of recent drafted and plain rounds of `batch` rows (a batch's rate is only comparable

@@ -191,8 +191,9 @@ class Engine:
         else:  # plain steps; the drafter catches up on these tokens when it next drafts
             trees = [root_only(seq.root) for seq in sequences]
         if self.lookup:  # each row's prompt-lookup chain merged into its tree, in plain rounds too
+            verify_ms = plan.verify_prices() if plan.verify_prices else None
             trees = [self.lookup.graft(row, tree, self.runtime.max_len - self.runtime.length(row) - tree.size,
-                                       self._graft_price(plan, row, tree, draft_start))
+                                       self._graft_price(plan, row, tree, draft_start, verify_ms))
                      for row, tree in enumerate(trees)]  # fmt: skip
         verify_start = time.perf_counter()
         logits, taps = runtime.verify(trees)
@@ -220,14 +221,13 @@ class Engine:
                 seq.streamer.update(seq.stopper.text())
 
     @staticmethod
-    def _graft_price(plan, row: int, tree, draft_start: float) -> GraftPrice | None:
+    def _graft_price(plan, row: int, tree, draft_start: float, verify_ms) -> GraftPrice | None:
         """A row's round as its policy priced it, for weighing a lookup chain (None: the policy prices nothing)."""
-        if plan.verify_ms is None:
+        if verify_ms is None:
             return None
         expected = getattr(plan.sizers.get(row), "gain", 0.0)  # (the tree's expected accepted draft tokens)
         spent = (time.perf_counter() - draft_start) * 1000
-        return GraftPrice(1.0 + expected, spent + float(plan.verify_ms[min(tree.size, len(plan.verify_ms)) - 1]),
-                          plan.verify_ms)  # fmt: skip
+        return GraftPrice(1.0 + expected, spent + float(verify_ms[min(tree.size, len(verify_ms)) - 1]), verify_ms)
 
     def _fit(self, spec: TreeSpec, row: int) -> TreeSpec:
         """Near the end of the context a row's tree shrinks to what still fits, down to the root alone."""

@@ -27,9 +27,9 @@ class TreePlan:
     make_sizer: Callable[[int, int], SizePolicy] | None = None  # (row, tokens its catch-up read) -> sizer
     drafted: bool = True  # False: a plain round, every tree the root alone
     sizers: dict[int, SizePolicy] = field(default_factory=dict)
-    # What verifying 1, 2, ... tree tokens per row costs this round (ms), as the policy prices it; None where the
-    # policy does not price rounds. Lookup chains grafted onto the trees are weighed against it (pld.py).
-    verify_ms: np.ndarray | None = None
+    # What verifying 1, 2, ... tree tokens per row costs this round (ms), as the policy prices it, computed when
+    # asked (only lookup chains ask, pld.py); None where the policy does not price rounds.
+    verify_prices: Callable[[], np.ndarray] | None = None
 
     def sizer(self, row: int, read: int) -> SizePolicy | None:
         """The sizer of a row's tree (None: the spec's fixed sizes)."""
