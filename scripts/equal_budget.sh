@@ -16,14 +16,14 @@
 #   python scripts/regen_prompts.py --more 3000
 #   eagle3 regenerate --data runs/regen/prompts.jsonl --out runs/regen/answers.jsonl --max-new-tokens 128 \
 #       --batch-size 16 --runtime native --threads 2
-# Each run lives in runs/equal/METHOD; a stopped run (Ctrl-C, SIGTERM) continues exactly where it stopped when
+# Settings: the default (cpu) recipe with the overrides below. Each run lives in runs/equal/METHOD; a stopped run (Ctrl-C, SIGTERM) continues exactly where it stopped when
 # this script is run again. Each run's summary.json says its CPU-hours (per session: sum them when resumed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EAGLE3=${EAGLE3:-.venv/bin/eagle3}  # a command, split on spaces (e.g. ".venv/bin/python -m eagle3")
 DATA=runs/regen/answers.jsonl
 STEPS=${STEPS:-440}
-COMMON=(--target smollm2-135m --data "$DATA" --recipe cpu --steps "$STEPS" --batch-size 4 --grad-accum 2 --lr 5e-4 --warmup 30
+COMMON=(--target smollm2-135m --data "$DATA" --steps "$STEPS" --batch-size 4 --grad-accum 2 --lr 5e-4 --warmup 30
         --max-length 512 --seed 0 --save-every 25 --eval-conversations 8 --threads 2)
 declare -A EXTRA=(
   [eagle3]="--method eagle3"
