@@ -15,9 +15,10 @@
 # Needs runs/regen/answers.jsonl (the target's own answers):
 #   python scripts/regen_prompts.py --more 3000
 #   eagle3 regenerate --data runs/regen/prompts.jsonl --out runs/regen/answers.jsonl --max-new-tokens 128 \
-#       --batch-size 16 --runtime native --threads 2
-# Settings: the default (cpu) recipe with the overrides below. Each run lives in runs/equal/METHOD; a stopped run (Ctrl-C, SIGTERM) continues exactly where it stopped when
-# this script is run again. Each run's summary.json says its CPU-hours (per session: sum them when resumed).
+#       --batch-size 16 --runtime native --threads 2 --limit 3300
+# Settings: the default (cpu) recipe with the overrides below. Each run lives in runs/equal/METHOD; a stopped
+# run (Ctrl-C, SIGTERM) continues exactly where it stopped when this script is run again. Each run's
+# summary.json says its CPU-hours (per session: sum them when resumed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EAGLE3=${EAGLE3:-.venv/bin/eagle3}  # a command, split on spaces (e.g. ".venv/bin/python -m eagle3")
