@@ -18,18 +18,6 @@ from eagle3.policy import TreePlan
 from eagle3.tree import DraftTree, TreeGrowth, TreeSpec, ancestor_mask, grow_trees
 
 
-def lookup(history: Sequence[int], max_ngram: int, num_tokens: int, min_ngram: int = 1) -> list[int]:
-    """The tokens that followed the most recent earlier occurrence of the longest matching suffix n-gram (the
-    definition; NgramIndex answers the same in a few dictionary reads)."""
-    n_total = len(history)
-    for n in range(min(max_ngram, n_total - 1), min_ngram - 1, -1):
-        suffix = list(history[n_total - n :])
-        for start in range(n_total - n - 1, -1, -1):  # most recent match first, not the suffix itself
-            if list(history[start : start + n]) == suffix:
-                return list(history[start + n : start + n + num_tokens])
-    return []
-
-
 class NgramIndex:
     """A token history with, for n = 1 .. max_ngram, where each n-gram last occurred with a token after it;
     updated as tokens arrive, so a lookup is a few dictionary reads instead of a scan of the history."""
@@ -47,7 +35,8 @@ class NgramIndex:
                 self.last[n - 1][tuple(self.tokens[end - n : end])] = end - n
 
     def lookup(self, num_tokens: int, min_ngram: int = 1) -> list[int]:
-        """As lookup(self.tokens, max_ngram, num_tokens, min_ngram)."""
+        """The tokens that followed the most recent earlier occurrence of the longest suffix n-gram of the history
+        (at least min_ngram long) that occurred before, at most num_tokens of them."""
         for n in range(min(self.max_ngram, len(self.tokens) - 1), min_ngram - 1, -1):
             start = self.last[n - 1].get(tuple(self.tokens[len(self.tokens) - n :]))
             if start is not None:
@@ -161,11 +150,8 @@ class LookupGraft:
             keep = int(np.sum(reach >= self.min_prob))  # (a product of rates <= 1 only falls)
         else:
             keep = self._paying_prefix(tree, found, reach, price)
-        chain, logp = found[:keep], [math.log(r) for r in rates[:keep]]
-        grafted, added = graft_chain(tree, chain, logp)
-        if added > room:  # (near the end of the context: keep what still fits, the prefix)
-            grafted, added = graft_chain(tree, chain[: self._fitting(tree, chain, room)], logp)
-        return grafted
+        keep = min(keep, along(tree, found)[1] + max(room, 0))  # (near the context's end: what still fits)
+        return graft_chain(tree, found[:keep], [math.log(r) for r in rates[:keep]])[0]
 
     @staticmethod
     def _paying_prefix(tree: DraftTree, chain: Sequence[int], reach: np.ndarray, price: GraftPrice) -> int:
@@ -181,11 +167,6 @@ class LookupGraft:
             if rate > best_rate:
                 best, best_rate = m, rate
         return best
-
-    @staticmethod
-    def _fitting(tree: DraftTree, chain: Sequence[int], room: int) -> int:
-        """The longest chain prefix whose graft adds at most `room` nodes."""
-        return max((m for m in range(len(chain) + 1) if graft_chain(tree, chain[:m], [0.0] * m)[1] <= room), default=0)
 
 
 class PromptLookupDrafter:

@@ -15,13 +15,25 @@ from eagle3.draft import new_draft
 from eagle3.drafter import Eagle3Drafter, NoDrafter
 from eagle3.engine import Engine, Request
 from eagle3.generate import generate
-from eagle3.pld import GraftPrice, LookupGraft, NgramIndex, graft_chain, lookup
+from eagle3.pld import GraftPrice, LookupGraft, NgramIndex, graft_chain
 from eagle3.sampling import SamplingParams
 from eagle3.speculative import speculative_generate
 from eagle3.tree import DraftTree, TreeSpec, ancestor_mask, chain, root_only
 from test_sampling_exact import ALPHA, N_LOOP, PARAMS, chi_square_p_value, exact_triples, speculative_triples
 
 REPETITIVE = "Tom had a red ball. Tom had a red ball. Tom had a red"
+
+
+def lookup(history: list[int], max_ngram: int, num_tokens: int, min_ngram: int = 1) -> list[int]:
+    """The definition NgramIndex must answer: the tokens that followed the most recent earlier occurrence of
+    the longest matching suffix n-gram, by scanning the history."""
+    n_total = len(history)
+    for n in range(min(max_ngram, n_total - 1), min_ngram - 1, -1):
+        suffix = list(history[n_total - n :])
+        for start in range(n_total - n - 1, -1, -1):  # most recent match first, not the suffix itself
+            if list(history[start : start + n]) == suffix:
+                return list(history[start + n : start + n + num_tokens])
+    return []
 
 
 def test_the_index_answers_as_the_definition():
