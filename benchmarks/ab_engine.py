@@ -1,6 +1,6 @@
 """Two checkouts of eagle3 side by side in one run: does a change slow decoding down?
 
-    python benchmarks/ab_engine.py --before ../eagle3-before --after . --limit 20 --max-new-tokens 64
+    python benchmarks/ab_engine.py --before ../eagle3-before --after . --limit 20 --max-new-tokens 64 [--runtime native]
 
 Each checkout runs in a worker process of its own (its own PYTHONPATH) that loads the target and the shipped
 draft once; per question the workers take turns, in an order that alternates with the question, so that only
@@ -37,7 +37,7 @@ try:
     from eagle3.target import encode_messages
 except ImportError:  # (older checkouts kept it in bench)
     from eagle3.bench import encode_messages
-target = load_target(sys.argv[2], device="cpu")
+target = load_target(sys.argv[2], runtime=sys.argv[3])
 drafter = load_drafter(shipped_draft(sys.argv[2]), target)
 tree = TreeSpec.parse("auto")
 policy = auto_tree(target, drafter, tree)
@@ -58,11 +58,11 @@ METHODS = ("vanilla", "eagle3")
 
 
 class Worker:
-    def __init__(self, name: str, checkout: Path, target: str, threads: int):
+    def __init__(self, name: str, checkout: Path, target: str, threads: int, runtime: str):
         env = {**os.environ, "PYTHONPATH": str(checkout.resolve()), "OMP_NUM_THREADS": str(threads)}
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(threads), target], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env, cwd="/")  # fmt: skip
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(threads), target, runtime],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd="/")  # fmt: skip
         assert json.loads(self.proc.stdout.readline())["ready"]
 
     def ask(self, **request) -> dict:
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runtime", default="torch", help="what runs the target in both checkouts (default torch)")
     parser.add_argument("--out", type=Path, default=Path("runs/ab-engine"))
     args = parser.parse_args()
 
@@ -120,7 +121,8 @@ def main() -> None:
     from eagle3.suites import load_suite
 
     questions = [q for s in args.suites.split(",") for q in load_suite(s, shared_path("data/eval"), args.limit)]
-    workers = [Worker("before", args.before, args.target, args.threads), Worker("after", args.after, args.target, args.threads)]
+    workers = [Worker(name, checkout, args.target, args.threads, args.runtime)
+               for name, checkout in (("before", args.before), ("after", args.after))]
     for w in workers:  # warm-up
         for method in METHODS:
             answer(w, method, [questions[0].turns[0]], 8)

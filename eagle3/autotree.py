@@ -123,6 +123,10 @@ class Prices:
     def draft(self, nodes: int) -> float:
         return self.cost.draft(self.batch * nodes)
 
+    def first(self, read: int) -> float:
+        """The drafter's first step, every row reading `read` committed tokens."""
+        return self.cost.first(self.batch * read)
+
     def estimates(self, scores: np.ndarray, levels: np.ndarray) -> np.ndarray:
         """Corrected acceptance estimates of candidate nodes from cumulative log-probs and depths."""
         factors = np.ones(int(levels.max()))
@@ -153,7 +157,7 @@ class RoundSizer:
         levels_drafted = len(expanded) + 1
         order = best_first(scores)[: self.max_tokens - 1]
         gains = np.concatenate([[0.0], prices.estimates(scores[order], levels[order]).cumsum()])
-        level_ms = np.cumsum([0.0] + [prices.draft(n) for n in [self.read, *expanded]]) * prices.draft_scale
+        level_ms = np.cumsum([0.0, prices.first(self.read)] + [prices.draft(n) for n in expanded]) * prices.draft_scale
         needed = np.concatenate([[1], np.maximum.accumulate(levels[order])])
         verify_ms = prices.verify_ms[: len(gains)]
         best = int(np.argmax((1.0 + gains) / (level_ms[levels_drafted] + verify_ms)))
@@ -165,7 +169,7 @@ class RoundSizer:
 
     def steady_draft_ms(self) -> float:
         """Its drafting as it costs in a steady run of drafted rounds (a catch-up of one token), unscaled."""
-        return self.draft_ms - self.prices.draft(self.read) + self.prices.draft(1)
+        return self.draft_ms - self.prices.first(self.read) + self.prices.first(1)
 
 
 @dataclass
@@ -201,7 +205,7 @@ class AutoTree:
         batch = len(contexts)
 
         def verify_prices() -> np.ndarray:
-            return self._verify_ms(int(np.mean(contexts)), batch) * self.verify_scales(batch)
+            return self._verify_ms(sum(contexts) // len(contexts), batch) * self.verify_scales(batch)
 
         if self.pause > 0 or self.streak >= PROBE_EVERY:
             self.pause, self.streak = max(self.pause - 1, 0), 0
@@ -255,7 +259,7 @@ class AutoTree:
         """Learns from a round: the phases' time against the prediction, acceptance per depth, and whether
         drafting paid (else drafting pauses, for twice as long each time it still does not)."""
         batch = len(report.trees)
-        context = int(np.mean(report.contexts))
+        context = sum(report.contexts) // len(report.contexts)
         size = max(tree.size for tree in report.trees)
         verify_table = self._verify_ms(context, batch)
         predicted_verify = float(verify_table[size - 1])
@@ -314,13 +318,11 @@ class AutoTree:
 
 
 def auto_tree(target, drafter, spec: TreeSpec) -> AutoTree:
-    """An AutoTree for a target and EAGLE-3 drafter, on this machine's cost model (measured once, cached)."""
+    """An AutoTree for a target and a drafter that times its own steps (drafter.TimedDrafter: EAGLE-3, EAGLE,
+    HASS, Medusa, Hydra, a draft model), on this machine's cost model (measured once, cached)."""
     from eagle3.cost import calibrate
 
-    from eagle3.drafter import Eagle3Drafter
-
-    if not isinstance(drafter, Eagle3Drafter):
-        raise ValueError("--tree auto needs an EAGLE-3 draft (its cost is part of the model); give a fixed tree, "
-                         "e.g. --tree 5,4,1 (a chain of 4)")  # fmt: skip
-    return AutoTree(calibrate(target, drafter.draft), max_tokens=spec.total_tokens, max_depth=spec.depth,
-                    top_k=spec.top_k)  # fmt: skip
+    if not hasattr(drafter, "step_timers"):
+        raise ValueError(f"--tree auto needs a drafter whose steps the cost model can time, not {type(drafter).__name__}; "
+                         "give a fixed tree, e.g. --tree 5,4,1 (a chain of 4)")  # fmt: skip
+    return AutoTree(calibrate(target, drafter), max_tokens=spec.total_tokens, max_depth=spec.depth, top_k=spec.top_k)

@@ -51,6 +51,7 @@ from eagle3.tree import AUTO_TREE, TreeSpec, static_tree
 
 METHODS = ("vanilla", "eagle3", "eagle2", "eagle", "hass", "pld", "sps", "medusa", "hydra", "hf", "hf-pld",
            "hf-assisted")  # fmt: skip
+ALSO_AUTO = ("sps", "medusa", "hydra")  # methods with a fixed tree of their own that --also-auto runs on auto too
 TREE_METHODS = ("eagle3", "eagle2", "hass")  # the methods that take --tree (one method per tree, auto included)
 HEADS_TREE = static_tree(10)  # the tree of eagle, medusa and hydra (--fixed-tree): one shape every round
 LOSSLESS = set(METHODS)  # every method here is lossless: greedy outputs must equal vanilla's
@@ -62,10 +63,11 @@ RUN_FILES = ("run.json", "rows.jsonl", "results.json")  # any of them: OUT holds
 # configuration (date, torch version, skipped questions) is recorded, not compared.
 RUN_KEYS = ("target", "draft", "draft_int8", "draft_window", "tree", "suites", "methods", "max_new_tokens",
             "limit", "temperature", "top_p", "top_k", "seed", "pld_tokens", "sps_tokens", "assistant", "medusa",
-            "hydra", "eagle", "hass", "heads_tree", "lookup", "data", "dtype", "device", "threads", "runtime")  # fmt: skip
+            "hydra", "eagle", "hass", "heads_tree", "lookup", "also_auto", "data", "dtype", "device", "threads",
+            "runtime")  # fmt: skip
 # Keys runs made before them lack, with the value those runs had.
 RUN_KEY_DEFAULTS = {"runtime": "torch", "sps_tokens": 4, "medusa": None, "hydra": None, "eagle": None, "hass": None,
-                    "heads_tree": "10,4,3", "lookup": 0}  # fmt: skip
+                    "heads_tree": "10,4,3", "lookup": 0, "also_auto": False}  # fmt: skip
 
 OUTLIER_MADS = 5.0  # robust standard deviations (1.4826 MAD) from the median log ratio: see outliers
 OUTLIER_MIN_RATIO = 1.5  # never flag a question within this factor of the method's median ratio
@@ -101,6 +103,7 @@ class MethodDrafts:
     hass: str | Path | None = None
     heads_tree: TreeSpec = HEADS_TREE  # eagle, medusa, hydra
     lookup: int = 0  # TREE_METHODS also run with lookup chains ("+lookup")
+    also_auto: bool = False  # ALSO_AUTO also run on the auto tree ("NAME auto")
 
     def record(self) -> dict:
         paths = ("draft", "medusa", "hydra", "eagle", "hass")
@@ -114,8 +117,17 @@ def make_methods(target: Target, names: list[str], max_new_tokens: int, sampling
     trees, each of TREE_METHODS becomes one method per tree, labelled "NAME TREE" (see method_labels). eagle,
     eagle2 and hass read EAGLE-layout drafts (eagle: the EAGLE draft, for both; hass: a HASS-trained one). With
     drafts.lookup, each of TREE_METHODS also runs with prompt-lookup chains of up to that many tokens grafted
-    onto its trees, labelled "LABEL+lookup"."""
+    onto its trees, labelled "LABEL+lookup"; with drafts.also_auto, each of ALSO_AUTO also on the auto tree
+    (one policy for the whole run), labelled "NAME auto"."""
     methods: dict[str, Method] = {}
+
+    def on_auto_too(name: str, drafter) -> None:
+        if drafts.also_auto:
+            from eagle3.autotree import auto_tree
+
+            policy = auto_tree(target, drafter, AUTO_TREE)
+            methods[f"{name} auto"] = ours(lambda ids: speculative_generate(
+                target, drafter, ids, max_new_tokens, sampling, tree=AUTO_TREE, method=name, policy=policy))  # fmt: skip
 
     def ours(run: Callable[[list[int]], object]) -> Method:
         def answer(messages: list[dict]) -> TurnOutput:
@@ -166,6 +178,7 @@ def make_methods(target: Target, names: list[str], max_new_tokens: int, sampling
             chain = TreeSpec(drafts.sps_tokens + 1, drafts.sps_tokens, 1)
             methods[name] = ours(lambda ids, d=sps, t=chain: speculative_generate(
                 target, d, ids, max_new_tokens, sampling, tree=t, method="sps"))  # fmt: skip
+            on_auto_too(name, sps)
         elif name in ("medusa", "hydra"):
             path = drafts.medusa if name == "medusa" else drafts.hydra
             if not path:
@@ -176,6 +189,7 @@ def make_methods(target: Target, names: list[str], max_new_tokens: int, sampling
             heads = (load_medusa_drafter if name == "medusa" else load_hydra_drafter)(path, target)
             methods[name] = ours(lambda ids, d=heads, m=name: speculative_generate(
                 target, d, ids, max_new_tokens, sampling, tree=drafts.heads_tree, method=m))  # fmt: skip
+            on_auto_too(name, heads)
         elif name in ("hf", "hf-pld", "hf-assisted"):
             methods[name] = _hf_method(target, name, max_new_tokens, sampling, drafts.assistant, drafts.pld_tokens)
         else:
@@ -187,12 +201,15 @@ def tree_labels(name: str, trees: list[TreeSpec]) -> list[str]:
     return [name] if len(trees) == 1 else [f"{name} {t.label}" for t in trees]
 
 
-def method_labels(names: list[str], trees: list[TreeSpec], lookup: int = 0) -> list[str]:
-    """Each method's labels: a tree method's per tree, and with lookup each beside its "+lookup" twin."""
+def method_labels(names: list[str], trees: list[TreeSpec], lookup: int = 0, also_auto: bool = False) -> list[str]:
+    """Each method's labels: a tree method's per tree, and with lookup each beside its "+lookup" twin; with
+    also_auto, each of ALSO_AUTO beside its "NAME auto" twin."""
     labels = []
     for name in names:
         for label in tree_labels(name, trees) if name in TREE_METHODS else [name]:
             labels += [label, label + "+lookup"] if lookup and name in TREE_METHODS else [label]
+        if also_auto and name in ALSO_AUTO:
+            labels.append(f"{name} auto")
     return labels
 
 
@@ -622,7 +639,7 @@ def run_bench(
     trees = list(dict.fromkeys([trees] if isinstance(trees, TreeSpec) else trees))
     if drafts.draft_int8 is None:
         drafts = replace(drafts, draft_int8=int8_supported(target.model.device, target.model.dtype))
-    labels = method_labels(names, trees, drafts.lookup)
+    labels = method_labels(names, trees, drafts.lookup, drafts.also_auto)
     folder = data_dir(data)
     files = [read_suite(name, folder, limit) for name in suites]
     questions, skipped = _fitting(target, [q for f in files for q in f.questions], max_new_tokens)
@@ -730,6 +747,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--fixed-tree", "--heads-tree", dest="heads_tree", type=heads_tree_option, default=HEADS_TREE,
                    help=f"the tree of eagle, medusa and hydra, one shape every round: static:N (N draft tokens) or "
                         f"TOTAL,DEPTH,TOPK (default {HEADS_TREE.label})")  # fmt: skip
+    p.add_argument("--also-auto", action="store_true",
+                   help="sps, medusa and hydra also run on the auto tree (the cost-aware policy), as methods "
+                        "'NAME auto' beside their own trees (eagle's is eagle2)")  # fmt: skip
     p.add_argument("--assistant", default=None, help="draft language model for sps and hf-assisted (the target's "
                    "tokenizer)")  # fmt: skip
     p.add_argument("--data-dir", default=None, help="benchmark JSONL folder (default $EAGLE3_DATA or ../shared/data/eval)")
@@ -811,7 +831,8 @@ def bench_command(args) -> int:
         return 0
     drafts = MethodDrafts(draft, **draft_options, assistant=args.assistant, pld_tokens=args.pld_tokens,
                           sps_tokens=args.sps_tokens, medusa=args.medusa, hydra=args.hydra, eagle=args.eagle,
-                          hass=args.hass, heads_tree=args.heads_tree, lookup=args.lookup)  # fmt: skip
+                          hass=args.hass, heads_tree=args.heads_tree, lookup=args.lookup,
+                          also_auto=args.also_auto)  # fmt: skip
     run_bench(target, suites, methods, out, args.max_new_tokens, args.limit, sampling, args.tree, drafts,
               args.data_dir, resume=args.resume, overwrite=args.overwrite)
     return 0

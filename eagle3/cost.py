@@ -4,7 +4,9 @@ The cost model holds
 - the target's forward latency as a function of the number of new (tree) tokens, at two context lengths
   (attention grows with the context; between and beyond them it is interpolated linearly);
 - the draft's step latency as a function of the number of tokens in the step (one tree level), including
-  its logits and top-k, as the decoding loop runs them.
+  its logits and top-k, as the decoding loop runs them; and, for drafters whose first step of a round differs
+  from the others (Medusa's and Hydra's heads, a draft model's catch-up), that step's latency per tokens read.
+  Each drafter times its own steps (`step_timers`).
 Both are measured in one row: a batch of B rows of n tokens is priced as B * n tokens (autotree.py).
 
 Measurements are the median of a few timed calls after a warm-up, the sizes taking turns so that a machine
@@ -53,8 +55,11 @@ def interpolate(points: dict[int, float], x: float) -> float:
 @dataclass
 class CostModel:
     target_ms: dict[int, dict[int, float]]  # context -> {new tokens -> ms}
-    draft_ms: dict[int, float]  # tokens in one draft step -> ms
+    draft_ms: dict[int, float]  # nodes in one tree level (the draft step that expands them) -> ms
     key: str = ""
+    # The drafter's first step of a round, per committed tokens it reads (its catch-up; for heads, their pass
+    # over the root's feature) -> ms; None where that step is a draft step like the others (EAGLE's).
+    first_ms: dict[int, float] | None = None
 
     def verify(self, n: int, context: int = 256) -> float:
         """ms for a target forward of n new tokens after `context` cached ones."""
@@ -66,13 +71,19 @@ class CostModel:
         """ms for one draft step over n tokens (logits and top-k included)."""
         return interpolate(self.draft_ms, n)
 
+    def first(self, n: int) -> float:
+        """ms for the drafter's first step of a round, reading n committed tokens (the root's children included)."""
+        return interpolate(self.first_ms or self.draft_ms, n)
+
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "CostModel":
         target = {int(c): {int(n): float(ms) for n, ms in p.items()} for c, p in d["target_ms"].items()}
-        return cls(target, {int(n): float(ms) for n, ms in d["draft_ms"].items()}, d.get("key", ""))
+        points = lambda p: {int(n): float(ms) for n, ms in p.items()}  # noqa: E731
+        first = d.get("first_ms")
+        return cls(target, points(d["draft_ms"]), d.get("key", ""), None if first is None else points(first))
 
 
 def monotone(points: dict[int, float]) -> dict[int, float]:
@@ -130,48 +141,26 @@ def measure_target(target, taps: Sequence[int] = (), contexts=CONTEXTS, sizes=TR
 
 
 @torch.inference_mode()
-def measure_draft(draft, sizes=DRAFT_SIZES, context: int = 256, repeats: int = 7) -> dict[int, float]:
-    """Draft step latency (ms) for n tokens: the layer over its own hidden states, logits and top-k."""
-    from eagle3.drafter import top_children
-
-    cfg, device = draft.config, draft.fc.weight.device
-    draft.setup_cache(context + max(sizes) + 1)
-    generator = torch.Generator().manual_seed(0)
-    taps = torch.randn(1, context, draft.feature_width, generator=generator).to(device, draft.fc.weight.dtype)
-    draft(torch.zeros(1, context, dtype=torch.long, device=device), taps, torch.arange(context, device=device))
-    steps = {}
-    for n in sizes:
-        tokens = torch.zeros(1, n, dtype=torch.long, device=device)
-        hidden = torch.randn(1, n, cfg.hidden_size, generator=generator).to(device, draft.fc.weight.dtype)
-        positions = torch.full((n,), context, device=device)
-        mask = torch.eye(n, dtype=torch.bool, device=device)
-
-        def step(tokens=tokens, hidden=hidden, positions=positions, mask=mask):
-            draft.cache.truncate(context)
-            h = draft(tokens, hidden, positions, mask, context)
-            top_children(draft.logits(h[0]), 10)
-
-        steps[n] = step
-    out = _median_ms(steps, repeats)
-    draft.cache.truncate(0)
-    return monotone(out)
+def measure_drafter(drafter, sizes=DRAFT_SIZES, repeats: int = 7) -> tuple[dict[int, float] | None, dict[int, float]]:
+    """The drafter's step latencies (ms), as its `step_timers` runs them: (its first step per tokens read, or
+    None where that is a draft step like the others; one tree level's draft step per nodes)."""
+    first, level = drafter.step_timers(sizes)
+    return None if first is None else monotone(_median_ms(first, repeats)), monotone(_median_ms(level, repeats))
 
 
-def cost_key(target, draft) -> str:
+def cost_key(target, drafter) -> str:
     """What the timings depend on: the target's and draft's shapes, device, dtype, threads, torch version."""
     model = target.model
+    draft = drafter.cost_identity()  # (its shapes, kind and precision: "draft", "draft_kind", ...)
     parts = {
-        "target": target.name, "target_config": repr(model.config), "draft": repr(draft.config),
+        "target": target.name, "target_config": repr(model.config),
         "device": str(model.device), "device_name": torch.cuda.get_device_name(model.device)
         if model.device.type == "cuda" else os.uname().machine, "dtype": str(model.dtype),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "method": "interleaved median, monotone, to 256 tokens",
-        "draft_kind": type(draft).__name__, "draft_int8": draft.head_in_int8,
-        # (native_draft.py: the step on native kernels, every matrix in int8 or fp32)
-        "draft_native": None if draft.native is None else "int8" if draft.native.int8 else "fp32",
+        "method": "interleaved median, monotone, to 256 tokens", **draft,
         "matmul_paths": list(getattr(model, "matmul_paths", ())),  # (cpu_layout's measured choice)
         "runtime": target.runtime,
-        "kernels": native.source_digest() if target.runtime.startswith("native") or draft.native is not None else None,
+        "kernels": native.source_digest() if target.runtime.startswith("native") or draft.get("draft_native") else None,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -183,12 +172,12 @@ def cost_path(key: str) -> Path:
 _MEASURED: dict[str, CostModel] = {}  # this process's measurements, for when the cache cannot be written
 
 
-def calibrate(target, draft, refresh: bool = False, quiet: bool = False) -> CostModel:
-    """The cached cost model for this target, draft and machine, measured first when missing (or refresh).
+def calibrate(target, drafter, refresh: bool = False, quiet: bool = False) -> CostModel:
+    """The cached cost model for this target, drafter and machine, measured first when missing (or refresh).
 
     A cache file that cannot be read is measured again; a cache that cannot be written (an unwritable
     $EAGLE3_HOME) keeps the measurement in memory for this process, with a warning."""
-    key = cost_key(target, draft)
+    key = cost_key(target, drafter)
     path = cost_path(key)
     if not refresh:
         if key in _MEASURED:
@@ -198,7 +187,8 @@ def calibrate(target, draft, refresh: bool = False, quiet: bool = False) -> Cost
             return cached
     if not quiet:
         print(f"eagle3: measuring forward latencies for the cost model (cached in {path.parent})", file=sys.stderr)
-    model = CostModel(measure_target(target, draft.config.tap_layers or ()), measure_draft(draft), key)
+    first, level = measure_drafter(drafter)
+    model = CostModel(measure_target(target, drafter.tap_layers), level, key, first)
     try:
         write_text(path, json.dumps(model.to_json(), indent=1))
     except OSError as err:
@@ -227,7 +217,10 @@ def format_costs(model: CostModel) -> str:
         one = points[min(points)]
         lines.append(f"target forward after {context} tokens:")
         lines += [f"  {n:3d} new tokens  {ms:8.2f} ms  {ms / one:5.2f}x" for n, ms in sorted(points.items())]
-    lines.append("draft step:")
+    if model.first_ms:
+        lines.append("drafter's first step:")
+        lines += [f"  {n:3d} tokens read {ms:8.2f} ms" for n, ms in sorted(model.first_ms.items())]
+    lines.append("draft step (one tree level):")
     lines += [f"  {n:3d} tokens      {ms:8.2f} ms" for n, ms in sorted(model.draft_ms.items())]
     return "\n".join(lines)
 
@@ -255,7 +248,7 @@ def calibrate_command(args) -> int:
     if draft_path is None:
         raise ValueError(f"no draft for {args.target}: pass --draft PATH")
     drafter = load_drafter(draft_path, target, **drafter_options(args))
-    model = calibrate(target, drafter.draft, refresh=not args.cached)
+    model = calibrate(target, drafter, refresh=not args.cached)
     print(format_costs(model))
     print(f"cached: {cost_path(model.key)}")
     return 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -49,6 +49,16 @@ class Drafter(Protocol):
     def commit(self, row: int, tokens: Tensor, features: Tensor | None) -> None: ...
 
     def propose(self, plan: TreePlan) -> Proposal: ...
+
+
+class TimedDrafter(Drafter, Protocol):
+    """A drafter the cost-aware policy (autotree.py) can price: it times its own steps for the cost model."""
+
+    def cost_identity(self) -> dict: ...  # what its latencies depend on (the cost model's cache key)
+
+    # (first step per tokens read, or None where that is a tree level's step; a tree level's step per nodes)
+    def step_timers(self, sizes: Sequence[int]) -> tuple[dict[int, Callable[[], object]] | None,
+                                                         dict[int, Callable[[], object]]]: ...  # fmt: skip
 
 
 def top_children(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -154,6 +164,37 @@ class Eagle3Drafter:
             state.outputs, state.tree_slots = [], []
         return Proposal(trees, read)
 
+    def cost_identity(self) -> dict:
+        """What its step latencies depend on, for the cost model's cache key (cost.cost_key)."""
+        draft = self.draft
+        return {"draft": repr(draft.config), "draft_kind": type(draft).__name__, "draft_int8": draft.head_in_int8,
+                # (native_draft.py: the step on native kernels, every matrix in int8 or fp32)
+                "draft_native": None if draft.native is None else "int8" if draft.native.int8 else "fp32"}  # fmt: skip
+
+    def step_timers(self, sizes: Sequence[int], context: int = 256) -> tuple[None, dict[int, Callable[[], object]]]:
+        """For the cost model (cost.measure_drafter): a draft step over n tokens after `context` cached ones, its
+        logits and top-k included, per n in sizes. Its first step (the catch-up) is such a step too: None."""
+        draft, device = self.draft, self.draft.fc.weight.device
+        cfg, dtype = draft.config, draft.fc.weight.dtype
+        draft.setup_cache(context + max(sizes) + 1)  # (Engine.open sets the cache up again for decoding)
+        generator = torch.Generator().manual_seed(0)
+        taps = torch.randn(1, context, draft.feature_width, generator=generator).to(device, dtype)
+        draft(torch.zeros(1, context, dtype=torch.long, device=device), taps, torch.arange(context, device=device))
+        steps = {}
+        for n in sizes:
+            tokens = torch.zeros(1, n, dtype=torch.long, device=device)
+            hidden = torch.randn(1, n, cfg.hidden_size, generator=generator).to(device, dtype)
+            positions = torch.full((n,), context, device=device)
+            mask = torch.eye(n, dtype=torch.bool, device=device)
+
+            def step(tokens=tokens, hidden=hidden, positions=positions, mask=mask):
+                draft.cache.truncate(context)
+                h = draft(tokens, hidden, positions, mask, context)
+                top_children(draft.logits(h[0]), 10)
+
+            steps[n] = step
+        return None, steps
+
     def _catch_up(self, top_k: int) -> tuple[list[tuple[Tensor, Tensor]], list[int]]:
         """One draft forward over every row's unread committed tokens: each row's root children (log-probs and
         target ids [top_k]) and how many tokens it read."""
@@ -238,7 +279,7 @@ class Eagle3Drafter:
 # Prompt tokens the EAGLE-3 draft reads at the first catch-up (the rest of the prompt it never sees): the
 # catch-up's cost grows with the prompt, while a draft proposes no worse from a prompt's end (measurements:
 # docs/design/draft-prompt-window.md).
-DEFAULT_PROMPT_WINDOW = 256
+DEFAULT_PROMPT_WINDOW = 64
 
 
 def load_drafter(path: str | Path, target: Target, int8: bool | None = None,

@@ -140,6 +140,16 @@ class TopFeatureRows:
         """Every row's last feature, normed [B, H]."""
         return normed_feature(self.model, torch.stack(self.features))
 
+    def cost_identity(self) -> dict:
+        """What its step latencies depend on, for the cost model's cache key (cost.cost_key): its heads' shapes."""
+        heads = self.heads
+        return {"draft": repr([tuple(p.shape) for p in heads.parameters()]), "draft_kind": type(heads).__name__}
+
+    def sample_feature(self) -> Tensor:
+        """A feature [1, H] for timing the heads (step_timers)."""
+        param = next(self.heads.parameters())
+        return torch.randn(1, self.model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(param)
+
 
 def distillation_targets(target, ids: Tensor, loss_mask: Tensor, num_heads: int, reduce
                          ) -> tuple[ForwardOutput, Tensor, list[Tensor], Tensor]:  # fmt: skip

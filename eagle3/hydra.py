@@ -130,7 +130,7 @@ class HydraDrafter(TopFeatureRows):
         first = self.heads.head(0, feats, embed[roots][:, None])  # [B, V]
         logp, ids = top_children(first, max(spec.top_k for spec in plan.specs))
         paths: list[list[list[int]]] = [[[]] for _ in self.roots]  # per row, per tree node: its tokens after the root
-        growths = [TreeGrowth(self.roots[b], logp[b, : spec.top_k], ids[b, : spec.top_k], spec, plan.sizer(b, 0))
+        growths = [TreeGrowth(self.roots[b], logp[b, : spec.top_k], ids[b, : spec.top_k], spec, plan.sizer(b, 1))
                    for b, spec in enumerate(plan.specs)]  # fmt: skip
 
         def expand(rows: list[int], levels: list[tuple[Tensor, Tensor, Tensor]], depth: int) -> list[tuple[Tensor, Tensor]]:
@@ -147,6 +147,20 @@ class HydraDrafter(TopFeatureRows):
             return out
 
         return Proposal(grow_trees(growths, expand), [0] * len(growths))
+
+    @torch.no_grad()
+    def step_timers(self, sizes) -> tuple[dict, dict]:
+        """For the cost model (cost.measure_drafter): the first step is head 0 on the root's feature and token; a
+        tree level is the next head on each of n nodes' feature and path (timed as head 1's, a path of two)."""
+        embed, feature = self.model.embed.weight, self.sample_feature()
+        depth = min(1, self.heads.num_heads - 1)
+
+        def level(n: int):
+            features, paths = feature.expand(n, -1), torch.zeros(n, depth + 1, dtype=torch.long, device=embed.device)
+            return lambda: top_children(self.heads.head(depth, features, embed[paths]), 10)
+
+        root = torch.zeros(1, 1, dtype=torch.long, device=embed.device)
+        return {1: lambda: top_children(self.heads.head(0, feature, embed[root]), 10)}, {n: level(n) for n in sizes}
 
 
 def load_hydra_drafter(path: str | Path, target: Target) -> HydraDrafter:

@@ -89,7 +89,7 @@ class MedusaDrafter(TopFeatureRows):
         logits = self.heads(self.normed_features())  # [K, B, V]
         K = self.heads.num_heads
         logp, ids = top_children(logits, max(spec.top_k for spec in plan.specs))  # [K, B, top_k]
-        growths = [TreeGrowth(self.roots[b], logp[0, b, : spec.top_k], ids[0, b, : spec.top_k], spec, plan.sizer(b, 0))
+        growths = [TreeGrowth(self.roots[b], logp[0, b, : spec.top_k], ids[0, b, : spec.top_k], spec, plan.sizer(b, 1))
                    for b, spec in enumerate(plan.specs)]  # fmt: skip
 
         def expand(rows: list[int], levels: list[tuple[Tensor, Tensor, Tensor]], depth: int) -> list[tuple[Tensor, Tensor]]:
@@ -103,6 +103,18 @@ class MedusaDrafter(TopFeatureRows):
             return out
 
         return Proposal(grow_trees(growths, expand), [0] * len(growths))
+
+    @torch.no_grad()
+    def step_timers(self, sizes) -> tuple[dict, dict]:
+        """For the cost model (cost.measure_drafter): the first step is the heads' pass over the root's feature
+        with every head's top-k; a tree level only hands each node its depth's head's guesses."""
+        feature = self.sample_feature()
+        logp, ids = top_children(self.heads(feature), 10)
+
+        def level(n: int):
+            return lambda: (logp[1 % len(logp), 0].expand(n, -1), ids[1 % len(ids), 0].expand(n, -1))
+
+        return {1: lambda: top_children(self.heads(feature), 10)}, {n: level(n) for n in sizes}
 
 
 def load_medusa_drafter(path: str | Path, target: Target) -> MedusaDrafter:

@@ -80,6 +80,28 @@ class DraftModelDrafter:
 
         return Proposal(grow_trees(growths, expand), read)
 
+    def cost_identity(self) -> dict:
+        """What its step latencies depend on, for the cost model's cache key (cost.cost_key)."""
+        return {"draft": repr(self.model.config), "draft_kind": "draft model"}
+
+    @torch.no_grad()
+    def step_timers(self, sizes: Sequence[int], context: int = 256) -> tuple[dict, dict]:
+        """For the cost model (cost.measure_drafter), after `context` cached tokens: the first step reads n new
+        tokens (the catch-up) and takes the last one's top-k; a tree level runs n nodes one by one (_expand_row:
+        each its own path; timed as paths of one token)."""
+        model = self.model
+        model.setup_cache(context + max(sizes) + 1, batch_size=1)  # (open() sets the cache up again for decoding)
+        model(torch.zeros(1, context, dtype=torch.long, device=model.device), logits="none")
+
+        def forward(n: int) -> None:
+            model.cache.lengths[0] = context
+            top_children(self._last_logits(0, [0] * n), 10)
+
+        def level(n: int):
+            return lambda: [forward(1) for _ in range(n)]
+
+        return {n: (lambda n=n: forward(n)) for n in sizes}, {n: level(n) for n in sizes}
+
     def _expand_row(self, row: int, tokens: Tensor, sources: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
         """Children of one row's frontier nodes: the draft runs each node's path after the committed tokens,
         then forgets it (the cache is cut back to the committed length)."""

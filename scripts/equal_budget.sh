@@ -4,7 +4,8 @@
 # the same training tokens in the same order), then all of them benchmarked side by side.
 #
 #   bash scripts/equal_budget.sh train [METHOD ...]   # default: every method, in the order below
-#   bash scripts/equal_budget.sh bench                 # the six suites, 20 questions each, every method
+#   bash scripts/equal_budget.sh bench                 # the six suites, 20 questions each, every method (sps,
+#                                                      # medusa and hydra on their own trees and on auto)
 #   bash scripts/equal_budget.sh scaling               # EAGLE-3 and EAGLE-2 drafts on 1/4 and 1/2 of the data
 #   bash scripts/equal_budget.sh scaling-bench         # tau on MT-bench at 1/4, 1/2, all; 60,5,10 and auto
 #
@@ -56,7 +57,7 @@ bench() {
     --methods vanilla,sps,pld,medusa,hydra,eagle,eagle2,hass,eagle3 --limit 20 --max-new-tokens 64 \
     --draft runs/equal/eagle3/draft --assistant runs/equal/sps/draft --medusa runs/equal/medusa/draft \
     --hydra runs/equal/hydra/draft --eagle runs/equal/eagle/draft --hass runs/equal/hass/draft \
-    --tree auto --fixed-tree static:10 --runtime native --threads 2 --out runs/equal/bench "$@"
+    --tree auto --fixed-tree static:10 --also-auto --runtime native --threads 2 --out runs/equal/bench "$@"
 }
 
 scaling() {

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from eagle3.autotree import AutoTree, Throughput
+from dataclasses import replace
+
+from eagle3.autotree import AutoTree, Prices, RoundSizer, Throughput
 from eagle3.cost import CostModel, calibrate, cost_path, interpolate, monotone
 from eagle3.draft import new_draft
 from eagle3.drafter import Eagle3Drafter
@@ -120,6 +122,23 @@ def test_observed_acceptance_corrects_optimistic_estimates():
     assert rounds.policy.correction(1) > 0.9
 
 
+def test_a_drafters_first_step_is_priced_apart():
+    """Heads pay one pass before any tree level (CostModel.first_ms): every round's drafting costs at least that,
+    and a cost model without it prices the first step as a draft step."""
+    import numpy as np
+
+    plain = cost_model(1.0, draft_ms=1.0)
+    heads = replace(plain, first_ms={1: 30.0})
+    assert heads.first(1) == 30.0 and heads.draft(4) == plain.draft(4) and plain.first(3) == plain.draft(3)
+    assert CostModel.from_json(json.loads(json.dumps(heads.to_json()))) == heads
+    scores, levels = np.log(np.full(8, 0.9)), np.ones(8, dtype=np.int64)
+    for model, first in ((plain, 1.0), (heads, 30.0)):
+        verify = np.array([model.verify(n) for n in range(1, 9)])
+        sizer = RoundSizer(Prices(model, 1, 1.0, verify, np.ones(1)), read=1, max_tokens=8, max_depth=4)
+        sizer.keep(scores, levels, [])
+        assert sizer.draft_ms == first and sizer.steady_draft_ms() == first
+
+
 def test_fixed_caps_hold():
     tree = grown(AutoTree(cost_model(0.0), max_tokens=5, max_depth=3))
     assert tree.size <= 5 and int(tree.depths.max()) <= 3
@@ -129,8 +148,8 @@ def test_auto_tree_greedy_equals_plain(stories, tmp_path, monkeypatch):
     monkeypatch.setenv("EAGLE3_HOME", str(tmp_path))
     drafter = Eagle3Drafter(new_draft(stories.model.config).attach(stories.model.embed.weight))
     oracle = TargetOracle(load_model(stories.path, device="cpu"))
-    measured = calibrate(stories, drafter.draft)
-    assert cost_path(measured.key).is_file() and calibrate(stories, drafter.draft) == measured  # cached
+    measured = calibrate(stories, drafter)
+    assert cost_path(measured.key).is_file() and calibrate(stories, drafter) == measured  # cached
     assert all(ms > 0 for points in measured.target_ms.values() for ms in points.values())
     ids = stories.encode("Once upon a time")
     plain = generate(stories, ids, 200)

@@ -14,10 +14,12 @@ from safetensors.torch import load_file
 
 from eagle3.cli import main
 from eagle3.drafter import load_drafter
+from eagle3.generate import generate
 from eagle3.medusa import HEADS_FILE, MedusaDrafter, load_medusa, new_heads, save_medusa
+from eagle3.speculative import speculative_generate
 from eagle3.train import TrainConfig, train
-from eagle3.tree import TreeSpec
-from training_checks import (assert_batched_and_sampled_exactly, assert_decodes_losslessly, assert_loss_fell,
+from eagle3.tree import AUTO_TREE, TreeSpec
+from training_checks import (PROMPTS, assert_batched_and_sampled_exactly, assert_decodes_losslessly, assert_loss_fell,
                              assert_resumes_exactly, story_conversations)  # fmt: skip
 
 MEDUSA = TrainConfig(method="medusa", heads=3, head_layers=1, steps=60, batch_size=4, lr=3e-3, warmup=5,
@@ -128,6 +130,21 @@ def test_training_learns_and_the_heads_decode_losslessly(stories, kind):
 def test_rows_decoded_together_equal_each_alone_and_sampling_is_exact(stories, kind):
     drafter = load_drafter(kind[1][0], stories)
     assert_batched_and_sampled_exactly(stories, drafter, TreeSpec(6, 3, 2))
+
+
+def test_auto_trees_price_the_heads_and_decode_losslessly(stories, kind, tmp_path, monkeypatch):
+    from eagle3.autotree import auto_tree
+
+    monkeypatch.setenv("EAGLE3_HOME", str(tmp_path))
+    name, (folder, _, _), _ = kind
+    drafter = load_drafter(folder, stories)
+    policy = auto_tree(stories, drafter, AUTO_TREE)  # (measured: the heads' pass apart from the tree levels)
+    assert set(policy.cost.first_ms) == {1} and policy.cost.first_ms[1] > 0
+    assert all(ms >= 0 for ms in policy.cost.draft_ms.values())
+    for text in PROMPTS:
+        prompt = stories.encode(text)
+        out = speculative_generate(stories, drafter, prompt, 48, tree=AUTO_TREE, method=name, policy=policy)
+        assert out.token_ids == generate(stories, prompt, 48).token_ids, text
 
 
 def test_training_resumes_exactly(stories, examples, tmp_path, kind):

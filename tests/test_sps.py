@@ -21,7 +21,7 @@ from eagle3.generate import generate
 from eagle3.sps import DraftModelDrafter
 from eagle3.speculative import speculative_generate
 from eagle3.train import TrainConfig, train
-from eagle3.tree import TreeSpec
+from eagle3.tree import AUTO_TREE, TreeSpec
 from training_checks import assert_loss_fell, assert_resumes_exactly, story_conversations
 
 PROMPTS = ("Once upon a time", "The little dog", "One day, Tom")
@@ -52,6 +52,20 @@ def test_a_draft_model_proposes_and_greedy_output_is_the_targets(stories, draft_
     assert sum(accepted) / len(accepted) > 1.5  # (the noisy copy is right more often than not)
 
 
+def test_auto_trees_price_the_draft_model_and_decode_losslessly(stories, draft_folder, tmp_path, monkeypatch):
+    from eagle3.autotree import auto_tree
+
+    monkeypatch.setenv("EAGLE3_HOME", str(tmp_path))
+    drafter = load_drafter(draft_folder, stories)
+    policy = auto_tree(stories, drafter, AUTO_TREE)
+    first, level = policy.cost.first_ms, policy.cost.draft_ms
+    assert first[64] > first[1] > 0 and level[64] > level[1] > 0  # (a level of n nodes runs n forwards)
+    for text in PROMPTS:
+        prompt = stories.encode(text)
+        out = speculative_generate(stories, drafter, prompt, 48, tree=AUTO_TREE, method="sps", policy=policy)
+        assert out.token_ids == generate(stories, prompt, 48).token_ids, text
+
+
 def test_rows_decoded_together_equal_each_alone(stories, draft_folder):
     drafter = load_drafter(draft_folder, stories)
     prompts = [stories.encode(text) for text in PROMPTS]
@@ -67,8 +81,11 @@ def test_the_cli_runs_sps_and_refuses_what_it_cannot_do(stories, draft_folder, t
     plain = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert main([*args, "--draft", str(draft_folder), "--tree", "5,4,1"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["token_ids"] == plain["token_ids"]
-    assert main([*args, "--draft", str(draft_folder)]) == 2  # (--tree auto needs an EAGLE-3 draft's costs)
-    assert "--tree 5,4,1" in capsys.readouterr().err
+    assert main([*args, "--draft", str(draft_folder)]) == 0  # (--tree auto: the draft model times its steps)
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["token_ids"] == plain["token_ids"]
+    assert main([*args, "--draft", str(draft_folder), "--tree", "5,4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tree") and err.count("\n") == 1
     # A language model with another vocabulary is refused in one line.
     other = tmp_path / "other"
     shutil.copytree(draft_folder, other)
