@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +150,7 @@ class HydraDrafter(TopFeatureRows):
         return Proposal(grow_trees(growths, expand), [0] * len(growths))
 
     @torch.no_grad()
-    def step_timers(self, sizes) -> tuple[dict, dict]:
+    def step_timers(self, sizes: Sequence[int]) -> tuple[dict, dict]:
         """For the cost model (cost.measure_drafter): the first step is head 0 on the root's feature and token; a
         tree level is the next head on each of n nodes' feature and path (timed as head 1's, a path of two)."""
         embed, feature = self.model.embed.weight, self.sample_feature()

@@ -20,6 +20,7 @@ not offered.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -105,7 +106,7 @@ class MedusaDrafter(TopFeatureRows):
         return Proposal(grow_trees(growths, expand), [0] * len(growths))
 
     @torch.no_grad()
-    def step_timers(self, sizes) -> tuple[dict, dict]:
+    def step_timers(self, sizes: Sequence[int]) -> tuple[dict, dict]:
         """For the cost model (cost.measure_drafter): the first step is the heads' pass over the root's feature
         with every head's top-k; a tree level only hands each node its depth's head's guesses."""
         feature = self.sample_feature()

@@ -90,6 +90,7 @@ class DraftModelDrafter:
         tokens (the catch-up) and takes the last one's top-k; a tree level runs n nodes one by one (_expand_row:
         each its own path; timed as paths of one token)."""
         model = self.model
+        context = min(context, model.config.context_length - max(sizes) - 1)
         model.setup_cache(context + max(sizes) + 1, batch_size=1)  # (open() sets the cache up again for decoding)
         model(torch.zeros(1, context, dtype=torch.long, device=model.device), logits="none")
 
