@@ -80,10 +80,14 @@ class CostModel:
 
     @classmethod
     def from_json(cls, d: dict) -> "CostModel":
-        target = {int(c): {int(n): float(ms) for n, ms in p.items()} for c, p in d["target_ms"].items()}
-        points = lambda p: {int(n): float(ms) for n, ms in p.items()}  # noqa: E731
         first = d.get("first_ms")
-        return cls(target, points(d["draft_ms"]), d.get("key", ""), None if first is None else points(first))
+        return cls({int(c): _points(p) for c, p in d["target_ms"].items()}, _points(d["draft_ms"]), d.get("key", ""),
+                   None if first is None else _points(first))  # fmt: skip
+
+
+def _points(p: dict) -> dict[int, float]:
+    """JSON's (size -> ms) points, keys back to ints."""
+    return {int(n): float(ms) for n, ms in p.items()}
 
 
 def monotone(points: dict[int, float]) -> dict[int, float]:
