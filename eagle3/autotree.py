@@ -25,8 +25,11 @@ at 1 so that sizes not yet seen get tried when the ones seen are slow).
 
 Whether to draft at all is decided on what rounds realized: the tokens per ms that drafted rounds actually
 yielded (their catch-up beyond a token taken out) against those of plain rounds with as many rows; drafting
-pauses while it falls short, for twice as long each time it still does, so it costs about what plain decoding
-costs where it does not pay. Expectations alone stay wrong where they are close (a weak draft on a fast
+pauses while it falls short, for twice as long each time it still does (up to max_pause rounds), so it costs
+about what plain decoding costs where it does not pay. A round that pays halves the next pause rather than
+resetting it: where drafting pays about as much as plain decoding, one lucky round would otherwise restart a
+run of short pauses, each ended by a drafted round and its catch-up. (The drafter's window bounds what a
+catch-up after a long pause reads.) Expectations alone stay wrong where they are close (a weak draft on a fast
 target), and one round's draft confidence says little about the next round's: a round whose tree is the root
 alone still counts, as the drafting it wasted. A plain round every PROBE_EVERY drafted ones keeps the plain
 rate current. Until both kinds of round have been seen, a round expected to yield fewer tokens per ms than a
@@ -184,10 +187,10 @@ class AutoTree:
     prior_rounds: float = 2.0  # pseudo-rounds of ratio 1 before any observation
     predicted: list[float] = field(default_factory=list)  # per depth (1-based at index d-1), decayed sums
     observed: list[float] = field(default_factory=list)
-    max_pause: int = 64
+    max_pause: int = 256
     pause: int = 0  # plain rounds left before drafting again
     streak: int = 0  # drafted rounds since the last plain one
-    backoff: int = 1  # the next pause's length: doubles while drafting keeps not paying
+    backoff: int = 1  # the next pause's length: doubles while drafting keeps not paying, halves when it pays
     phase_time: dict[str, TimeRatio] = field(default_factory=lambda: {"draft": TimeRatio(), "verify": TimeRatio()})
     verify_time: list[TimeRatio] = field(default_factory=lambda: [TimeRatio() for _ in VERIFY_BUCKETS])  # per size
     realized: dict[int, dict[str, Throughput]] = field(default_factory=dict)  # per batch size: drafted, plain
@@ -300,7 +303,7 @@ class AutoTree:
             fell_short = drafted.rounds >= REALIZED_ROUNDS and drafted.rate() < plain_rate
             paying = largest > 0 and drafted_rate >= plain_rate and not fell_short
         if paying:
-            self.backoff = 1
+            self.backoff = max(self.backoff // 2, 1)
         else:
             self.pause, self.backoff = self.backoff, min(2 * self.backoff, self.max_pause)
 

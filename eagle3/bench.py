@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from eagle3 import options
 from eagle3.draft import int8_supported
-from eagle3.drafter import DEFAULT_PROMPT_WINDOW, add_drafter_arguments, drafter_options
+from eagle3.drafter import DEFAULT_DRAFT_WINDOW, add_drafter_arguments, drafter_options
 from eagle3.files import atomic_path, end_torn_line, read_text, write_text
 from eagle3.generate import generate
 from eagle3.pld import PromptLookupDrafter
@@ -93,7 +93,7 @@ class MethodDrafts:
 
     draft: str | Path | None = None  # eagle3's
     draft_int8: bool | None = None  # None: wherever supported
-    draft_window: int | None = DEFAULT_PROMPT_WINDOW
+    draft_window: int | None = DEFAULT_DRAFT_WINDOW
     assistant: str | None = None  # sps, hf-assisted
     pld_tokens: int = 10  # pld, hf-pld
     sps_tokens: int = 4
@@ -792,7 +792,7 @@ def batch_sizes_option(text: str) -> list[int]:
 
 def _draft_options(args) -> dict:
     chosen = drafter_options(args)
-    return {"draft_int8": chosen["int8"], "draft_window": chosen["prompt_window"]}
+    return {"draft_int8": chosen["int8"], "draft_window": chosen["window"]}
 
 
 def bench_command(args) -> int:

@@ -34,7 +34,7 @@ from eagle3.tree import DraftTree, TreeGrowth, grow_trees, root_only
 @dataclass
 class Proposal:
     trees: list[DraftTree]  # one per row
-    read: list[int]  # tokens each row's catch-up ran the draft on (fewer than committed with a prompt window)
+    read: list[int]  # tokens each row's catch-up ran the draft on (fewer than committed with a window)
 
 
 class Drafter(Protocol):
@@ -94,9 +94,10 @@ class NoDrafter:
 
 @dataclass
 class _Row:
-    """One row's place in the EAGLE-3 draft: cache slot s holds position offset + s."""
+    """One row's place in the EAGLE-3 draft: its cache slots hold the positions it read, in order (the
+    positions a window skipped leave no slot)."""
 
-    offset: int = 0  # prompt positions the draft skipped (see prompt_window)
+    offset: int = 0  # positions the draft skipped (see Eagle3Drafter's window)
     committed: int = 0  # positions the draft is level with
     tokens: list[Tensor] = field(default_factory=list)  # committed, not yet read (chunks)
     features: list[Tensor] = field(default_factory=list)
@@ -113,16 +114,16 @@ class _Row:
 class Eagle3Drafter:
     """Proposes with an EAGLE-3 head: fed the target's true features (of the layers its config names) for
     committed tokens, and its own outputs inside the tree. Every row's catch-up runs in one draft forward, and
-    every tree level of every row in one more. With a prompt_window, a row reads only that many of its
-    prompt's last tokens."""
+    every tree level of every row in one more. With a window, a catch-up reads at most that many of a row's
+    unread tokens, the last ones: of a prompt, or of the stretch a pause in drafting left unread."""
 
-    def __init__(self, draft: Eagle3Draft, prompt_window: int | None = None):
+    def __init__(self, draft: Eagle3Draft, window: int | None = None):
         if draft.config.tap_layers is None:
             raise ValueError("the draft's config names no tap layers: load it with its target's config "
                              "(checkpoint.load_draft(path, target_config)), which fills in the target's defaults")  # fmt: skip
         self.draft = draft
         self.tap_layers = tuple(draft.config.tap_layers)
-        self.prompt_window = prompt_window
+        self.window = window
         self.rows: list[_Row] = []
         self._level_slots = 0  # tree slots every row holds after its committed ones (levels are padded alike)
         self._top_ks: list[int] = []  # each row's children per node this round
@@ -203,11 +204,13 @@ class Eagle3Drafter:
         for state in self.rows:
             tokens, features = torch.cat(state.tokens).to(device), torch.cat(state.features).to(device)
             start, n = state.committed, len(tokens)
-            if state.committed == 0 and self.prompt_window is not None and n > self.prompt_window:
-                # A long prompt: read only its end (positions stay absolute; attention sees relative distances).
-                skip = n - self.prompt_window
-                tokens, features, n = tokens[skip:], features[skip:], self.prompt_window
-                state.offset = start = skip
+            if self.window is not None and n > self.window:
+                # A long prompt or pause: read only its end (positions stay absolute; attention sees relative
+                # distances).
+                skip = n - self.window
+                tokens, features, n = tokens[skip:], features[skip:], self.window
+                state.offset += skip
+                start += skip
             state.tokens_read = tokens
             state.tokens, state.features = [], []
             chunks.append((tokens, features, start, n))
@@ -276,23 +279,23 @@ class Eagle3Drafter:
         return logp, draft.to_target_ids(ids)
 
 
-# Prompt tokens the EAGLE-3 draft reads at the first catch-up (the rest of the prompt it never sees): the
-# catch-up's cost grows with the prompt, while a draft proposes no worse from a prompt's end (measurements:
-# docs/design/draft-prompt-window.md).
-DEFAULT_PROMPT_WINDOW = 64
+# Unread tokens the EAGLE-3 draft reads at most in a catch-up (the rest it never sees): a catch-up's cost grows
+# with what it reads (a prompt, or what a pause in drafting left), while a draft proposes no worse from their
+# end (measurements: docs/design/draft-prompt-window.md).
+DEFAULT_DRAFT_WINDOW = 64
 
 
 def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
-                 prompt_window: int | None = DEFAULT_PROMPT_WINDOW) -> Drafter:  # fmt: skip
+                 window: int | None = DEFAULT_DRAFT_WINDOW) -> Drafter:  # fmt: skip
     """An EAGLE-3 drafter from a checkpoint folder, checked against and attached to the target; it taps the
     target layers its config names (the target's defaults when it names none). int8: the draft in int8, its
     lm_head on the PyTorch runtimes (draft.quantize_int8) and every matrix on the native ones, where the draft's
     step runs on the native kernels too (native_draft.py); default: wherever supported (a float32 draft on a
-    CPU). prompt_window: how many of a prompt's last tokens the draft reads (None: all).
+    CPU). window: how many unread tokens a catch-up reads at most, the last ones (None: all).
 
     A folder in EAGLE's layout gives the EAGLE / EAGLE-2 drafter (eagle1.py; int8: its copy of the target's
     lm_head). A folder holding a causal language model with the target's vocabulary gives the SpS drafter
-    (sps.py), one holding Medusa or Hydra heads those drafters (medusa.py, hydra.py); int8 and prompt_window
+    (sps.py), one holding Medusa or Hydra heads those drafters (medusa.py, hydra.py); int8 and window
     do not apply to them."""
     from eagle3.checkpoint import load_draft
     from eagle3.draft import int8_supported, quantize_int8
@@ -305,10 +308,10 @@ def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
     heads = checkpoint_kind(path)
     if heads is not None:
         return (load_medusa_drafter if heads == "medusa" else load_hydra_drafter)(path, target)
-    if prompt_window is not None and prompt_window < 1:
-        raise ValueError(f"the draft's prompt window must be at least 1 token (None: the whole prompt), got {prompt_window}")
+    if window is not None and window < 1:
+        raise ValueError(f"the draft's window must be at least 1 token (None: every token), got {window}")
     if is_eagle1_checkpoint(path):
-        return load_eagle1_drafter(path, target, int8, prompt_window)
+        return load_eagle1_drafter(path, target, int8, window)
     if is_language_model(path):
         return load_draft_model_drafter(path, target)
 
@@ -321,7 +324,7 @@ def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
         draft.native = NativeDraft(draft, int8=bool(int8))
     elif int8:
         quantize_int8(draft)
-    return Eagle3Drafter(draft.attach(model.embed.weight), prompt_window)
+    return Eagle3Drafter(draft.attach(model.embed.weight), window)
 
 
 INT8_CHOICES = {"auto": None, "on": True, "off": False}  # the CLI's --draft-int8, as load_drafter's int8
@@ -333,12 +336,13 @@ def add_drafter_arguments(parser, window: bool = True) -> None:
                         help="the draft in int8 (its lm_head; on the native runtimes all its matrices): auto (default: on "
                              "for a float32 draft on a CPU), on or off")
     if window:
-        parser.add_argument("--draft-window", type=options.nonnegative, default=DEFAULT_PROMPT_WINDOW,
-                            help=f"prompt tokens the draft reads, from the end (default {DEFAULT_PROMPT_WINDOW}; 0: "
-                                 "the whole prompt). Only the draft's proposals depend on it, never the output")  # fmt: skip
+        parser.add_argument("--draft-window", type=options.nonnegative, default=DEFAULT_DRAFT_WINDOW,
+                            help=f"tokens the draft reads at most when it catches up on a prompt or after a pause, "
+                                 f"from the end (default {DEFAULT_DRAFT_WINDOW}; 0: all). Only the draft's proposals "
+                                 "depend on it, never the output")  # fmt: skip
 
 
 def drafter_options(args) -> dict:
     """load_drafter's keyword arguments from add_drafter_arguments' options."""
-    window = getattr(args, "draft_window", DEFAULT_PROMPT_WINDOW)
-    return {"int8": INT8_CHOICES[args.draft_int8], "prompt_window": window or None}
+    window = getattr(args, "draft_window", DEFAULT_DRAFT_WINDOW)
+    return {"int8": INT8_CHOICES[args.draft_int8], "window": window or None}

@@ -231,8 +231,8 @@ class Eagle1Drafter(Eagle3Drafter):
     """The EAGLE-3 drafter's machinery (catch-up, tree levels, batching) on an EAGLE draft: it reads the target's
     last layer output (tap N), normed by the target's final norm, and feeds its own predicted features back."""
 
-    def __init__(self, draft: Eagle1Draft, model: Transformer, prompt_window: int | None = None):
-        super().__init__(draft, prompt_window)
+    def __init__(self, draft: Eagle1Draft, model: Transformer, window: int | None = None):
+        super().__init__(draft, window)
         self.model = model
 
     def commit(self, row: int, tokens: Tensor, features: Tensor | None) -> None:
@@ -242,7 +242,7 @@ class Eagle1Drafter(Eagle3Drafter):
 
 
 def load_eagle1_drafter(path: str | Path, target, int8: bool | None = None,
-                        prompt_window: int | None = None) -> Eagle1Drafter:  # fmt: skip
+                        window: int | None = None) -> Eagle1Drafter:  # fmt: skip
     """The drafter for an EAGLE-layout folder. int8 (None or True: wherever supported, a float32 target on a CPU
     with the native kernels; False: never): proposals use an int8 copy of the target's lm_head, and on the
     native runtimes the draft's step runs there, its matrices int8 too."""
@@ -255,7 +255,7 @@ def load_eagle1_drafter(path: str | Path, target, int8: bool | None = None,
         from eagle3.native_draft import NativeDraft
 
         draft.native = NativeDraft(draft, int8=int8)
-    return Eagle1Drafter(draft, model, prompt_window)
+    return Eagle1Drafter(draft, model, window)
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -170,13 +170,26 @@ def test_pauses_drafting_while_it_does_not_pay():
         assert tree.size == 1
     pauses = [len(run) for run in "".join("d" if d else "p" for d in drafted).split("d")[1:-1]]
     assert pauses[:3] == [1, 2, 4]  # plain rounds between drafted ones, backing off exponentially
-    rounds.policy.pause, rounds.report = 0, None
-    plan = rounds.plan()  # drafting pays again, as expected and as realized: the back-off resets
-    trees = rounds.grow(plan, 0.9)
-    rounds.report_on(plan, trees, accepted=int(trees[0].depths.max()))
-    rounds.plan()
-    assert plan.drafted
-    assert rounds.policy.pause == 0 and rounds.policy.backoff == 1
+    policy = rounds.policy
+    policy.pause, rounds.report, backoff = 0, None, policy.backoff
+    assert backoff >= 8
+    plan = rounds.plan()
+    for _ in range(backoff.bit_length()):  # drafting pays again, as expected and as realized
+        trees = rounds.grow(plan, 0.9)
+        rounds.report_on(plan, trees, accepted=int(trees[0].depths.max()))
+        plan = rounds.plan()
+        assert plan.drafted and policy.pause == 0
+        # each paying round halves the next pause: one lucky round does not restart the short ones
+        assert policy.backoff == max(backoff // 2, 1)
+        backoff = policy.backoff
+    assert policy.backoff == 1
+
+
+def test_pauses_grow_to_max_pause():
+    rounds = Rounds(AutoTree(cost_model(5.0), max_pause=8))
+    drafted = [rounds.round(p_top=0.01)[0].drafted for _ in range(60)]
+    pauses = [len(run) for run in "".join("d" if d else "p" for d in drafted).split("d")[1:-1]]
+    assert pauses[:4] == [1, 2, 4, 8] and set(pauses[4:]) == {8}
 
 
 def test_drafted_rounds_that_realize_less_than_plain_ones_pause_drafting():
@@ -252,13 +265,17 @@ def test_verify_cost_is_learned_per_tree_size():
 
 def test_plain_rounds_between_drafted_ones_stay_lossless(stories):
     """A draft that never pays under a steep cost model: most rounds are plain steps, and the draft catches
-    up on several tokens at once when it drafts again; the output is still plain greedy's."""
-    drafter = Eagle3Drafter(new_draft(stories.model.config).attach(stories.model.embed.weight))
+    up on several tokens at once when it drafts again (at most its window's 4, the last ones, after the longer
+    pauses); the output is still plain greedy's."""
+    drafter = Eagle3Drafter(new_draft(stories.model.config).attach(stories.model.embed.weight), window=4)
     policy = AutoTree(cost_model(50.0, draft_ms=20.0))
     ids = stories.encode("Tom had a big red")
     plain = generate(stories, ids, 150)
+    reads, propose = [], drafter.propose
+    drafter.propose = lambda plan: (proposal := propose(plan), reads.extend(proposal.read))[0]
     spec = speculative_generate(stories, drafter, ids, 150, tree=AUTO_TREE, policy=policy)
     assert spec.token_ids == plain.token_ids
+    assert max(reads) == 4 and reads.count(4) >= 3  # the prompt, and pauses of 4 rounds and more
     # (not the policy's final backoff: once realized rates decide, one noisy round on a busy machine resets it)
     assert spec.rounds >= len(spec.token_ids) - 1  # mostly one token per round
     assert spec.plain_rounds > spec.rounds / 2 and spec.rounds == spec.plain_rounds + len(spec.accept_lengths)

@@ -145,7 +145,7 @@ def test_int8_draft_head_is_close_and_lossless(stories):
     assert speculative_generate(stories, Eagle3Drafter(draft), ids, 200, tree=TreeSpec(20, 4, 4)).token_ids == plain.token_ids
 
 
-def test_prompt_window_reads_the_prompt_end_at_its_own_positions(stories):
+def test_window_reads_the_prompt_end_at_its_own_positions(stories):
     """A drafter that reads only a prompt's last W tokens proposes what a drafter given just those W tokens
     from position 0 proposes (attention sees relative positions only), in its later catch-ups and tree levels
     too: its positions, cache slots and tree masks stay in step."""
@@ -165,7 +165,7 @@ def test_prompt_window_reads_the_prompt_end_at_its_own_positions(stories):
                 trees.append(drafter.propose(TreePlan([spec])).trees[0])
         return trees
 
-    windowed = Eagle3Drafter(draft, prompt_window=window)
+    windowed = Eagle3Drafter(draft, window=window)
     got = rounds(windowed, tokens, features, prompt)
     row = windowed.rows[0]
     assert (row.offset, row.committed, draft.cache.lengths[0]) == (prompt - window, prompt + 3, window + 3)
@@ -177,11 +177,41 @@ def test_prompt_window_reads_the_prompt_end_at_its_own_positions(stories):
     assert any(not torch.allclose(torch.as_tensor(a.scores), torch.as_tensor(b.scores), atol=1e-4) for a, b in zip(got, whole))
 
 
+def test_window_bounds_the_catch_up_after_a_pause(stories):
+    """After a pause in drafting left 10 tokens unread, a drafter with a window of 6 reads the last 6 at their
+    own positions (its root children are those of the draft run directly on what it read), and later rounds
+    read on from there."""
+    draft = new_draft(stories.model.config, seed=5).attach(stories.model.embed.weight)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 512, (16,), generator=gen)
+    features = torch.randn(16, 3 * stories.model.config.hidden_size, generator=gen)
+    drafter, spec = Eagle3Drafter(draft, window=6), TreeSpec(10, 3, 3)
+    drafter.open(1, 64)
+    drafter.join(0, tokens[:1].tolist())
+    read, trees = [], []
+    with torch.inference_mode():
+        for chunk in (slice(0, 4), slice(4, 14), slice(14, 16)):  # a prompt, a pause's 10 tokens, a round's 2
+            drafter.commit(0, tokens[chunk], features[chunk])
+            proposal = drafter.propose(TreePlan([spec]))
+            read.append(proposal.read[0])
+            trees.append(proposal.trees[0])
+            row = drafter.rows[0]
+            assert draft.cache.lengths[0] == row.committed - row.offset
+        assert read == [4, 6, 2] and (row.offset, row.committed) == (4, 16)
+        draft.setup_cache(64)  # the same draft run by hand on positions 0-3 and 8-13
+        draft(tokens[None, :4], features[None, :4], torch.arange(4))
+        h = draft(tokens[None, 8:14], features[None, 8:14], torch.arange(8, 14))
+        logp, ids = torch.topk(torch.log_softmax(draft.logits(h[0, -1]).float(), -1), 3)
+    children = [i for i, parent in enumerate(trees[1].parents) if parent == 0]
+    assert [int(trees[1].tokens[i]) for i in children] == draft.to_target_ids(ids).tolist()
+    assert torch.allclose(torch.as_tensor([trees[1].scores[i] for i in children]), logp, atol=1e-4)
+
+
 @pytest.mark.parametrize("tree", TREES[1:3], ids=str)
-def test_greedy_with_a_prompt_window_equals_plain(stories, untrained, tree):
+def test_greedy_with_a_window_equals_plain(stories, untrained, tree):
     ids = stories.encode("Once upon a time, there was a little girl named Lily. She loved to play outside")
     plain = generate(stories, ids, 200)
-    drafter = Eagle3Drafter(untrained.draft, prompt_window=5)
+    drafter = Eagle3Drafter(untrained.draft, window=5)
     offsets = []
     catch_up = drafter._catch_up
 

@@ -1,0 +1,44 @@
+"""benchmarks/data_scaling.py: the data-scaling table and figure from the scaling benches' results."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "data_scaling.py"
+
+
+def bench_results(folder: Path, taus: dict[str, float]) -> None:
+    folder.mkdir(parents=True)
+    cell = {"n": 40, "identical": 40, "speedup_median": 1.1}
+    summary = {label: {"mt_bench": {**cell, "tau": tau}} for label, tau in taus.items()}
+    (folder / "results.json").write_text(json.dumps({"summary": summary}))
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_table_and_figure_from_the_benches_run_so_far(tmp_path):
+    runs = tmp_path / "runs"
+    bench_results(runs / "scaling" / "bench-1of4-60-5-10", {"vanilla": None, "eagle3": 1.5, "eagle2": 1.4})
+    bench_results(runs / "scaling" / "bench-1of1-60-5-10", {"vanilla": None, "eagle3": 1.9, "eagle2": 1.6})
+    (runs / "equal" / "eagle3").mkdir(parents=True)
+    (runs / "equal" / "eagle3" / "summary.json").write_text(json.dumps({"steps": 440, "tau": {"tree": 1.93}}))
+    done = run("--runs", str(runs))
+    assert done.returncode == 0, done.stderr
+    text = (runs / "scaling" / "data_scaling.md").read_text()
+    assert "| EAGLE-3 | 60,5,10 | all | 440 | 1.90 | 1.10x | 40/40 | 1.93 |" in text
+    assert "| EAGLE-2 | 60,5,10 | 1/4 |  | 1.40 |" in text
+    assert "bench-1of2-60-5-10" in text and "bench-1of1-auto" in text  # named as not run yet
+    assert (runs / "scaling" / "data_scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_bench_and_a_corrupt_one_are_one_line_errors(tmp_path):
+    done = run("--runs", str(tmp_path))
+    assert done.returncode == 2 and "no scaling bench found" in done.stderr and "Traceback" not in done.stderr
+    folder = tmp_path / "scaling" / "bench-1of4-auto"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text("{not json")
+    done = run("--runs", str(tmp_path))
+    assert done.returncode == 2 and "cannot be read" in done.stderr and "Traceback" not in done.stderr
