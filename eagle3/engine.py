@@ -201,13 +201,13 @@ class Engine:
         runtime.commit([path for path, _ in accepted])
         device = self.target.model.device
         for b, (seq, tree, (path, bonus)) in enumerate(zip(sequences, trees, accepted)):
-            new_tokens = tree.tokens[path[1:]].tolist() + [bonus]
+            new_tokens = [*tree.tokens[path[1:]].tolist(), bonus] if len(path) > 1 else [bonus]
             seq.stopper.extend(new_tokens)
             if tree.size > 1:  # (a drafted tree, or a plain round's root with a lookup chain grafted on)
                 seq.accept_lengths.append(len(path))
             else:
                 seq.plain_rounds += 1
-            features = None if taps is None else taps[b, torch.tensor(path, device=device)]
+            features = None if taps is None else taps[b, path]  # (a copy: a runtime may reuse its taps buffer)
             self.drafter.commit(b, torch.tensor(new_tokens, dtype=torch.long, device=device), features)
             if self.lookup:
                 self.lookup.commit(b, new_tokens)

@@ -36,6 +36,15 @@ class NativeLayers:
                         + [block.qk_norm, model._windows[l] or 0])  # fmt: skip
         self.table, self._keep = native.pointer_table(rows)  # (forward.cpp's TargetField order)
         self.shape = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.num_layers]
+        self._tap_indexes: dict[tuple[int, ...], Tensor] = {}
+
+    def _tap_index(self, order: tuple[int, ...]) -> Tensor:
+        """Per layer (index num_layers: the last layer's output, before the final norm) its place among the
+        taps, -1 if untapped; made once per set of taps (a share of a plain step's host work otherwise)."""
+        if order not in self._tap_indexes:
+            layers = range(self.model.config.num_layers + 1)
+            self._tap_indexes[order] = torch.tensor([order.index(l) if l in order else -1 for l in layers], dtype=torch.int32)
+        return self._tap_indexes[order]
 
     def forward(self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, taps: Sequence[int] = ()) -> ForwardOutput:
         """n new tokens [B, n] on top of cache rows 0 .. B-1, at positions [B, n] (host), each row's token i
@@ -53,9 +62,7 @@ class NativeLayers:
         inv_freq = model.rope_frequencies(max_position).float().contiguous()
         mask = tree_mask.to(torch.bool).expand(B, n, n).contiguous()
         order = sorted(set(taps))
-        # (index num_layers: the last layer's output, before the final norm)
-        tap_index = torch.tensor([order.index(l) if l in order else -1 for l in range(cfg.num_layers + 1)],
-                                 dtype=torch.int32)  # fmt: skip
+        tap_index = self._tap_index(tuple(order))
         tapped = torch.empty(B, n, len(order), cfg.hidden_size)
         x = model.embed(tokens).float().contiguous()
         dims = torch.tensor(self.shape + [B, n, cache.rows, cache.max_len], dtype=torch.int64)

@@ -48,7 +48,11 @@ def make_runtime(target: Target, tap_layers: Sequence[int] = ()) -> TargetRuntim
 
 def pad_trees(trees: list[DraftTree]) -> tuple[Tensor, Tensor, Tensor]:
     """Every row's tree padded to the largest: tokens [B, n], depths [B, n] and tree masks [B, n, n]. A padding
-    node is token 0 at depth 0 that sees only itself; nothing sees it, and compaction drops it."""
+    node is token 0 at depth 0 that sees only itself; nothing sees it, and compaction drops it. One tree comes
+    back as views of its own tensors (read-only: a plain step's root shares them with every other)."""
+    if len(trees) == 1:  # (a plain step of one sequence: the padding's allocations would be a visible share)
+        tree = trees[0]
+        return tree.tokens.view(1, -1), tree.depths.view(1, -1), tree.mask.view(1, tree.size, tree.size)
     n = max(t.size for t in trees)
     tokens = torch.zeros(len(trees), n, dtype=torch.long)
     depths = torch.zeros(len(trees), n, dtype=torch.long)

@@ -20,7 +20,7 @@ from eagle3.pld import PromptLookupDrafter
 from eagle3.native_draft import NativeDraft
 from eagle3.native_weights import to_native
 from eagle3.norm_folding import fold_norms
-from eagle3.runtime import NativeRuntime, TorchRuntime, make_runtime
+from eagle3.runtime import NativeRuntime, TorchRuntime, make_runtime, pad_trees
 from eagle3.sampling import SamplingParams, probs_from_logits
 from eagle3.target import load_target
 from eagle3.tree import DraftTree, TreeSpec, ancestor_mask, chain
@@ -307,3 +307,13 @@ def test_native_draft_step_matches_the_pytorch_draft(kernels, stories, int8):
     with pytest.raises(ValueError, match="mask"):
         draft.native = NativeDraft(draft)
         draft(tokens[1], features[1], torch.tensor([[5, 6, 6], [7, 8, 8]]), level2, [5, 7])
+
+
+def test_pad_trees_pads_every_tree_to_the_largest_and_leaves_one_tree_as_it_is():
+    small, large = chain(torch.tensor([3, 4])), chain(torch.tensor([5, 6, 7]))
+    tokens, depths, masks = pad_trees([small, large])
+    assert tokens.tolist() == [[3, 4, 0], [5, 6, 7]] and depths.tolist() == [[0, 1, 0], [0, 1, 2]]
+    assert masks[0].tolist() == [[True, False, False], [True, True, False], [False, False, True]]  # padding: itself
+    tokens, depths, masks = pad_trees([large])  # (a plain step's path: no copies)
+    assert tokens.data_ptr() == large.tokens.data_ptr() and masks.data_ptr() == large.mask.data_ptr()
+    assert tokens.shape == (1, 3) and depths.tolist() == [[0, 1, 2]] and torch.equal(masks[0], large.mask)
