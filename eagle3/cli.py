@@ -43,9 +43,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="draft tree: auto (sized each round for this machine's measured costs, the default), "
                         "TOTAL,DEPTH,TOPK (e.g. 60,5,10, the EAGLE eval scripts' GPU values) or static:N (the same N "
                         "draft tokens' shape every round, as EAGLE-1 and Medusa verify)")  # fmt: skip
-    p.add_argument("--lookup", type=options.integer(0, 64), default=0,
+    p.add_argument("--lookup", type=options.integer(0, 64), default=None,
                    help="graft a prompt-lookup chain of up to N tokens (what followed the context's last n-gram where "
-                        "it occurred before) onto every round's tree, plain rounds included (default 0: none)")  # fmt: skip
+                        "it occurred before) onto every round's tree, plain rounds included (default: 4 with a draft "
+                        "on the auto tree, whose policy prices each chain; 0, none, otherwise)")  # fmt: skip
     add_drafter_arguments(p)
 
 
@@ -53,6 +54,7 @@ def _generate(args: argparse.Namespace) -> int:
     from eagle3.drafter import NoDrafter, drafter_options, load_drafter
     from eagle3.fetch import resolve_draft
     from eagle3.generate import generate
+    from eagle3.pld import DEFAULT_LOOKUP
     from eagle3.sampling import SamplingParams
     from eagle3.speculative import speculative_generate
     from eagle3.target import load_target
@@ -63,6 +65,8 @@ def _generate(args: argparse.Namespace) -> int:
     draft_path = resolve_draft(args.draft, args.target)
     prompt_ids = target.encode(args.prompt, chat=args.chat, system=args.system)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    if args.lookup is None:
+        args.lookup = DEFAULT_LOOKUP if draft_path is not None and args.tree.auto else 0
     if draft_path is None and not args.lookup:
         result = generate(target, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream)
     else:

@@ -130,3 +130,23 @@ def test_the_cli_generates_with_lookup(stories, capsys):
     assert main([*args, "--draft", "none", "--lookup", "4"]) == 0
     looked = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert looked["token_ids"] == plain["token_ids"] and looked["tau"] > 1
+
+
+def test_the_cli_grafts_chains_by_default_with_a_draft_on_the_auto_tree(stories, capsys, tmp_path, monkeypatch):
+    """Default --lookup: 4 with a draft on the auto tree (priced there), none with a fixed tree or no draft;
+    an explicit value always wins. The output stays plain decoding's."""
+    import eagle3.speculative
+
+    assert main(["draft-init", str(tmp_path / "draft"), "--target", str(stories.path)]) == 0
+    capsys.readouterr()
+    chosen, run = [], eagle3.speculative.speculative_generate
+    monkeypatch.setattr(eagle3.speculative, "speculative_generate",
+                        lambda *a, **k: (chosen.append(k["lookup"]), run(*a, **k))[1])  # fmt: skip
+    args = ["generate", REPETITIVE, "--target", str(stories.path), "--max-new-tokens", "24", "--json", "--threads", "1"]
+    assert main([*args, "--draft", "none"]) == 0
+    plain = json.loads(capsys.readouterr().out.splitlines()[-1])
+    draft = ["--draft", str(tmp_path / "draft")]
+    for extra in ([], ["--tree", "6,3,2"], ["--lookup", "0"], ["--tree", "6,3,2", "--lookup", "2"]):
+        assert main([*args, *draft, *extra]) == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["token_ids"] == plain["token_ids"]
+    assert chosen == [4, 0, 0, 2]
