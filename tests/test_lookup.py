@@ -121,6 +121,11 @@ def test_sampling_with_lookup_is_the_targets_distribution(stories):
     table = exact_triples(stories, prompt, SamplingParams(**PARAMS))
     samples = speculative_triples(stories, NoDrafter(), prompt, PARAMS, N_LOOP, lookup=3)
     assert chi_square_p_value(samples, table) > ALPHA
+    # Chains merged into an EAGLE-3 head's trees (generate's default with a draft on the auto tree): a node can
+    # have children from both, some the same token.
+    untrained = Eagle3Drafter(new_draft(stories.model.config, seed=3).attach(stories.model.embed.weight))
+    samples = speculative_triples(stories, untrained, prompt, PARAMS, N_LOOP, seed0=N_LOOP, lookup=3)
+    assert chi_square_p_value(samples, table) > ALPHA
 
 
 def test_the_cli_generates_with_lookup(stories, capsys):
