@@ -166,6 +166,8 @@ def test_the_cli_trains_heads_and_decodes_with_them(stories, trained, tmp_path, 
     plain = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert main([*args, "--draft", str(trained[0]), "--tree", "8,3,2"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["token_ids"] == plain["token_ids"]
+    assert main([*args, "--draft", str(trained[0])]) == 0  # (the auto tree, lookup chains grafted on by default)
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["token_ids"] == plain["token_ids"]
 
 
 def test_the_bench_runs_medusa_beside_vanilla(stories, trained, tmp_path, capsys):
