@@ -65,20 +65,21 @@ def _generate(args: argparse.Namespace) -> int:
     draft_path = resolve_draft(args.draft, args.target)
     prompt_ids = target.encode(args.prompt, chat=args.chat, system=args.system)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    if args.lookup is None:
-        args.lookup = DEFAULT_LOOKUP if draft_path is not None and args.tree.auto else 0
-    if draft_path is None and not args.lookup:
+    lookup = args.lookup
+    if lookup is None:  # (chains only where the auto tree's policy prices them)
+        lookup = DEFAULT_LOOKUP if draft_path is not None and args.tree.auto else 0
+    if draft_path is None and not lookup:
         result = generate(target, prompt_ids, args.max_new_tokens, sampling, args.stop, on_text=stream)
     else:
         drafter = NoDrafter() if draft_path is None else load_drafter(draft_path, target, **drafter_options(args))
         result = speculative_generate(target, drafter, prompt_ids, args.max_new_tokens, sampling, args.stop,
-                                      on_text=stream, tree=args.tree, lookup=args.lookup)  # fmt: skip
+                                      on_text=stream, tree=args.tree, lookup=lookup)  # fmt: skip
     if args.json:
         print(json.dumps(result.to_json()))
     else:
         sys.stdout.write("\n")
         extra = ""
-        if draft_path is not None or args.lookup:
+        if draft_path is not None or lookup:
             plain = f" and {result.plain_rounds} plain" if result.plain_rounds else ""
             extra = f", tau {result.tau:.2f} over {len(result.accept_lengths)} drafted rounds{plain}"
         print(

@@ -42,8 +42,8 @@ class NativeLayers:
         """Per layer (index num_layers: the last layer's output, before the final norm) its place among the
         taps, -1 if untapped; made once per set of taps (a share of a plain step's host work otherwise)."""
         if order not in self._tap_indexes:
-            layers = range(self.model.config.num_layers + 1)
-            self._tap_indexes[order] = torch.tensor([order.index(l) if l in order else -1 for l in layers], dtype=torch.int32)
+            places = [order.index(l) if l in order else -1 for l in range(self.model.config.num_layers + 1)]
+            self._tap_indexes[order] = torch.tensor(places, dtype=torch.int32)
         return self._tap_indexes[order]
 
     def forward(self, tokens: Tensor, positions: Tensor, tree_mask: Tensor, taps: Sequence[int] = ()) -> ForwardOutput:

@@ -92,9 +92,9 @@ class GraftPrice:
     verify_ms: np.ndarray
 
 
-# `eagle3 generate`'s chain length with a draft on the auto tree, where the policy prices every chain: 1.11x ->
-# 1.27x plain decoding over six suites on fp32, 0.96x -> 0.97x on int8 (docs/results/2026-12-04-six-suites-lookup.md).
-# Unpriced (a fixed tree) a chain can cost more than it brings, so there it stays opt-in.
+# `eagle3 generate`'s chain length with a draft on the auto tree, where the policy prices every chain (measured:
+# docs/results/2026-12-04-six-suites-lookup.md). Unpriced (a fixed tree) a chain can cost more than it brings, so
+# there it stays opt-in.
 DEFAULT_LOOKUP = 4
 
 
