@@ -49,6 +49,7 @@ class RoundReport:
     contexts: list[int]  # per row: committed tokens before the round
     draft_ms: float
     verify_ms: float
+    paths: list[list[int]] = field(default_factory=list)  # per row: the accepted nodes, the root first
 
 
 class TreePolicy(Protocol):
