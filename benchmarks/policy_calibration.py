@@ -3,8 +3,9 @@ first turns of the six suites):
 
 1. Acceptance per tree depth and sibling rank, on a fixed tree (default 60,5,10, so that low-ranked children get
    drafted too): the nodes' cumulative draft probabilities summed against how many of them were accepted, and
-   the same conditional on the parent accepted. The policy corrects its estimates per depth only
-   (autotree.py); a ratio that moved with the rank would say a correction per rank is missing.
+   the same conditional on the parent accepted; then, given the parent accepted, per band of the child's draft
+   probability (a reliability table). The policy corrects its estimates per depth only (autotree.py); ratios
+   that moved with the rank or the band would say a finer correction is missing.
 2. The auto tree, per size of the tree it chose: expected against accepted draft tokens, predicted against
    measured drafting and verification (ms), and the tokens per ms they imply. Timings: run it on a quiet machine.
 
@@ -33,6 +34,7 @@ from eagle3.tree import AUTO_TREE, TreeSpec
 
 SIZE_BUCKETS = ((2, 2), (3, 4), (5, 8), (9, 16), (17, 32), (33, 64))
 RANKS = 4  # sibling ranks 0, 1, 2 and "3 or lower"
+CONFIDENCE_EDGES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # the draft's probability of a child given its parent
 
 
 @dataclass
@@ -48,11 +50,17 @@ class Recorder:
         return self.policy.size(report, contexts)
 
 
+def band(p: float) -> int:
+    """The CONFIDENCE_EDGES band holding probability p (1.0 in the last)."""
+    return min(int(np.searchsorted(CONFIDENCE_EDGES, p, side="right")) - 1, len(CONFIDENCE_EDGES) - 2)
+
+
 @dataclass
 class RankTable:
     """Per (depth, sibling rank): nodes, summed cumulative probabilities, accepted; and conditional on the parent."""
 
     sums: dict = field(default_factory=lambda: defaultdict(lambda: np.zeros(6)))
+    by_confidence: dict = field(default_factory=lambda: defaultdict(lambda: np.zeros(3)))  # (depth, bin): given parent
 
     def __call__(self, report: RoundReport, policy) -> None:
         for tree, path in zip(report.trees, report.paths):
@@ -62,12 +70,21 @@ class RankTable:
                     row = self.sums[(depths[child], min(rank, RANKS - 1))]
                     row[:3] += (1, np.exp(scores[child]), child in accepted)
                     if parent in accepted:
-                        row[3:] += (1, np.exp(scores[child] - scores[parent]), child in accepted)
+                        p = np.exp(scores[child] - scores[parent])
+                        row[3:] += (1, p, child in accepted)
+                        self.by_confidence[(min(depths[child], 3), band(p))] += (1, p, child in accepted)
 
     def rows(self) -> list[dict]:
         return [{"depth": d, "rank": r, "nodes": int(s[0]), "predicted": s[1], "accepted": int(s[2]),
                  "ratio": s[2] / max(s[1], 1e-9), "given_parent_nodes": int(s[3]), "given_parent_predicted": s[4],
                  "given_parent_ratio": s[5] / max(s[4], 1e-9)} for (d, r), s in sorted(self.sums.items())]  # fmt: skip
+
+    def confidence_rows(self) -> list[dict]:
+        """Given the parent accepted, per depth (3: 3 or deeper) and band of the child's draft probability."""
+        edges = CONFIDENCE_EDGES
+        return [{"depth": d, "p_from": edges[b], "p_to": edges[b + 1], "nodes": int(s[0]), "mean_p": s[1] / s[0],
+                 "accepted_rate": s[2] / s[0], "ratio": s[2] / max(s[1], 1e-9)}
+                for (d, b), s in sorted(self.by_confidence.items())]  # fmt: skip
 
 
 @dataclass
@@ -131,11 +148,13 @@ def main() -> None:
     prompts = [encode_messages(target, [{"role": "user", "content": q.turns[0]}])
                for suite in EAGLE_SUITES for q in load_suite(suite, data_dir(), args.limit)]  # fmt: skip
     ranks, sizes = RankTable(), SizeTable()
-    run(target, drafter, Recorder(FixedTree(TreeSpec.parse(args.tree)), ranks), prompts, TreeSpec.parse(args.tree),
-        args.max_new_tokens)
-    run(target, drafter, Recorder(auto_tree(target, drafter, AUTO_TREE), sizes), prompts, AUTO_TREE, args.max_new_tokens)
-    tables = {"ranks": ranks.rows(), "sizes": sizes.rows()}
+    fixed = TreeSpec.parse(args.tree)
+    run(target, drafter, Recorder(FixedTree(fixed), ranks), prompts, fixed, args.max_new_tokens)
+    auto = Recorder(auto_tree(target, drafter, AUTO_TREE), sizes)
+    run(target, drafter, auto, prompts, AUTO_TREE, args.max_new_tokens)
+    tables = {"ranks": ranks.rows(), "confidence": ranks.confidence_rows(), "sizes": sizes.rows()}
     show(f"1. acceptance per depth and sibling rank, tree {args.tree}", tables["ranks"])
+    show("   and given the parent accepted, per band of the draft's probability", tables["confidence"])
     show("2. the auto tree per chosen size: expected and predicted against measured", tables["sizes"])
     if args.out:
         write_text(args.out, json.dumps({"config": vars(args), **tables}, indent=1) + "\n")

@@ -40,3 +40,7 @@ def test_ranks_count_accepted_nodes_and_their_probabilities(calibration):
     assert rows[(2, 0)]["given_parent_nodes"] == 2
     assert rows[(2, 0)]["given_parent_predicted"] == pytest.approx(2 * math.exp(-0.3), rel=1e-5)
     assert rows[(2, 0)]["given_parent_ratio"] == pytest.approx(1 / (2 * math.exp(-0.3)), rel=1e-5)
+    # By the draft's probability given the parent: node 3 (exp(-0.3) = 0.74) lies in the 0.7-0.9 band, at depth 2.
+    bands = {(r["depth"], r["p_from"]): r for r in table.confidence_rows()}
+    assert bands[(2, 0.7)]["nodes"] == 2 and bands[(2, 0.7)]["accepted_rate"] == 0.5  # accepted in one round of two
+    assert bands[(1, 0.3)]["nodes"] == 2 and bands[(1, 0.3)]["accepted_rate"] == 0.0  # node 2 (exp(-1) = 0.37)
