@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from eagle3.autotree import AutoTree, auto_tree
 from eagle3.drafter import load_drafter
 from eagle3.fetch import resolve_draft
 from eagle3.files import write_text
+from eagle3.paths import MissingSharedData
 from eagle3.policy import FixedTree, RoundReport, TreePlan, TreePolicy
 from eagle3.speculative import speculative_generate
 from eagle3.suites import EAGLE_SUITES, data_dir, load_suite
@@ -60,7 +62,7 @@ class RankTable:
     """Per (depth, sibling rank): nodes, summed cumulative probabilities, accepted; and conditional on the parent."""
 
     sums: dict = field(default_factory=lambda: defaultdict(lambda: np.zeros(6)))
-    by_confidence: dict = field(default_factory=lambda: defaultdict(lambda: np.zeros(3)))  # (depth, bin): given parent
+    by_confidence: dict = field(default_factory=lambda: defaultdict(lambda: np.zeros(3)))  # (depth, band): given parent
 
     def __call__(self, report: RoundReport, policy) -> None:
         for tree, path in zip(report.trees, report.paths):
@@ -161,4 +163,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (MissingSharedData, ValueError, OSError) as err:  # (a missing suite, a bad draft folder or tree)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
