@@ -99,7 +99,7 @@ class SizeTable:
         if not (report.plan.drafted and report.plan.sizers):
             return
         sizer, size = report.plan.sizers[0], report.trees[0].size
-        verify = policy._verify_ms(report.contexts[0], 1)[size - 1] * policy.verify_scales(1)[size - 1]
+        verify = policy.verify_prices(report.contexts[0], 1)[size - 1]
         draft = sizer.draft_ms * policy.cost_scale("draft")
         self.rounds.append((size, sizer.gain, report.accepted[0], draft, report.draft_ms, verify, report.verify_ms))
 

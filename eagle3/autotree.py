@@ -32,8 +32,10 @@ run of short pauses, each ended by a drafted round and its catch-up. (The drafte
 catch-up after a long pause reads.) Expectations alone stay wrong where they are close (a weak draft on a fast
 target), and one round's draft confidence says little about the next round's: a round whose tree is the root
 alone still counts, as the drafting it wasted. A plain round every PROBE_EVERY drafted ones keeps the plain
-rate current. Until both kinds of round have been seen, a round expected to yield fewer tokens per ms than a
-plain step pauses drafting.
+rate current; the drafted rate ages with every round, plain ones too, so that a long pause ends in a judgment
+on the text at hand (after a few drafted rounds) rather than on rounds drafted hundreds of tokens before, whose
+weight would otherwise lock drafting out for the rest of a run. Until both kinds of round have been seen
+recently, a round expected to yield fewer tokens per ms than a plain step pauses drafting.
 
 Batches: B rows each verify their tree in one forward, and each draft level runs every row, so a round costs
 what B times as many tokens cost in one row (weight-streaming kernels price rows, not sequences; attention is
@@ -87,9 +89,12 @@ class Throughput:
     rounds: float = 0.0
 
     def add(self, tokens: float, ms: float, decay: float) -> None:
-        self.tokens = decay * self.tokens + tokens
-        self.ms = decay * self.ms + ms
-        self.rounds = decay * self.rounds + 1
+        self.age(decay)
+        self.tokens, self.ms, self.rounds = self.tokens + tokens, self.ms + ms, self.rounds + 1
+
+    def age(self, decay: float) -> None:
+        """A round of the other kind went by."""
+        self.tokens, self.ms, self.rounds = decay * self.tokens, decay * self.ms, decay * self.rounds
 
     def rate(self) -> float:
         return self.tokens / max(self.ms, 1e-9)
@@ -205,16 +210,12 @@ class AutoTree:
         the caps and a RoundSizer per row, priced for this batch."""
         if report is not None:
             self._observe(report)
-        batch = len(contexts)
-
-        def verify_prices() -> np.ndarray:
-            return self._verify_ms(sum(contexts) // len(contexts), batch) * self.verify_scales(batch)
-
+        batch, context = len(contexts), sum(contexts) // len(contexts)
         if self.pause > 0 or self.streak >= PROBE_EVERY:
             self.pause, self.streak = max(self.pause - 1, 0), 0
-            return TreePlan([PLAIN] * batch, drafted=False, verify_prices=verify_prices)
+            return TreePlan([PLAIN] * batch, drafted=False, verify_prices=lambda: self.verify_prices(context, batch))
         self.streak += 1
-        prices = Prices(self.cost, batch, self.cost_scale("draft"), verify_prices(), self._corrections())
+        prices = Prices(self.cost, batch, self.cost_scale("draft"), self.verify_prices(context, batch), self._corrections())
         return TreePlan([self.spec] * batch, lambda row, read: RoundSizer(prices, read, self.max_tokens, self.max_depth),
                         verify_prices=lambda: prices.verify_ms)  # fmt: skip
 
@@ -224,6 +225,11 @@ class AutoTree:
         if batch not in self.realized:
             self.realized[batch] = {"drafted": Throughput(), "plain": Throughput()}
         return self.realized[batch]
+
+    def verify_prices(self, context: int, batch: int = 1) -> np.ndarray:
+        """What verifying 1..max_tokens tree tokens per row is expected to take now (ms), at a context and batch:
+        the cost model's time scaled by what was seen per size."""
+        return self._verify_ms(context, batch) * self.verify_scales(batch)
 
     def cost_scale(self, phase: str) -> float:
         """Observed / predicted time of a round's "draft" or "verify" phase."""
@@ -277,6 +283,7 @@ class AutoTree:
         realized = self.realized_at(batch)
         if not report.plan.drafted:  # (a grafted lookup chain can add accepted tokens to a plain round)
             realized["plain"].add(sum(1 + a for a in report.accepted), round_ms, self.decay)
+            realized["drafted"].age(self.decay)
         elif sizers:  # (a long catch-up, after a prompt or a pause, is not what a steady drafted round costs)
             catch_up = predicted_draft - max(s.steady_draft_ms() for s in sizers)
             steady_ms = max(round_ms - self.cost_scale("draft") * catch_up, 1e-3)
@@ -289,12 +296,16 @@ class AutoTree:
 
     def _pause_unless_paying(self, sizers: list[RoundSizer], verify_ms: np.ndarray, batch: int) -> None:
         """Does drafting pay? Tokens per ms of the batch, drafted rounds against plain ones of as many rows, as
-        realized once both have been seen; before that, as expected for rounds like this one (their catch-up a
-        token or two), a batch whose best trees are all the root alone not paying."""
+        realized once both have been seen (the drafted rounds recent ones: a long pause ages them away); before
+        that, as expected for rounds like this one (their catch-up a token or two), a batch whose best trees are
+        all the root alone not paying. Only realized rates shorten the pauses: an expectation can be wrong for
+        as long as it likes, and would otherwise undo the backoff at every resumption."""
         realized = self.realized_at(batch)
         plain, drafted = realized["plain"], realized["drafted"]
         if drafted.rounds >= REALIZED_ROUNDS and plain.rounds > 0:
             paying = drafted.rate() >= plain.rate()
+            if paying:
+                self.backoff = max(self.backoff // 2, 1)
         else:
             draft_ms = self.cost_scale("draft") * max(s.steady_draft_ms() for s in sizers)
             largest = max(s.best for s in sizers)
@@ -302,9 +313,7 @@ class AutoTree:
             plain_rate = batch / float(verify_ms[0])
             fell_short = drafted.rounds >= REALIZED_ROUNDS and drafted.rate() < plain_rate
             paying = largest > 0 and drafted_rate >= plain_rate and not fell_short
-        if paying:
-            self.backoff = max(self.backoff // 2, 1)
-        else:
+        if not paying:
             self.pause, self.backoff = self.backoff, min(2 * self.backoff, self.max_pause)
 
     def _observe_acceptance(self, tree, accepted_depth: int) -> None:

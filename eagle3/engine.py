@@ -214,9 +214,8 @@ class Engine:
             seq.root = new_tokens[-1]
         # (the new tokens are on the host: the round's work is done, on CUDA too)
         done = time.perf_counter()
-        self._report = RoundReport(plan, trees, [len(path) - 1 for path, _ in accepted], contexts,
-                                   (verify_start - draft_start) * 1000, (done - verify_start) * 1000,
-                                   [path for path, _ in accepted])  # fmt: skip
+        self._report = RoundReport(plan, trees, [path for path, _ in accepted], contexts,
+                                   (verify_start - draft_start) * 1000, (done - verify_start) * 1000)  # fmt: skip
         for seq in sequences:  # (after the round's timing: the policy prices the round, not the printing)
             if seq.streamer and not seq.stopper.done:
                 seq.streamer.update(seq.stopper.text())

@@ -45,11 +45,15 @@ class RoundReport:
 
     plan: TreePlan
     trees: list[DraftTree]
-    accepted: list[int]  # per row: accepted draft tokens (the accepted path's depth)
+    paths: list[list[int]]  # per row: the accepted nodes, the root first
     contexts: list[int]  # per row: committed tokens before the round
     draft_ms: float
     verify_ms: float
-    paths: list[list[int]] = field(default_factory=list)  # per row: the accepted nodes, the root first
+
+    @property
+    def accepted(self) -> list[int]:
+        """Per row: the accepted draft tokens (the accepted path's depth)."""
+        return [len(path) - 1 for path in self.paths]
 
 
 class TreePolicy(Protocol):

@@ -70,8 +70,8 @@ class Rounds:
         predicted_draft = max((s.draft_ms for s in plan.sizers.values()), default=0.0)
         size = max(t.size for t in trees)
         predicted_verify = float(self.policy._verify_ms(self.contexts[0], len(trees))[size - 1])
-        accepted = [min(accepted, int(t.depths.max())) for t in trees]  # (a plain round's root accepts nothing)
-        self.report = RoundReport(plan, trees, accepted, self.contexts, draft_factor * predicted_draft,
+        paths = [path_to_depth(t, min(accepted, int(t.depths.max()))) for t in trees]  # (a plain round: the root)
+        self.report = RoundReport(plan, trees, paths, self.contexts, draft_factor * predicted_draft,
                                   verify_factor * predicted_verify)  # fmt: skip
 
     def round(self, p_top=0.9, accepted=0, **factors) -> tuple[TreePlan, list[DraftTree]]:
@@ -79,6 +79,14 @@ class Rounds:
         trees = self.grow(plan, p_top)
         self.report_on(plan, trees, accepted, **factors)
         return plan, trees
+
+
+def path_to_depth(tree: DraftTree, depth: int) -> list[int]:
+    """The accepted nodes, the root first, of a path to the first node at that depth."""
+    path = [int((tree.depths == depth).nonzero()[0])]
+    while path[-1] != 0:
+        path.append(tree.parents[path[-1]])
+    return path[::-1]
 
 
 def grown(policy: AutoTree, p_top: float = 0.9, batch: int = 1) -> DraftTree:
@@ -173,16 +181,35 @@ def test_pauses_drafting_while_it_does_not_pay():
     policy = rounds.policy
     policy.pause, rounds.report, backoff = 0, None, policy.backoff
     assert backoff >= 8
-    plan = rounds.plan()
-    for _ in range(backoff.bit_length()):  # drafting pays again, as expected and as realized
+    plan, halvings = rounds.plan(), []
+    for _ in range(3 + backoff.bit_length()):  # drafting pays again, as expected and as realized
         trees = rounds.grow(plan, 0.9)
         rounds.report_on(plan, trees, accepted=int(trees[0].depths.max()))
         plan = rounds.plan()
         assert plan.drafted and policy.pause == 0
-        # each paying round halves the next pause: one lucky round does not restart the short ones
-        assert policy.backoff == max(backoff // 2, 1)
+        halvings.append(policy.backoff == max(backoff // 2, 1))
+        assert halvings[-1] or policy.backoff == backoff  # (while only expected to pay: the backoff stands)
         backoff = policy.backoff
-    assert policy.backoff == 1
+    # once realized, each paying round halves the next pause: one lucky round does not restart the short ones
+    assert halvings[-backoff.bit_length():] == [True] * backoff.bit_length() and policy.backoff == 1
+    assert halvings.count(False) <= 3  # (drafted rounds aged by the pauses: a few rounds to be realized again)
+
+
+def test_a_long_pause_ages_the_drafted_rate_so_drafting_can_resume():
+    """Drafting fell far short a long while ago (a stale average of 20 rounds at a tenth of plain's rate) and
+    was paused for 64 rounds; now it pays three times what plain rounds do. The rounds drafted after the pause
+    decide, not the stale ones: without ageing, one fresh round weighs a twentieth and pauses would double to
+    max_pause for the rest of the run."""
+    rounds = Rounds(AutoTree(cost_model(1.0)))
+    policy = rounds.policy
+    policy.realized_at(1)["drafted"] = Throughput(tokens=20.0, ms=2000.0, rounds=20.0)
+    policy.pause, policy.backoff = 64, 128
+    drafted = [rounds.round(p_top=0.9, accepted=8)[0].drafted for _ in range(64 + 12)]
+    assert drafted[:64] == [False] * 64 and all(drafted[64:])
+    rounds.plan()
+    assert policy.pause == 0 and policy.backoff < 128
+    realized = policy.realized_at(1)
+    assert realized["drafted"].rate() > 2 * realized["plain"].rate()
 
 
 def test_pauses_grow_to_max_pause():

@@ -30,7 +30,7 @@ def test_ranks_count_accepted_nodes_and_their_probabilities(calibration):
                      [[1, 2], [3], [4], [], []], torch.tensor([0.0, -0.2, -1.0, -0.5, -1.5]))  # fmt: skip
     table = calibration.RankTable()
     for path in ([0, 1, 3], [0, 1]):
-        table(RoundReport(TreePlan([]), [tree], [len(path) - 1], [10], 1.0, 1.0, [path]), None)
+        table(RoundReport(TreePlan([]), [tree], [path], [10], 1.0, 1.0), None)
     rows = {(r["depth"], r["rank"]): r for r in table.rows()}
     assert rows[(1, 0)]["nodes"] == 2 and rows[(1, 0)]["accepted"] == 2
     assert rows[(1, 0)]["predicted"] == pytest.approx(2 * math.exp(-0.2))
