@@ -4,7 +4,7 @@
     python benchmarks/native_kernels.py [--rows 1,2,3,4,8] [--repeats 5]
 
 Reports the median ms of one pass through the 121 matrices per path and row count, with the weight bytes
-streamed per second (fp32: 4 bytes a weight; int8: 1).
+streamed per second (fp32: 4 bytes a weight; int8 and w8a8: 1). `--paths` picks some of them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,3,4,8")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--paths", default=None, help="comma-separated, e.g. 'native int8,native w8a8' (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if native.library() is None:
@@ -34,14 +35,22 @@ def main() -> None:
     weights = [torch.randn(i, o) * 0.02 for i, o in SHAPES]  # [in, out]
     weights_t = [w.t().contiguous() for w in weights]
     fp32 = [NativeWeight.of(w) for w in weights_t]
-    int8 = [NativeWeight.of(w, int8=True) for w in weights_t]
+    int8 = [NativeWeight.of(w, "int8") for w in weights_t]
+    w8a8 = [NativeWeight.of(w, "w8a8") for w in weights_t]
     total = sum(i * o for i, o in SHAPES)
     paths = {
         "x @ W": (lambda x, k: x @ weights[k], 4),
         "F.linear": (lambda x, k: F.linear(x, weights_t[k]), 4),
         "native fp32": (lambda x, k: fp32[k].matmul(x), 4),
         "native int8": (lambda x, k: int8[k].matmul(x), 1),
+        "native w8a8": (lambda x, k: w8a8[k].matmul(x), 1),
     }
+    if args.paths:
+        unknown = set(args.paths.split(",")) - set(paths)
+        if unknown:
+            raise SystemExit(f"error: unknown paths {', '.join(sorted(unknown))}; choose from {', '.join(paths)}")
+        paths = {name: paths[name] for name in args.paths.split(",")}
+    print(f"w8a8 dot products: {'native (VNNI)' if native.w8a8_native_dot() else 'emulated (no VNNI)'}")
     counts = [int(r) for r in args.rows.split(",")]
     times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():

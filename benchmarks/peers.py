@@ -31,7 +31,7 @@ import torch
 if TYPE_CHECKING:  # optional (scripts/install_peers.sh)
     from llama_cpp import Llama
 
-RUNTIMES = ("torch", "native", "native-int8", "openvino", "openvino-int8")
+RUNTIMES = ("torch", "native", "native-int8", "native-w8a8", "openvino", "openvino-int8")
 LLAMA_CPP_TYPES = {"F32": "f32", "Q8_0": "q8_0"}  # engine label -> convert_hf_to_gguf.py --outtype
 INSTALL_PEERS = "bash scripts/install_peers.sh"
 

@@ -97,7 +97,7 @@ class Eagle1Draft(OneLayerDraft):
                                  f"({cfg.vocab_size}, {cfg.hidden_size}), the target's are {tuple(t.shape)}")  # fmt: skip
         self.embed_weight = target_embeddings.detach()
         self.head = target_head.detach().to(self.fc.weight.dtype).t().contiguous()
-        self.head_int8 = NativeWeight.of(target_head.detach().float(), int8=True) if int8 else None
+        self.head_int8 = NativeWeight.of(target_head.detach().float(), "int8") if int8 else None
         return self
 
     def to_target_ids(self, draft_ids: Tensor) -> Tensor:

@@ -50,20 +50,25 @@ def library() -> ctypes.CDLL | None:
         _why = "no C++ compiler (g++) on this machine"
         return None
     try:
-        built = _build(compiler)
-        lib = ctypes.CDLL(str(built))
+        _library = load(_build(compiler))
     except (OSError, subprocess.SubprocessError) as err:
         _why = f"the kernels did not build or load ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
-        return None
+    return _library
+
+
+def load(built: Path) -> ctypes.CDLL:
+    """A build of the kernels, its functions typed for ctypes."""
+    lib = ctypes.CDLL(str(built))
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.eagle3_vector_width.restype = i
     lib.eagle3_linear_f32.argtypes = [p, i, i, p, i, p]
     lib.eagle3_linear_i8.argtypes = [p, i, i, p, p, i, p]
+    lib.eagle3_linear_w8a8.argtypes = [p, i, i, p, p, i, p]
+    lib.eagle3_w8a8_native_dot.restype = i
     lib.eagle3_forward.argtypes = [p, p, ctypes.c_float, p, p, p, p, p, p, p, i, p]
     lib.eagle3_draft_forward.argtypes = [p, p, ctypes.c_float, p, p, p, p, p, p, p]
     lib.eagle3_draft_logits.argtypes = [p, i, i, i, ctypes.c_float, p, p]
-    _library = lib
-    return _library
+    return lib
 
 
 def source_digest() -> str:
@@ -74,12 +79,13 @@ def source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def _build(compiler: str) -> Path:
-    """The shared library for this source, compiler and CPU, compiled into the cache when missing (written
-    to a temporary name, then renamed: a concurrent or interrupted build never leaves a broken file)."""
+def _build(compiler: str, flags: tuple[str, ...] = FLAGS) -> Path:
+    """The shared library for this source, compiler, flags and CPU, compiled into the cache when missing
+    (written to a temporary name, then renamed: a concurrent or interrupted build never leaves a broken file).
+    Other flags than FLAGS build variants (tests: the kernels without an instruction set extension)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     sources = sorted(KERNELS.glob("*.cpp"))
-    digest = hashlib.sha256(version.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode())
+    digest = hashlib.sha256(version.encode() + " ".join(flags).encode() + _cpu_flags().encode())
     digest.update(source_digest().encode())
     target = eagle3_home() / "kernels" / f"eagle3-{digest.hexdigest()[:16]}.so"
     if target.is_file():
@@ -88,7 +94,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, *map(str, sources), "-o", tmp], capture_output=True, text=True, timeout=600)
+        result = subprocess.run([compiler, *flags, *map(str, sources), "-o", tmp], capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             raise OSError(f"{compiler} failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
         os.replace(tmp, target)
@@ -134,16 +140,51 @@ def unpack(packed: Tensor, out: int, n_in: int) -> Tensor:
     return torch.cat([torch.cat([steps, tails], 2).reshape(4 * panels, n_in), packed[4 * panels * n_in :].reshape(-1, n_in)])
 
 
+# W8A8 panels (kernels/w8a8.hpp): rows in panels of W8A8_ROWS, columns padded to blocks of W8A8_BLOCK.
+W8A8_ROWS, W8A8_BLOCK = 16, 32
+
+
+def pack_w8a8(q: Tensor) -> Tensor:
+    """An int8 matrix [out, in] in the W8A8 kernel's panel order (kernels/w8a8.hpp), flat uint8: each value plus
+    128, rows padded to a multiple of 16 and columns to a multiple of 32 with zeros; per panel of 16 rows, for
+    each 4 columns, the 16 rows' 4 values row after row."""
+    out, n_in = q.shape
+    padded = torch.zeros(-(-out // W8A8_ROWS) * W8A8_ROWS, -(-n_in // W8A8_BLOCK) * W8A8_BLOCK, dtype=torch.int16)
+    padded[:out, :n_in] = q.to(torch.int16)
+    panels, groups = padded.shape[0] // W8A8_ROWS, padded.shape[1] // 4
+    grouped = (padded + 128).to(torch.uint8).reshape(panels, W8A8_ROWS, groups, 4).transpose(1, 2)
+    return grouped.reshape(-1).contiguous()
+
+
+def unpack_w8a8(packed: Tensor, out: int, n_in: int) -> Tensor:
+    """pack_w8a8's inverse: the int8 matrix [out, in]."""
+    rows, cols = -(-out // W8A8_ROWS) * W8A8_ROWS, -(-n_in // W8A8_BLOCK) * W8A8_BLOCK
+    grouped = packed.reshape(rows // W8A8_ROWS, cols // 4, W8A8_ROWS, 4).transpose(1, 2).reshape(rows, cols)
+    return (grouped.to(torch.int16) - 128).to(torch.int8)[:out, :n_in]
+
+
+def w8a8_native_dot() -> bool:
+    """Whether this CPU does the W8A8 kernel's dot products itself (VNNI) rather than emulating them."""
+    return bool(library().eagle3_w8a8_native_dot())
+
+
 def linear(x: Tensor, packed: Tensor, out: int, scale: Tensor | None = None) -> Tensor:
-    """x [..., in] @ W^T -> [..., out] for the matrix W [out, in] that `packed` holds in panels (pack), x and the
-    result fp32 on the CPU; int8 weights take `scale` [out] (one per output row). The caller checks `library()`
+    """x [..., in] @ W^T -> [..., out] for the matrix W [out, in] that `packed` holds in panels, x and the result
+    fp32 on the CPU: fp32 or int8 weights in pack's panels, or uint8 in pack_w8a8's (x quantized per block by
+    the kernel); int8 and W8A8 weights take `scale` [out] (one per output row). The caller checks `library()`
     first."""
     lib = library()
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    if packed.numel() != out * rows.shape[1] or not packed.is_contiguous():
-        raise ValueError(f"packed weights of {packed.numel()} values for a [{out}, {rows.shape[1]}] matrix")
+    n_in = rows.shape[1]
+    expected = (-(-out // W8A8_ROWS) * W8A8_ROWS) * (-(-n_in // W8A8_BLOCK) * W8A8_BLOCK) if packed.dtype == torch.uint8 \
+        else out * n_in  # fmt: skip
+    if packed.numel() != expected or not packed.is_contiguous():
+        raise ValueError(f"packed weights of {packed.numel()} values for a [{out}, {n_in}] matrix")
     y = torch.empty(rows.shape[0], out, dtype=torch.float32)
-    if packed.dtype == torch.int8:
+    if packed.dtype == torch.uint8:
+        lib.eagle3_linear_w8a8(rows.data_ptr(), rows.shape[0], n_in, packed.data_ptr(), scale.data_ptr(), out,
+                               y.data_ptr())  # fmt: skip
+    elif packed.dtype == torch.int8:
         lib.eagle3_linear_i8(rows.data_ptr(), rows.shape[0], rows.shape[1], packed.data_ptr(), scale.data_ptr(), out,
                              y.data_ptr())  # fmt: skip
     else:

@@ -37,8 +37,8 @@ class NativeDraft:
         self.kind = EAGLE3_DRAFT if hasattr(draft, "midlayer") else EAGLE_DRAFT
         with torch.no_grad():
             matrices, biases = (_eagle3_matrices if self.kind == EAGLE3_DRAFT else _eagle1_matrices)(draft)
-            stored = [None if w is None else NativeWeight.of(w, int8) for w in matrices]
-        entries = [t for w, b in zip(stored, biases) for t in ((None, None) if w is None else (w.data, w.scale)) + (b,)]
+            stored = [None if w is None else NativeWeight.of(w, "int8" if int8 else "fp32") for w in matrices]
+        entries = [t for w, b in zip(stored, biases) for t in ((None, None, b, 0) if w is None else (w.data, w.scale, b, w.kind))]
         # (forward.cpp's DraftField order)
         (table,), self._keep = native.pointer_table([entries + [draft._inv_freq.float()]])
         self.table, self.draft, self.int8 = table, draft, int8

@@ -32,7 +32,7 @@ class NativeLayers:
         rows = []
         for l, (block, layer) in enumerate(zip(model.layers, weights)):
             biases = [block.qkv_bias, block.o_bias, block.gate_up_bias, block.down_bias]
-            rows.append([t for w, b in zip(layer, biases) for t in (w.data, w.scale, b)]
+            rows.append([t for w, b in zip(layer, biases) for t in (w.data, w.scale, b, w.kind)]
                         + [block.qk_norm, model._windows[l] or 0])  # fmt: skip
         self.table, self._keep = native.pointer_table(rows)  # (forward.cpp's TargetField order)
         self.shape = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.num_layers]

@@ -124,8 +124,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, dtype_help: str = "fl
     parser.add_argument("--threads", type=threads, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
                         help="what runs the target: eagle3's PyTorch model (default), the same model on eagle3's "
-                             "native CPU kernels with fp32 or int8 weights, or OpenVINO on the CPU with fp32 or int8 "
-                             "weights (pip install openvino)")  # fmt: skip
+                             "native CPU kernels with fp32 or int8 weights or int8 weights and activations (w8a8), or "
+                             "OpenVINO on the CPU with fp32 or int8 weights (pip install openvino)")  # fmt: skip
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 # on eagle3's native CPU kernels, fp32 or int8, and its decoder layers one native call per verify
 # (native_weights.py, native_forward.py); or its graph compiled by OpenVINO for the CPU with fp32 or int8
 # weights (openvino_runtime.py).
-RUNTIMES = ("torch", "native", "native-int8", "openvino", "openvino-int8")
+RUNTIMES = ("torch", "native", "native-int8", "native-w8a8", "openvino", "openvino-int8")
 
 
 class PromptTooLong(ValueError):
@@ -100,11 +100,11 @@ def load_target(
             raise
         raise ValueError(f"{err}{hint}") from None
     # ... then the runtime's: the device's weight layout (on a CPU, few-row copies of the folded matrices), or
-    # the native kernels' (fp32 or int8); OpenVINO builds its own graph from the folded model.
+    # the native kernels' (fp32, int8 or w8a8); OpenVINO builds its own graph from the folded model.
     if runtime == "torch":
         model = for_device(model)
     elif runtime.startswith("native"):
-        model = to_native(model, "int8" if runtime == "native-int8" else "fp32")
+        model = to_native(model, runtime.removeprefix("native-") if "-" in runtime else "fp32")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # transformers raises many types for a broken tokenizer folder

@@ -1,5 +1,6 @@
 """The runtimes besides the default one, against the PyTorch reference, with the losslessness tests run against
-each: eagle3's native kernels with fp32 and int8 weights (native, native-int8), OpenVINO fp32 and int8. Greedy speculative output
+each: eagle3's native kernels with fp32 and int8 weights and with int8 weights and activations (native,
+native-int8, native-w8a8), OpenVINO fp32 and int8. Greedy speculative output
 equals plain output of the same runtime, token for token, for every drafter and batch size; sampled output
 draws from that runtime's own distribution."""
 
@@ -28,7 +29,7 @@ from oracles import TargetOracle
 from test_model import close, tiny_config
 from test_sampling_exact import ALPHA, PARAMS, TREE, batched_triples, chi_square_p_value
 
-RUNTIMES = ["native", "native-int8", "openvino", "openvino-int8"]
+RUNTIMES = ["native", "native-int8", "native-w8a8", "openvino", "openvino-int8"]
 
 
 def openvino_runtime():
@@ -193,7 +194,7 @@ def test_native_kernels_match_torch_and_do_not_depend_on_the_row_count(kernels, 
     runs alone or among 1..14 rows (register blocks of every size: what makes speculation lossless)."""
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(14, width, generator=gen), torch.randn(out, width, generator=gen)  # w [out, in]
-    fp32, int8 = NativeWeight.of(w), NativeWeight.of(w, int8=True)
+    fp32, int8 = NativeWeight.of(w), NativeWeight.of(w, "int8")
     assert torch.equal(fp32.dense(), w)
     assert torch.allclose(fp32.matmul(x), x @ w.t(), atol=1e-4)
     assert torch.allclose(int8.matmul(x), x @ int8.dense().t(), atol=1e-4)
@@ -205,6 +206,61 @@ def test_native_kernels_match_torch_and_do_not_depend_on_the_row_count(kernels, 
         alone = torch.cat([weight.matmul(x[r : r + 1]) for r in range(14)])
         for rows in range(1, 15):
             assert torch.equal(weight.matmul(x[:rows]), alone[:rows]), rows
+
+
+def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A8 in float64, from its definition (kernels/w8a8.hpp): x quantized per block of 32 columns (scale amax /
+    127, round half to even), exact integer dot products per block, scaled and summed, times the row scale."""
+    blocks = -(-x.shape[1] // 32)
+    pad = blocks * 32 - x.shape[1]
+    xb = torch.nn.functional.pad(x, (0, pad)).view(x.shape[0], blocks, 32)
+    amax = xb.abs().amax(-1)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.round(xb * inverse[..., None]).clamp(-127, 127).double()
+    qb = torch.nn.functional.pad(q.double(), (0, pad)).view(q.shape[0], blocks, 32)
+    dots = torch.einsum("rbi,obi->rob", xq, qb)
+    return (dots * (amax.double() / 127)[:, None, :]).sum(-1) * scale.double()
+
+
+@pytest.mark.parametrize("out,width", [(4, 96), (7, 100), (33, 64), (64, 172), (5, 3), (13, 48)])
+def test_w8a8_kernel_matches_its_definition_and_does_not_depend_on_the_row_count(kernels, out, width):
+    """W8A8 (int8 weights and activations, kernels/w8a8.hpp): its panels unpack to the int8 matrix, its results
+    match the float64 definition for any shape (padded rows and columns, an odd last panel), prompts of any
+    length run through it too, and each row's result is bitwise the same alone or among 1..14 rows."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(14, width, generator=gen), torch.randn(out, width, generator=gen)
+    x[3, : min(width, 32)] = 0.0  # (a block of zeros: scale 0)
+    weight, int8 = NativeWeight.of(w, "w8a8"), NativeWeight.of(w, "int8")
+    assert weight.data.dtype == torch.uint8 and torch.equal(weight.dense(), int8.dense())
+    q = native.unpack_w8a8(weight.data, out, width)
+    reference = w8a8_reference(x, q, weight.scale)
+    assert torch.allclose(weight.matmul(x).double(), reference, rtol=1e-5, atol=1e-5 * reference.abs().max())
+    long = torch.randn(NATIVE_ROWS + 1, width, generator=gen)
+    assert torch.allclose(weight.matmul(long).double(), w8a8_reference(long, q, weight.scale), rtol=1e-5, atol=1e-4)
+    alone = torch.cat([weight.matmul(x[r : r + 1]) for r in range(14)])
+    for rows in range(1, 15):
+        assert torch.equal(weight.matmul(x[:rows]), alone[:rows]), rows
+
+
+@pytest.mark.parametrize("flags", [("-mno-avx512vnni", "-mno-avxvnni"), ("-mno-avx512f", "-mno-avxvnni")])
+def test_w8a8_kernel_gives_the_same_bits_with_its_dot_products_emulated(kernels, flags):
+    """Built without VNNI (AVX-512's dot products emulated with 16-bit multiplies) or without AVX-512 (AVX2's
+    8-lane vectors, emulated), the W8A8 kernel returns this build's results bit for bit: its integer sums are
+    exact and every output's float accumulation is the same, so where the user's CPU lacks VNNI only the speed
+    differs."""
+    import shutil
+    import os
+
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    variant = native.load(native._build(compiler, native.FLAGS + flags))
+    assert variant.eagle3_w8a8_native_dot() == 0
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(14, 100, generator=gen), torch.randn(37, 100, generator=gen)
+    weight = NativeWeight.of(w, "w8a8")
+    for rows in (1, 5, 14):
+        y = torch.empty(rows, 37)
+        variant.eagle3_linear_w8a8(x.data_ptr(), rows, 100, weight.data.data_ptr(), weight.scale.data_ptr(), 37, y.data_ptr())
+        assert torch.equal(y, weight.matmul(x[:rows])), rows
 
 
 def test_native_kernels_absent_say_why(monkeypatch):
@@ -254,7 +310,7 @@ def test_native_forward_matches_the_pytorch_model(kernels, tmp_path, kind):
     assert close(la, lb)
 
 
-@pytest.mark.parametrize("runtime", ["native", "native-int8"])
+@pytest.mark.parametrize("runtime", ["native", "native-int8", "native-w8a8"])
 def test_native_tree_logits_are_bitwise_its_path_decoded_token_by_token(kernels, stories_path, runtime):
     """What makes the native runtimes lossless by construction: a tree verified beside another row gives, at
     each node of a path, bitwise the logits of that path decoded one token at a time alone."""

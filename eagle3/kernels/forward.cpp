@@ -9,22 +9,28 @@
 // them). A tree's logits are so bitwise those of its path decoded token by token, which is what makes
 // speculative output equal plain output on this path.
 #include "linear.hpp"
+#include "w8a8.hpp"
 
 #include <cmath>
 #include <cstring>
 #include <vector>
 
-// A matrix in a pointer table: data (fp32, or int8 when a scale follows), scale, bias; 0 where absent.
+// A matrix in a pointer table: data, scale (int8 and W8A8 weights), bias (0 where absent), and its kind: what
+// the data holds (eagle3/native_weights.py KINDS).
+enum MatrixKind { FP32 = 0, INT8 = 1, W8A8 = 2 };
 struct Matrix {
   const void* data;
   const float* scale;
   const float* bias;
-  static Matrix at(const int64_t* p) { return {(const void*)p[0], (const float*)p[1], (const float*)p[2]}; }
+  int64_t kind;
+  static Matrix at(const int64_t* p) { return {(const void*)p[0], (const float*)p[1], (const float*)p[2], p[3]}; }
 };
 
 // y [rows, out] = x [rows, in] @ m^T (+ bias).
 static void matmul(const float* x, int rows, int in, const Matrix& m, int out, float* y) {
-  if (m.scale)
+  if (m.kind == W8A8)
+    linear_w8a8(x, rows, in, (const uint8_t*)m.data, out, y, m.scale);
+  else if (m.kind == INT8)
     linear<int8_t>(x, rows, in, (const int8_t*)m.data, out, y, m.scale);
   else
     linear<float>(x, rows, in, (const float*)m.data, out, y, nullptr);
@@ -159,13 +165,13 @@ static void swiglu(float* x, int T, int H, int inter, float eps, const Matrix& g
   for (int64_t e = 0; e < (int64_t)T * H; e++) x[e] += y[e];
 }
 
-// A target layer's row of the table native_forward.py builds: qkv, o, gate_up, down (3 entries each), q/k norm
+// A target layer's row of the table native_forward.py builds: qkv, o, gate_up, down (4 entries each: Matrix), q/k norm
 // weights (Qwen3), sliding window.
-enum TargetField { T_QKV = 0, T_O = 3, T_GATE_UP = 6, T_DOWN = 9, T_QK_NORM = 12, T_WINDOW = 13, T_FIELDS = 14 };
+enum TargetField { T_QKV = 0, T_O = 4, T_GATE_UP = 8, T_DOWN = 12, T_QK_NORM = 16, T_WINDOW = 17, T_FIELDS = 18 };
 enum TargetDim { HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS, ROWS, TOKENS, CACHE_ROWS, SLOTS, TARGET_DIMS };
 
-// The draft's table (native_draft.py): fc, qkv, o, gate_up, down, lm_head (3 entries each), RoPE inv_freq.
-enum DraftField { D_FC = 0, D_QKV = 3, D_O = 6, D_GATE_UP = 9, D_DOWN = 12, D_HEAD = 15, D_INV_FREQ = 18, D_FIELDS = 19 };
+// The draft's table (native_draft.py): fc, qkv, o, gate_up, down, lm_head (4 entries each: Matrix), RoPE inv_freq.
+enum DraftField { D_FC = 0, D_QKV = 4, D_O = 8, D_GATE_UP = 12, D_DOWN = 16, D_HEAD = 20, D_INV_FREQ = 24, D_FIELDS = 25 };
 enum DraftDim { D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_IN, D_ROWS, D_TOKENS, D_CACHE_ROWS, D_SLOTS, D_R,
                 D_KIND, DRAFT_DIMS };
 // The draft's kind: EAGLE-3's layer reads [norm(embedding) ; norm(hidden)] (fc fuses target taps first);
