@@ -248,11 +248,7 @@ def test_w8a8_kernel_gives_the_same_bits_with_its_dot_products_emulated(kernels,
     8-lane vectors, emulated), the W8A8 kernel returns this build's results bit for bit: its integer sums are
     exact and every output's float accumulation is the same, so where the user's CPU lacks VNNI only the speed
     differs."""
-    import shutil
-    import os
-
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    variant = native.load(native._build(compiler, native.FLAGS + flags))
+    variant = kernels_built_with(flags)
     assert variant.eagle3_w8a8_native_dot() == 0
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(14, 100, generator=gen), torch.randn(37, 100, generator=gen)
@@ -280,13 +276,27 @@ def test_native_kernels_absent_say_why(monkeypatch):
 # ---------------------------------------------------------------------------------------------- native forward
 
 
-@pytest.mark.parametrize("kind", ["llama3", "llama-bias-tied", "qwen3", "mistral-sliding"])
-def test_native_forward_matches_the_pytorch_model(kernels, tmp_path, kind):
+def kernels_built_with(flags: tuple[str, ...]):
+    """A build of the native kernels with extra compiler flags (e.g. without AVX-512)."""
+    import os
+    import shutil
+
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    return native.load(native._build(compiler, native.FLAGS + flags))
+
+
+@pytest.mark.parametrize("kind,build", [("llama3", ""), ("llama-bias-tied", ""), ("qwen3", ""), ("mistral-sliding", ""),
+                                        ("llama3", "avx2"), ("qwen3", "avx2")])  # fmt: skip
+def test_native_forward_matches_the_pytorch_model(kernels, tmp_path, monkeypatch, kind, build):
     """The native runtime's layers in one call (fp32) against the PyTorch model, for each family's features
-    (GQA, biases, Qwen3's q/k norm, a sliding window the rows outgrow): three rows of different lengths
-    verify trees of their own, then keep paths that are no prefix, twice; logits and taps match."""
+    (GQA, biases, Qwen3's q/k norm and head_dim 16, a sliding window the rows outgrow), and with the kernels
+    built for AVX2 (8-lane vectors, part-filled ones for head_dim 8): three rows of different lengths verify
+    trees of their own, then keep paths that are no prefix, twice; logits and taps match."""
     from transformers import AutoModelForCausalLM
 
+    if build == "avx2":
+        monkeypatch.setattr(native, "_library", kernels_built_with(("-mno-avx512f",)))
+        assert native.vector_width() == 8
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tiny_config(kind)).save_pretrained(tmp_path)
     taps = (0, 3, 6, 8)  # (8: the last layer's output)

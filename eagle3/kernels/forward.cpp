@@ -8,6 +8,7 @@
 // the tree: attention visits a token's keys in slot order and skips the masked-out ones (it does not zero
 // them). A tree's logits are so bitwise those of its path decoded token by token, which is what makes
 // speculative output equal plain output on this path.
+#include "attention.hpp"
 #include "linear.hpp"
 #include "w8a8.hpp"
 
@@ -48,15 +49,6 @@ static void unit_norm(const float* x, int rows, int d, float eps, float* y, int 
     float inv = 1.f / std::sqrt(sum + d * eps);
     for (int i = 0; i < d; i++) y[(int64_t)r * y_stride + i] = xr[i] * inv;
   }
-}
-
-static inline float dot(const float* a, const float* b, int n) {
-  vec acc = vzero();
-  int body = n - n % WIDTH;
-  for (int i = 0; i < body; i += WIDTH) acc = vfma(vload(a + i), vload(b + i), acc);
-  float sum = vsum(acc);
-  for (int i = body; i < n; i++) sum += a[i] * b[i];
-  return sum;
 }
 
 // Rotates one head's interleaved pairs (2p, 2p+1) by rope [hd / 2][cos, sin].
@@ -115,8 +107,9 @@ static void attention(const float* qkv, int heads, int kv_heads, int hd, const S
   }
 #pragma omp parallel
   {
-    std::vector<float> scores(most);
-    std::vector<int> seen(most);
+    std::vector<float> scores(most + WIDTH);
+    std::vector<int> seen(most + WIDTH);
+    std::vector<vec> acc((hd + WIDTH - 1) / WIDTH);
 #pragma omp for schedule(static)
     for (int item = 0; item < T * heads; item++) {
       int t = item / heads, head = item % heads, b = t / sight.n, i = t % sight.n, g = head / group;
@@ -132,22 +125,31 @@ static void attention(const float* qkv, int heads, int kv_heads, int hd, const S
         if (sight.mask[((int64_t)b * sight.n + i) * sight.R + j] &&
             (window == 0 || position - sight.positions[b * sight.n + j - news] < window))
           seen[count++] = region + j;
+      // Scores a block of keys at a time, softmax, then the values weighted in slot order.
+      for (int k0 = 0; k0 < count; k0 += WIDTH)
+        vstore(scores.data() + k0, key_scores(q, keys, seen.data() + k0, count - k0 < WIDTH ? count - k0 : WIDTH, hd, scale));
       float top = -INFINITY;
-      for (int k = 0; k < count; k++) {
-        scores[k] = dot(q, keys + (int64_t)seen[k] * hd, hd) * scale;
-        top = scores[k] > top ? scores[k] : top;
+      for (int k = 0; k < count; k++) top = scores[k] > top ? scores[k] : top;
+      for (int k = count; k % WIDTH; k++) scores[k] = -INFINITY;  // (exp: 0)
+      vec totals = vzero();
+      for (int k0 = 0; k0 < count; k0 += WIDTH) {
+        vec e = vexp(vsub(vload(scores.data() + k0), vbroadcast(top)));
+        vstore(scores.data() + k0, e);
+        totals = vadd(totals, e);
       }
-      float total = 0.f;
+      const float inverse = 1.f / vsum(totals);
+      const int chunks = (int)acc.size();
+      for (int c = 0; c < chunks; c++) acc[c] = vzero();
       for (int k = 0; k < count; k++) {
-        scores[k] = std::exp(scores[k] - top);
-        total += scores[k];
+        const vec p = vbroadcast(scores[k] * inverse);
+        const float* v = values + (int64_t)seen[k] * hd;
+        for (int c = 0; c < chunks; c++) {
+          const int n = hd - c * WIDTH < WIDTH ? hd - c * WIDTH : WIDTH;
+          acc[c] = vfma(p, vload_first(v + c * WIDTH, n), acc[c]);
+        }
       }
       float* o = out + (int64_t)t * heads * hd + head * hd;
-      for (int d = 0; d < hd; d++) o[d] = 0.f;
-      for (int k = 0; k < count; k++) {
-        const float p = scores[k] / total, *v = values + (int64_t)seen[k] * hd;
-        for (int d = 0; d < hd; d++) o[d] += p * v[d];
-      }
+      for (int c = 0; c < chunks; c++) vstore_first(o + c * WIDTH, acc[c], hd - c * WIDTH < WIDTH ? hd - c * WIDTH : WIDTH);
     }
   }
 }
