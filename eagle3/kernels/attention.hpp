@@ -1,5 +1,5 @@
 // Vector pieces of a query's attention (forward.cpp): its scores against a block of WIDTH keys, and exp over a
-// vector. A query's arithmetic depends on nothing but the query and the keys and values it sees, in their
+// vector (also the MLP's SiLU). A query's arithmetic depends on nothing but the query and the keys and values it sees, in their
 // order, so a token's attention is bitwise the same in any tree and batch.
 //
 // Scores: one accumulator per key (WIDTH FMAs apart per head_dim vector), the WIDTH accumulators then reduced
@@ -16,6 +16,8 @@ static inline vec vbroadcast(float v) { return _mm512_set1_ps(v); }
 static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
 static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 // The first n <= WIDTH floats at p (the other lanes 0), and their store.
 static inline vec vload_first(const float* p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
@@ -44,6 +46,8 @@ static inline vec vbroadcast(float v) { return _mm256_set1_ps(v); }
 static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
 static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 static inline __m256i first_lanes(int n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -80,8 +84,9 @@ static inline vec key_scores(const float* q, const float* keys, const int* seen,
   return vmul(sum_each(acc), vbroadcast(scale));
 }
 
-// exp(x) lane by lane; 0 below -87 (where fp32's exp leaves the normal range).
+// exp(x) lane by lane; 0 below -87 (where fp32's exp leaves the normal range), FLT_MAX's neighbourhood above 88.7.
 static inline vec vexp(vec x) {
+  x = vmin(x, vbroadcast(88.7f));
   const vec n = round_nearest(vmul(x, vbroadcast(1.44269504088896341f)));
   vec r = vfma(n, vbroadcast(-0.693359375f), x);  // x - n ln 2, ln 2 in two parts (Cephes)
   r = vfma(n, vbroadcast(2.12194440e-4f), r);
@@ -93,4 +98,14 @@ static inline vec vexp(vec x) {
   p = vfma(p, r, vbroadcast(5.0000001201e-1f));
   p = vfma(vmul(p, r), r, vadd(r, vbroadcast(1.f)));
   return zero_below(x, -87.f, times_two_to(p, n));
+}
+
+// out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i], for i < n.
+static inline void silu_times(const float* gate, const float* up, int n, float* out) {
+  for (int i = 0; i < n; i += WIDTH) {
+    const int m = n - i < WIDTH ? n - i : WIDTH;
+    const vec g = vload_first(gate + i, m);
+    const vec s = vdiv(g, vadd(vbroadcast(1.f), vexp(vsub(vzero(), g))));
+    vstore_first(out + i, vmul(s, vload_first(up + i, m)), m);
+  }
 }

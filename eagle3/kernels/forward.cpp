@@ -161,7 +161,7 @@ static void swiglu(float* x, int T, int H, int inter, float eps, const Matrix& g
   matmul(h.data(), T, H, gate_up, 2 * inter, gu.data());
   for (int t = 0; t < T; t++) {
     const float* g = gu.data() + (int64_t)t * 2 * inter;
-    for (int e = 0; e < inter; e++) act[(int64_t)t * inter + e] = g[e] / (1.f + std::exp(-g[e])) * g[inter + e];
+    silu_times(g, g + inter, inter, act.data() + (int64_t)t * inter);
   }
   matmul(act.data(), T, inter, down, H, y.data());
   for (int64_t e = 0; e < (int64_t)T * H; e++) x[e] += y[e];
