@@ -144,12 +144,17 @@ def unpack(packed: Tensor, out: int, n_in: int) -> Tensor:
 W8A8_ROWS, W8A8_BLOCK = 16, 32
 
 
+def w8a8_padded(out: int, n_in: int) -> tuple[int, int]:
+    """The shape [rows, columns] a W8A8 matrix [out, in] is stored in: padded to whole panels and blocks."""
+    return -(-out // W8A8_ROWS) * W8A8_ROWS, -(-n_in // W8A8_BLOCK) * W8A8_BLOCK
+
+
 def pack_w8a8(q: Tensor) -> Tensor:
     """An int8 matrix [out, in] in the W8A8 kernel's panel order (kernels/w8a8.hpp), flat uint8: each value plus
     128, rows padded to a multiple of 16 and columns to a multiple of 32 with zeros; per panel of 16 rows, for
     each 4 columns, the 16 rows' 4 values row after row."""
     out, n_in = q.shape
-    padded = torch.zeros(-(-out // W8A8_ROWS) * W8A8_ROWS, -(-n_in // W8A8_BLOCK) * W8A8_BLOCK, dtype=torch.int16)
+    padded = torch.zeros(*w8a8_padded(out, n_in), dtype=torch.int16)
     padded[:out, :n_in] = q.to(torch.int16)
     panels, groups = padded.shape[0] // W8A8_ROWS, padded.shape[1] // 4
     grouped = (padded + 128).to(torch.uint8).reshape(panels, W8A8_ROWS, groups, 4).transpose(1, 2)
@@ -158,7 +163,7 @@ def pack_w8a8(q: Tensor) -> Tensor:
 
 def unpack_w8a8(packed: Tensor, out: int, n_in: int) -> Tensor:
     """pack_w8a8's inverse: the int8 matrix [out, in]."""
-    rows, cols = -(-out // W8A8_ROWS) * W8A8_ROWS, -(-n_in // W8A8_BLOCK) * W8A8_BLOCK
+    rows, cols = w8a8_padded(out, n_in)
     grouped = packed.reshape(rows // W8A8_ROWS, cols // 4, W8A8_ROWS, 4).transpose(1, 2).reshape(rows, cols)
     return (grouped.to(torch.int16) - 128).to(torch.int8)[:out, :n_in]
 
@@ -176,8 +181,7 @@ def linear(x: Tensor, packed: Tensor, out: int, scale: Tensor | None = None) -> 
     lib = library()
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
     n_in = rows.shape[1]
-    expected = (-(-out // W8A8_ROWS) * W8A8_ROWS) * (-(-n_in // W8A8_BLOCK) * W8A8_BLOCK) if packed.dtype == torch.uint8 \
-        else out * n_in  # fmt: skip
+    expected = torch.Size(w8a8_padded(out, n_in)).numel() if packed.dtype == torch.uint8 else out * n_in
     if packed.numel() != expected or not packed.is_contiguous():
         raise ValueError(f"packed weights of {packed.numel()} values for a [{out}, {n_in}] matrix")
     y = torch.empty(rows.shape[0], out, dtype=torch.float32)

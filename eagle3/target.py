@@ -19,7 +19,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 # What runs the target's forward passes (--runtime): eagle3's PyTorch model; the same model with its weights
-# on eagle3's native CPU kernels, fp32 or int8, and its decoder layers one native call per verify
+# on eagle3's native CPU kernels, fp32, int8 or w8a8, and its decoder layers one native call per verify
 # (native_weights.py, native_forward.py); or its graph compiled by OpenVINO for the CPU with fp32 or int8
 # weights (openvino_runtime.py).
 RUNTIMES = ("torch", "native", "native-int8", "native-w8a8", "openvino", "openvino-int8")
