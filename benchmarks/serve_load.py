@@ -1,15 +1,16 @@
 """Load on `eagle3 serve` over loopback: EAGLE-3 and plain batched decoding (`--draft none`) side by side.
 
-    python benchmarks/serve_load.py [--concurrency 1,2,4,8,16] [--runtime native] [--out runs/serve-load]
+    python benchmarks/serve_load.py [--concurrency 1,2,4,8,16] [--runtime native] [--lookup 4] [--out runs/serve-load]
     python benchmarks/serve_load.py --soak 600 [--concurrency 8] [--out runs/serve-soak]
 
 Load: starts one server per configuration (each with --max-batch at the highest concurrency), then for each
 concurrency C (the configurations taking turns, the first one alternating) runs C clients that send MT-bench
 first turns through the chat endpoint, greedy, streamed, one request after another, until each level has
-answered its share of requests or its time is up. Reports per level: throughput (completion tokens per second
-of wall time), time to first token and time per output token (p50 / p99, per request), errors, and how many
-answers equal the other configuration's answer to the same prompt (greedy: all must). Writes load.json,
-load.md and load.png under --out.
+answered its share of requests or its time is up. With --lookup N a third configuration serves EAGLE-3 with
+prompt-lookup chains of up to N tokens in its trees (`eagle3 serve --lookup N`). Reports per level: throughput
+(completion tokens per second of wall time), time to first token and time per output token (p50 / p99, per
+request), errors, and how many answers equal plain decoding's answer to the same prompt (greedy: all must).
+Writes load.json, load.md and load.png under --out.
 
 Soak (--soak SECONDS, one configuration, not part of CI): clients with random prompt lengths, budgets and stop
 strings, a share of which hang up mid-stream; checks that every request was answered or refused with an
@@ -39,7 +40,9 @@ import httpx
 from eagle3.files import write_text
 from eagle3.suites import data_dir, read_suite
 
-CONFIGS = {"eagle3": [], "plain": ["--draft", "none"]}
+def configurations(lookup: int) -> dict[str, list[str]]:
+    """Each configuration's name and its extra `eagle3 serve` arguments; plain decoding is the reference."""
+    return {"eagle3": [], **({"eagle3+lookup": ["--lookup", str(lookup)]} if lookup else {}), "plain": ["--draft", "none"]}
 
 
 @dataclass
@@ -192,7 +195,7 @@ def run_level(server: ServerProcess, prompts: list[list[dict]], concurrency: int
 def load(args: argparse.Namespace, out: Path, prompts: list[list[dict]]) -> None:
     servers = {}
     try:
-        for name, extra in CONFIGS.items():
+        for name, extra in configurations(args.lookup).items():
             print(f"starting the {name} server ...", file=sys.stderr)
             servers[name] = ServerProcess(name, extra, args, out)
         rows = []
@@ -203,15 +206,16 @@ def load(args: argparse.Namespace, out: Path, prompts: list[list[dict]]) -> None
                 row = run_level(servers[name], prompts, concurrency, requests, args.max_tokens, args.level_seconds)
                 row["config"] = name
                 rows.append(row)
-                print(f"C={concurrency:>3} {name:>6}: {row['throughput']:6.1f} tok/s, ttft p50 {row['ttft_p50']:.2f} s, "
+                print(f"C={concurrency:>3} {name:>13}: {row['throughput']:6.1f} tok/s, ttft p50 {row['ttft_p50']:.2f} s, "
                       f"tpot p50 {row['tpot_p50'] * 1000:.0f} ms, {row['requests']} requests, {row['errors']} errors",
                       file=sys.stderr)  # fmt: skip
         metrics = {name: server.metrics() for name, server in servers.items()}
     finally:
         for server in servers.values():
             server.stop()
-    for row in rows:  # greedy answers of both configurations to the same prompt must be equal
-        other = next(r for r in rows if r["concurrency"] == row["concurrency"] and r["config"] != row["config"])
+    for row in rows:  # greedy answers to the same prompt must equal plain decoding's (plain's: eagle3's)
+        reference = "eagle3" if row["config"] == "plain" else "plain"
+        other = next(r for r in rows if r["concurrency"] == row["concurrency"] and r["config"] == reference)
         shared = set(row["answers"]) & set(other["answers"])
         row["equal"] = sum(row["answers"][p] == other["answers"][p] for p in shared)
         row["compared"] = len(shared)
@@ -220,40 +224,44 @@ def load(args: argparse.Namespace, out: Path, prompts: list[list[dict]]) -> None
     report = {"args": settings, "rows": table, "server_metrics": metrics, "host": os.uname().nodename}
     write_text(out / "load.json", json.dumps(report, indent=1))
     write_text(out / "load.md", load_table(rows, args))
-    plot(rows, out / "load.png")
+    plot(rows, list(configurations(args.lookup)), out / "load.png")
     print(load_table(rows, args))
 
 
 def load_table(rows: list[dict], args: argparse.Namespace) -> str:
     by = {(r["config"], r["concurrency"]): r for r in rows}
+    names = list(configurations(args.lookup))
+    drafted = [n for n in names if n != "plain"]
     head = "| concurrency | " + " | ".join(str(c) for c in args.concurrency) + " |"
     lines = [head, "|---" * (len(args.concurrency) + 1) + "|"]
 
     def line(label: str, cell) -> None:
         lines.append(f"| {label} | " + " | ".join(cell(c) for c in args.concurrency) + " |")
 
-    for name in CONFIGS:
+    for name in names:
         line(f"{name}: tok/s", lambda c, n=name: f"{by[n, c]['throughput']:.1f}")
-    line("**eagle3 / plain**", lambda c: f"**{by['eagle3', c]['throughput'] / by['plain', c]['throughput']:.2f}x**")
-    for name in CONFIGS:
+    for name in drafted:
+        line(f"**{name} / plain**", lambda c, n=name: f"**{by[n, c]['throughput'] / by['plain', c]['throughput']:.2f}x**")
+    for name in names:
         line(f"{name}: TTFT p50 / p99 (s)", lambda c, n=name: f"{by[n, c]['ttft_p50']:.2f} / {by[n, c]['ttft_p99']:.2f}")
-    for name in CONFIGS:
+    for name in names:
         line(f"{name}: TPOT p50 / p99 (ms)",
              lambda c, n=name: f"{by[n, c]['tpot_p50'] * 1000:.0f} / {by[n, c]['tpot_p99'] * 1000:.0f}")  # fmt: skip
-    line("requests (errors), eagle3 / plain", lambda c: f"{by['eagle3', c]['requests']} ({by['eagle3', c]['errors']}) / "
-         f"{by['plain', c]['requests']} ({by['plain', c]['errors']})")  # fmt: skip
-    line("answers equal across configs", lambda c: f"{by['eagle3', c]['equal']}/{by['eagle3', c]['compared']}")
+    line(f"requests (errors), {' / '.join(names)}",
+         lambda c: " / ".join(f"{by[n, c]['requests']} ({by[n, c]['errors']})" for n in names))  # fmt: skip
+    for name in drafted:
+        line(f"{name}: answers equal to plain's", lambda c, n=name: f"{by[n, c]['equal']}/{by[n, c]['compared']}")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], names: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in CONFIGS:
+    for name in names:
         mine = sorted((r["concurrency"], r["throughput"]) for r in rows if r["config"] == name)
         ax.plot([c for c, _ in mine], [t for _, t in mine], marker="o", label=name)
     ax.set_xscale("log", base=2)
@@ -336,6 +344,7 @@ def main() -> None:
     p.add_argument("--soak", type=float, default=None, help="SECONDS: a soak run instead of the load table")
     p.add_argument("--draft", action="store_true", help="soak with the draft (default: plain decoding)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lookup", type=int, default=0, help="also serve EAGLE-3 with lookup chains of up to N tokens")
     p.add_argument("--out", type=Path, default=Path("runs/serve-load"))
     args = p.parse_args()
     if args.out.exists() and any(args.out.glob("*.json")):
