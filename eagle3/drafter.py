@@ -169,8 +169,8 @@ class Eagle3Drafter:
         """What its step latencies depend on, for the cost model's cache key (cost.cost_key)."""
         draft = self.draft
         return {"draft": repr(draft.config), "draft_kind": type(draft).__name__, "draft_int8": draft.head_in_int8,
-                # (native_draft.py: the step on native kernels, every matrix in int8 or fp32)
-                "draft_native": None if draft.native is None else "int8" if draft.native.int8 else "fp32"}  # fmt: skip
+                # (native_draft.py: the step on native kernels, every matrix in one precision)
+                "draft_native": None if draft.native is None else draft.native.precision}  # fmt: skip
 
     def step_timers(self, sizes: Sequence[int], context: int = 256) -> tuple[None, dict[int, Callable[[], object]]]:
         """For the cost model (cost.measure_drafter): a draft step over n tokens after `context` cached ones, its
@@ -319,9 +319,9 @@ def load_drafter(path: str | Path, target: Target, int8: bool | None = None,
     draft = load_draft(path, model.config, device=model.device, dtype=model.dtype)
     int8 = int8 or (int8 is None and int8_supported(model.device, model.dtype))
     if target.runtime.startswith("native"):
-        from eagle3.native_draft import NativeDraft
+        from eagle3.native_draft import NativeDraft, draft_precision
 
-        draft.native = NativeDraft(draft, int8=bool(int8))
+        draft.native = NativeDraft(draft, draft_precision(target.runtime, bool(int8)))
     elif int8:
         quantize_int8(draft)
     return Eagle3Drafter(draft.attach(model.embed.weight), window)

@@ -252,9 +252,9 @@ def load_eagle1_drafter(path: str | Path, target, int8: bool | None = None,
     int8 = int8 is not False and supported
     draft.attach(model.embed.weight, target_lm_head(model).to(model.device), int8=int8)
     if target.runtime.startswith("native"):  # (the step on the native kernels too, its matrices int8 with int8)
-        from eagle3.native_draft import NativeDraft
+        from eagle3.native_draft import NativeDraft, draft_precision
 
-        draft.native = NativeDraft(draft, int8=int8)
+        draft.native = NativeDraft(draft, draft_precision(target.runtime, int8))
     return Eagle1Drafter(draft, model, window)
 
 

@@ -18,18 +18,27 @@ from torch import Tensor
 
 from eagle3 import native
 from eagle3.model import interleave_rope_rows
-from eagle3.native_weights import NativeWeight
+from eagle3.native_weights import PRECISIONS, NativeWeight
 
 EAGLE3_DRAFT, EAGLE_DRAFT = 0, 1  # forward.cpp's DraftKind
 
 
+def draft_precision(runtime: str, int8: bool) -> str:
+    """The precision of a draft's matrices on a native target runtime: fp32, or with int8 (--draft-int8) int8,
+    and on native-w8a8 int8 activations too (a catch-up after a pause reads up to a window of tokens at once,
+    where integer dot products pay most)."""
+    return ("w8a8" if runtime == "native-w8a8" else "int8") if int8 else "fp32"
+
+
 class NativeDraft:
     """A one-layer draft's forward (and, for an Eagle3Draft, its logits) on the native kernels, on the draft's
-    own KV cache: EAGLE-3's head or EAGLE's draft (eagle1.py). With `int8` (--draft-int8) every matrix is int8,
-    per output row, the layer's as well as the lm_head's: the int8 kernel reads a quarter of the bytes, and the
-    draft's numerics reach only its proposals, never the output."""
+    own KV cache: EAGLE-3's head or EAGLE's draft (eagle1.py). Its matrices, the layer's as well as the
+    lm_head's, in one of native_weights.PRECISIONS: int8 reads a quarter of fp32's bytes, and the draft's
+    numerics reach only its proposals, never the output."""
 
-    def __init__(self, draft, int8: bool = False):
+    def __init__(self, draft, precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r} for the native draft; choose from {', '.join(PRECISIONS)}")
         if native.library() is None:
             raise ValueError(f"the native draft needs eagle3's native kernels, unavailable here: "
                              f"{native.why_unavailable()}")  # fmt: skip
@@ -37,11 +46,11 @@ class NativeDraft:
         self.kind = EAGLE3_DRAFT if hasattr(draft, "midlayer") else EAGLE_DRAFT
         with torch.no_grad():
             matrices, biases = (_eagle3_matrices if self.kind == EAGLE3_DRAFT else _eagle1_matrices)(draft)
-            stored = [None if w is None else NativeWeight.of(w, "int8" if int8 else "fp32") for w in matrices]
+            stored = [None if w is None else NativeWeight.of(w, precision) for w in matrices]
         entries = [t for w, b in zip(stored, biases) for t in ((None, None, b, 0) if w is None else (w.data, w.scale, b, w.kind))]
         # (forward.cpp's DraftField order)
         (table,), self._keep = native.pointer_table([entries + [draft._inv_freq.float()]])
-        self.table, self.draft, self.int8 = table, draft, int8
+        self.table, self.draft, self.precision = table, draft, precision
         self.vocab = matrices[-1].shape[0] if matrices[-1] is not None else None
         self.shape = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size]
 

@@ -209,7 +209,7 @@ def test_on_the_native_runtime_the_step_runs_natively_and_stays_lossless(stories
         pytest.skip(f"eagle3's native kernels are unavailable here: {native.why_unavailable()}")
     target = load_target(str(stories.path), runtime="native")
     drafter = load_drafter(trained[0], target, int8=False)
-    assert drafter.draft.native is not None and drafter.draft.native.int8 is False
+    assert drafter.draft.native is not None and drafter.draft.native.precision == "fp32"
     reference = load_eagle1(trained[0], stories.model.config)
     reference.attach(stories.model.embed.weight, target_lm_head(stories.model))
     gen = torch.Generator().manual_seed(0)
