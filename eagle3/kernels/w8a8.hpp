@@ -28,6 +28,7 @@
 
 constexpr int QBLOCK = 32;
 constexpr int QROWS = 16;
+constexpr int QPREFETCH_BYTES = 16384;  // how far ahead of its panel a thread asks for weights, into L2 (as linear.hpp)
 constexpr int QGROUP_BYTES = QROWS * 4;  // one column group of a panel
 
 #if defined(__AVX512BW__)
@@ -182,7 +183,7 @@ static inline void w8a8_block(const uint8_t* panel, int64_t panel_bytes, const Q
       const int64_t at = ((int64_t)b * (QBLOCK / 4) + g) * QGROUP_BYTES;
       ivec w[V];
       for (int p = 0; p < P; p++) {
-        _mm_prefetch((const char*)panel + p * panel_bytes + at + 16384, _MM_HINT_T1);
+        _mm_prefetch((const char*)panel + p * panel_bytes + at + QPREFETCH_BYTES, _MM_HINT_T1);
         for (int h = 0; h < VECS_PER_GROUP; h++) {
           w[p * VECS_PER_GROUP + h] = iload(panel + p * panel_bytes + at + h * QLANES * 4);
           IN_REGISTER_I(w[p * VECS_PER_GROUP + h]);
