@@ -5,7 +5,8 @@
 Each checkout runs in a worker process of its own (its own PYTHONPATH) that loads the target and the shipped
 draft once; per question the workers take turns, in an order that alternates with the question, so that only
 one computes at a time and machine noise hits both alike. Every question is decoded by plain decoding and by
-EAGLE-3 with the auto tree (one policy per worker for the whole run), greedy; MT-bench's second turn follows
+EAGLE-3 with the auto tree (one policy per worker for the whole run; with --lookup N, prompt-lookup chains of up
+to N tokens grafted on), greedy; MT-bench's second turn follows
 each worker's own first answer. Reports, per suite and method: the median and geometric mean of per-question
 speed ratios (after / before), the ratio of totals, and how many outputs are identical. Writes a JSON file with
 every row and a Markdown summary.
@@ -48,7 +49,8 @@ for line in sys.stdin:
     if ask["method"] == "vanilla":
         r = generate(target, ids, ask["max_new_tokens"])
     else:
-        r = speculative_generate(target, drafter, ids, ask["max_new_tokens"], tree=tree, policy=policy)
+        lookup = {"lookup": int(sys.argv[4])} if int(sys.argv[4]) else {}  # (older checkouts had no lookup)
+        r = speculative_generate(target, drafter, ids, ask["max_new_tokens"], tree=tree, policy=policy, **lookup)
     print(json.dumps({"token_ids": r.token_ids, "text": r.text, "wall_s": r.wall_s,
                       "accept_lengths": getattr(r, "accept_lengths", [])}), flush=True)
 """
@@ -58,10 +60,10 @@ METHODS = ("vanilla", "eagle3")
 
 
 class Worker:
-    def __init__(self, name: str, checkout: Path, target: str, threads: int, runtime: str):
+    def __init__(self, name: str, checkout: Path, target: str, threads: int, runtime: str, lookup: int = 0):
         env = {**os.environ, "PYTHONPATH": str(checkout.resolve()), "OMP_NUM_THREADS": str(threads)}
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(threads), target, runtime],
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(threads), target, runtime, str(lookup)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd="/")  # fmt: skip
         assert json.loads(self.proc.stdout.readline())["ready"]
 
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runtime", default="torch", help="what runs the target in both checkouts (default torch)")
+    parser.add_argument("--lookup", type=int, default=0, help="EAGLE-3 with prompt-lookup chains of up to N tokens")
     parser.add_argument("--out", type=Path, default=Path("runs/ab-engine"))
     args = parser.parse_args()
 
@@ -121,7 +124,7 @@ def main() -> None:
     from eagle3.suites import load_suite
 
     questions = [q for s in args.suites.split(",") for q in load_suite(s, shared_path("data/eval"), args.limit)]
-    workers = [Worker(name, checkout, args.target, args.threads, args.runtime)
+    workers = [Worker(name, checkout, args.target, args.threads, args.runtime, args.lookup)
                for name, checkout in (("before", args.before), ("after", args.after))]
     for w in workers:  # warm-up
         for method in METHODS:
