@@ -50,17 +50,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from eagle3.generate import generate
-    from eagle3.paths import MissingSharedData, shared_path
+    from eagle3.paths import shared_path
     from eagle3.suites import load_suite
     from eagle3.target import RUNTIMES, encode_messages, load_target
 
     runtimes = args.runtimes.split(",")
     if unknown := [r for r in runtimes if r not in RUNTIMES]:
-        sys.exit(f"error: unknown runtime {unknown[0]!r}; choose from {', '.join(RUNTIMES)}")
-    try:
-        questions = [q for s in args.suites.split(",") for q in load_suite(s, shared_path("data/eval"), args.limit)]
-    except (MissingSharedData, ValueError) as err:
-        sys.exit(f"error: {err}")
+        raise ValueError(f"unknown runtime {unknown[0]!r}; choose from {', '.join(RUNTIMES)}")
+    questions = [q for s in args.suites.split(",") for q in load_suite(s, shared_path("data/eval"), args.limit)]
     reference = load_target(args.target, runtime="native")
     targets = {r: load_target(args.target, runtime=r) for r in runtimes}
     stats = {r: {"tokens": 0, "agree": 0, "kl": 0.0, "same_answers": 0} for r in runtimes}
@@ -93,4 +90,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from eagle3.paths import MissingSharedData
+
+    try:
+        main()
+    except (MissingSharedData, ValueError, OSError) as err:  # (a missing suite, a bad runtime or target)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
