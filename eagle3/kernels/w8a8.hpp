@@ -151,10 +151,11 @@ struct QuantizedRows {
 
   void quantize(const float* x, int rows, int in) {
     in_padded = round_up(in, QBLOCK), blocks = in_padded / QBLOCK;
-    values.assign((size_t)rows * in_padded, 0);
+    values.resize((size_t)rows * in_padded);
     scales.resize((size_t)rows * blocks);
     offsets.resize((size_t)rows * blocks);
-    for (int r = 0; r < rows; r++)
+    for (int r = 0; r < rows; r++) {
+      std::memset(values.data() + (int64_t)r * in_padded + in, 0, in_padded - in);  // (the last block's padding)
       for (int b = 0; b < blocks; b++) {
         const float* xb = x + (int64_t)r * in + b * QBLOCK;
         const int n = in - b * QBLOCK < QBLOCK ? in - b * QBLOCK : QBLOCK;
@@ -163,6 +164,7 @@ struct QuantizedRows {
         scales[(int64_t)r * blocks + b] = amax / 127.f;
         offsets[(int64_t)r * blocks + b] = 128 * sum;
       }
+    }
   }
 };
 
