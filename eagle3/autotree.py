@@ -280,17 +280,19 @@ class AutoTree:
                 self.phase_time[phase].add(observed, predicted, self.decay)
         self.verify_time[verify_bucket(batch * size)].add(report.verify_ms, predicted_verify, self.decay)
         round_ms = report.draft_ms + report.verify_ms
+        accepted = report.accepted
+        tokens = sum(1 + a for a in accepted)
         realized = self.realized_at(batch)
         if not report.plan.drafted:  # (a grafted lookup chain can add accepted tokens to a plain round)
-            realized["plain"].add(sum(1 + a for a in report.accepted), round_ms, self.decay)
+            realized["plain"].add(tokens, round_ms, self.decay)
             realized["drafted"].age(self.decay)
         elif sizers:  # (a long catch-up, after a prompt or a pause, is not what a steady drafted round costs)
             catch_up = predicted_draft - max(s.steady_draft_ms() for s in sizers)
             steady_ms = max(round_ms - self.cost_scale("draft") * catch_up, 1e-3)
-            realized["drafted"].add(sum(1 + a for a in report.accepted), steady_ms, self.decay)
+            realized["drafted"].add(tokens, steady_ms, self.decay)
         if report.plan.drafted:
-            for tree, accepted in zip(report.trees, report.accepted):
-                self._observe_acceptance(tree, accepted)
+            for tree, depth in zip(report.trees, accepted):
+                self._observe_acceptance(tree, depth)
             if sizers:
                 self._pause_unless_paying(sizers, verify_table * self.verify_scales(batch), batch)
 

@@ -191,10 +191,8 @@ class Engine:
         else:  # plain steps; the drafter catches up on these tokens when it next drafts
             trees = [root_only(seq.root) for seq in sequences]
         if self.lookup:  # each row's prompt-lookup chain merged into its tree, in plain rounds too
-            verify_ms = plan.verify_prices() if plan.verify_prices else None
-            trees = [self.lookup.graft(row, tree, self.runtime.max_len - self.runtime.length(row) - tree.size,
-                                       self._graft_price(plan, row, tree, draft_start, verify_ms))
-                     for row, tree in enumerate(trees)]  # fmt: skip
+            rooms = [runtime.max_len - runtime.length(row) - tree.size for row, tree in enumerate(trees)]
+            trees = self.lookup.graft_rows(trees, rooms, self._graft_price(plan, trees, draft_start))
         verify_start = time.perf_counter()
         logits, taps = runtime.verify(trees)
         accepted = accept_rows(trees, logits, [s.request.sampling for s in sequences], [s.generator for s in sequences])
@@ -221,13 +219,16 @@ class Engine:
                 seq.streamer.update(seq.stopper.text())
 
     @staticmethod
-    def _graft_price(plan, row: int, tree, draft_start: float, verify_ms) -> GraftPrice | None:
-        """A row's round as its policy priced it, for weighing a lookup chain (None: the policy prices nothing)."""
-        if verify_ms is None:
+    def _graft_price(plan, trees: list, draft_start: float) -> GraftPrice | None:
+        """The batch's round as its policy priced it, for weighing lookup chains (None: the policy prices nothing):
+        every row's expected tokens (1 + its tree's expected accepted draft tokens) and the round's ms."""
+        if plan.verify_prices is None:
             return None
-        expected = getattr(plan.sizers.get(row), "gain", 0.0)  # (the tree's expected accepted draft tokens)
+        verify_ms = plan.verify_prices()
+        tokens = sum(1.0 + getattr(plan.sizers.get(row), "gain", 0.0) for row in range(len(trees)))
+        padded = min(max(tree.size for tree in trees), len(verify_ms))
         spent = (time.perf_counter() - draft_start) * 1000
-        return GraftPrice(1.0 + expected, spent + float(verify_ms[min(tree.size, len(verify_ms)) - 1]), verify_ms)
+        return GraftPrice(tokens, spent + float(verify_ms[padded - 1]), verify_ms, padded)
 
     def _fit(self, spec: TreeSpec, row: int) -> TreeSpec:
         """Near the end of the context a row's tree shrinks to what still fits, down to the root alone."""

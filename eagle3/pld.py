@@ -6,7 +6,7 @@ drafter's trees (LookupGraft, `--lookup N`): n-gram drafts are strong where text
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -83,13 +83,22 @@ def graft_chain(tree: DraftTree, chain: Sequence[int], logp: Sequence[float]) ->
 
 @dataclass(frozen=True)
 class GraftPrice:
-    """What a row's round brings and costs without a chain: its expected tokens (1 + the tree's expected
-    accepted draft tokens), its ms so far and to come (drafting spent, verifying its tree), and the verify cost
-    of 1, 2, ... tree tokens (ms) that extra nodes are priced by."""
+    """What the batch's round brings and costs without (more) chains: its expected tokens (per row, 1 + the
+    tree's expected accepted draft tokens, summed over the rows), its ms so far and to come (drafting spent,
+    verifying its trees), the verify cost of the batch with 1, 2, ... tree tokens per row (ms) that extra nodes
+    are priced by, and its largest tree (every row is verified padded to it, so a row's nodes up to that size
+    cost nothing and beyond it cost as much for every row)."""
 
     tokens: float
     ms: float
     verify_ms: np.ndarray
+    padded: int = 1
+
+    def after(self, tokens: float, size: int) -> GraftPrice:
+        """The price once a row's chain added `tokens` expected tokens and grew its tree to `size` nodes."""
+        v = self.verify_ms
+        extra_ms = float(v[min(max(self.padded, size), len(v)) - 1] - v[min(self.padded, len(v)) - 1])
+        return GraftPrice(self.tokens + tokens, self.ms + extra_ms, v, max(self.padded, size))
 
 
 # `eagle3 generate`'s chain length with a draft on the auto tree, where the policy prices every chain (measured:
@@ -148,6 +157,22 @@ class LookupGraft:
         """The row's tree with its lookup chain grafted on, adding at most `room` nodes: with a price, the chain
         prefix that maximizes the round's expected tokens per ms (none, where no prefix pays for its
         verification); without one, the prefix whose estimated chance of being right stays >= min_prob."""
+        return self._graft(row, tree, room, price)[0]
+
+    def graft_rows(self, trees: list[DraftTree], rooms: list[int], price: GraftPrice | None = None) -> list[DraftTree]:
+        """Every row's tree with its chain grafted on, row after row; with a price (the batch's round), each
+        chain weighed against the round as the rows before left it: what it adds to the batch's tokens against
+        what it adds to the batch's verify (nothing up to the largest tree, every row's padding beyond)."""
+        grafted = []
+        for row, (tree, room) in enumerate(zip(trees, rooms)):
+            tree, gain = self._graft(row, tree, room, price)
+            grafted.append(tree)
+            if price is not None:
+                price = price.after(gain, tree.size)
+        return grafted
+
+    def _graft(self, row: int, tree: DraftTree, room: int, price: GraftPrice | None) -> tuple[DraftTree, float]:
+        """graft, and the expected accepted tokens its new nodes add."""
         found = self.indexes[row].lookup(self.num_tokens)
         self.pending[row] = found
         rates = (self.accepted[: len(found)] + 1) / (self.proposed[: len(found)] + 2)
@@ -156,22 +181,22 @@ class LookupGraft:
             keep = int(np.sum(reach >= self.min_prob))  # (a product of rates <= 1 only falls)
         else:
             keep = self._paying_prefix(tree, found, reach, price)
-        keep = min(keep, along(tree, found)[1] + max(room, 0))  # (near the context's end: what still fits)
-        return graft_chain(tree, found[:keep], [math.log(r) for r in rates[:keep]])[0]
+        shared = along(tree, found)[1]
+        keep = min(keep, shared + max(room, 0))  # (near the context's end: what still fits)
+        gain = float(reach[shared:keep].sum())
+        return graft_chain(tree, found[:keep], [math.log(r) for r in rates[:keep]])[0], gain
 
     @staticmethod
     def _paying_prefix(tree: DraftTree, chain: Sequence[int], reach: np.ndarray, price: GraftPrice) -> int:
         """The chain length m maximizing (tokens + expected new accepted tokens) / (ms + added verify ms); the
-        positions the tree already holds add neither."""
+        positions the tree already holds add neither, nor does verify time below the batch's padded size."""
         shared = along(tree, chain)[1]
-        v, size = price.verify_ms, tree.size
-        now = float(v[min(size, len(v)) - 1])  # verifying the tree as it is
+        price = replace(price, padded=max(price.padded, tree.size))  # (its ms verifies this tree as it is)
         best, best_rate = 0, price.tokens / price.ms
         for m in range(shared + 1, len(chain) + 1):
-            extra_ms = float(v[min(size + m - shared, len(v)) - 1]) - now
-            rate = (price.tokens + float(reach[shared:m].sum())) / (price.ms + extra_ms)
-            if rate > best_rate:
-                best, best_rate = m, rate
+            grown = price.after(float(reach[shared:m].sum()), tree.size + m - shared)
+            if grown.tokens / grown.ms > best_rate:
+                best, best_rate = m, grown.tokens / grown.ms
         return best
 
 

@@ -99,6 +99,27 @@ def test_a_priced_chain_goes_in_as_far_as_it_pays():
     assert graft.graft(0, root_only(3), room=10, price=middle).size == 2  # the first token pays, the rest not
 
 
+def test_a_batchs_chains_are_priced_against_the_whole_batchs_round():
+    """At a batch every row's verify is padded to the largest tree: a chain that pays for one row alone does not
+    pay when its extra token costs the whole batch a step for one row's expected gain, and a row's chain fills
+    the padding another row's larger tree already pays for at no cost."""
+    graft = LookupGraft(num_tokens=4)
+    graft.open()
+    for row in (0, 1):
+        graft.join(row, [1, 2, 3, 9, 8, 7, 1, 2])
+        graft.commit(row, [3])  # each row's chain: 9 8 7 1
+    middle = np.array([10.0, 13.0, 16.0, 19.0, 22.0, 25.0])  # (the batch's verify, per tree size)
+    alone = graft.graft_rows([root_only(3)], [10], GraftPrice(tokens=1.0, ms=10.0, verify_ms=middle))
+    assert alone[0].size == 2  # as for one sequence: the first token pays
+    pair = graft.graft_rows([root_only(3), root_only(3)], [10, 10], GraftPrice(2.0, 10.0, middle, padded=1))
+    assert [t.size for t in pair] == [1, 1]  # 2.5 tokens / 13 ms < 2 / 10
+    steep = np.array([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])
+    drafted = chain(torch.tensor([3, 5, 6]))  # row 0 drafted 2 tokens: the batch is verified at 3 per row
+    filled = graft.graft_rows([drafted, root_only(3)], [10, 10], GraftPrice(2.5, 30.0, steep, padded=3))
+    assert filled[0].size == 3  # (its chain departs at the root: each node would cost the batch a step)
+    assert filled[1].tokens.tolist() == [3, 9, 8]  # up to the padded size for free, no further
+
+
 def test_greedy_output_is_the_targets_with_lookup_whatever_the_drafter(stories):
     untrained = Eagle3Drafter(new_draft(stories.model.config).attach(stories.model.embed.weight))
     accepted = {}
@@ -111,9 +132,12 @@ def test_greedy_output_is_the_targets_with_lookup_whatever_the_drafter(stories):
         accepted[text] = alone.accept_lengths
     assert max(accepted[REPETITIVE], default=1) > 1, accepted  # the repetitive prompt's chains got accepted
     rows = [stories.encode(t) for t in (REPETITIVE, "Once upon a time", "The little dog")]
+    plain_rows = [generate(stories, p, 40).token_ids for p in rows]
     engine = Engine(stories, untrained, TreeSpec(6, 3, 2), max_rows=2, lookup=LookupGraft(4))
-    assert [r.token_ids for r in engine.run([Request(p, 40) for p in rows])] == [generate(stories, p, 40).token_ids
-                                                                                 for p in rows]  # fmt: skip
+    assert [r.token_ids for r in engine.run([Request(p, 40) for p in rows])] == plain_rows
+    # on the auto tree the chains are priced against the batch's round (pld.GraftPrice), rows joining and leaving
+    engine = Engine(stories, untrained, TreeSpec.parse("auto"), max_rows=2, lookup=LookupGraft(4))
+    assert [r.token_ids for r in engine.run([Request(p, 40) for p in rows])] == plain_rows
 
 
 def test_sampling_with_lookup_is_the_targets_distribution(stories):
