@@ -4,7 +4,8 @@ all of the same data (same recipe), with the 60,5,10 tree and with the auto tree
     bash scripts/equal_budget.sh scaling && bash scripts/equal_budget.sh scaling-bench   # the runs it reads
     python benchmarks/data_scaling.py [--runs runs] [--out runs/scaling]
 
-Reads each bench's results.json (runs/scaling/bench-1of{4,2,1}-{60-5-10,auto}) and each draft's training
+Reads each bench's results.json (runs/scaling/bench-1of{4,2,1}: both trees, methods "eagle3 60,5,10",
+"eagle3 auto", "eagle2 60,5,10", "eagle2 auto") and each draft's training
 summary (runs/scaling/METHOD-1ofN, and runs/equal/METHOD for all of the data), and writes data_scaling.md (the
 table) and data_scaling.png (tau against the share of the data) under --out. A bench not run yet is left out of
 the table and the figure, and the summary names it.
@@ -27,8 +28,8 @@ METHODS = {"eagle3": "EAGLE-3", "eagle2": "EAGLE-2"}  # bench label -> name in t
 TRAINED = {"eagle3": "eagle3", "eagle2": "eagle"}  # bench label -> training run folder's method
 
 
-def bench_folder(runs: Path, part: int, tree: str) -> Path:
-    return runs / "scaling" / f"bench-1of{part}-{tree.replace(',', '-')}"
+def bench_folder(runs: Path, part: int) -> Path:
+    return runs / "scaling" / f"bench-1of{part}"
 
 
 def training_folder(runs: Path, method: str, part: int) -> Path:
@@ -52,16 +53,16 @@ def collect(runs: Path) -> tuple[list[dict], list[str]]:
     """One row per (method, tree, share) whose bench exists: tau and speed-up on MT-bench, and the draft's
     training tokens and held-out tau from its training summary; and the bench folders not found."""
     rows, missing = [], []
-    for tree in TREES:
-        for part in SHARES:
-            results = read_json(bench_folder(runs, part, tree) / "results.json")
-            if results is None:
-                missing.append(str(bench_folder(runs, part, tree)))
-                continue
+    for part in SHARES:
+        results = read_json(bench_folder(runs, part) / "results.json")
+        if results is None:
+            missing.append(str(bench_folder(runs, part)))
+            continue
+        for tree in TREES:
             for label in METHODS:
-                cell = results["summary"].get(label, {}).get("mt_bench")
+                cell = results["summary"].get(f"{label} {tree}", {}).get("mt_bench")
                 if cell is None:
-                    raise BadRun(f"{bench_folder(runs, part, tree)} has no {label} on mt_bench")
+                    raise BadRun(f"{bench_folder(runs, part)} has no {label} {tree} on mt_bench")
                 trained = read_json(training_folder(runs, TRAINED[label], part) / "summary.json") or {}
                 rows.append({"method": label, "tree": tree, "share": part, "tau": cell["tau"],
                              "speedup": cell["speedup_median"], "identical": cell["identical"], "n": cell["n"],

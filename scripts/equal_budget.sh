@@ -79,15 +79,13 @@ random.Random(0).shuffle(rows); open(sys.argv[2], 'w').write(''.join(r + '\n' fo
   done
 }
 
-scaling_bench() {  # $1: 4, 2 or 1 (all: the equal-budget drafts)
+scaling_bench() {  # $1: 4, 2 or 1 (all: the equal-budget drafts); both trees in one run, beside one vanilla
   local folder=runs/scaling suffix=-1of$1
   [ "$1" = 1 ] && folder=runs/equal suffix=
-  for tree in 60,5,10 auto; do
-    # shellcheck disable=SC2086
-    $EAGLE3 bench --suites mt_bench --methods vanilla,eagle3,eagle2 --limit 40 --max-new-tokens 64 --tree "$tree" \
-      --draft "$folder/eagle3$suffix/draft" --eagle "$folder/eagle$suffix/draft" --runtime native \
-      --threads 2 --out "runs/scaling/bench-1of$1-${tree//,/-}" "${@:2}"
-  done
+  # shellcheck disable=SC2086
+  $EAGLE3 bench --suites mt_bench --methods vanilla,eagle3,eagle2 --limit 40 --max-new-tokens 64 --tree 60,5,10 auto \
+    --draft "$folder/eagle3$suffix/draft" --eagle "$folder/eagle$suffix/draft" --runtime native \
+    --threads 2 --out "runs/scaling/bench-1of$1" "${@:2}"
 }
 
 case "${1:-}" in
@@ -95,6 +93,6 @@ case "${1:-}" in
   bench) shift; bench "$@" ;;
   scaling) shift; scaling ;;
   scaling-bench) shift; for part in 4 2 1; do scaling_bench "$part" "$@"; done ;;
-  *) echo "usage: bash scripts/equal_budget.sh train [METHOD ...] | bench [--resume] | scaling | scaling-bench" >&2
+  *) echo "usage: bash scripts/equal_budget.sh train [METHOD ...] | bench [--resume] | scaling | scaling-bench [--resume]" >&2
      exit 2 ;;
 esac
