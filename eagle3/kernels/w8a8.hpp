@@ -31,6 +31,8 @@ constexpr int QROWS = 16;
 constexpr int QPREFETCH_BYTES = 16384;  // how far ahead of its panel a thread asks for weights, into L2 (as linear.hpp)
 constexpr int QGROUP_BYTES = QROWS * 4;  // one column group of a panel
 
+// Its own vector helpers, not linear.hpp's: its 512-bit path needs AVX512BW where linear.hpp's needs only
+// AVX512F, so the two widths can differ on one machine.
 #if defined(__AVX512BW__)
 #define QLANES 16
 typedef __m512i ivec;
