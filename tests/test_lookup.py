@@ -19,7 +19,8 @@ from eagle3.pld import GraftPrice, LookupGraft, NgramIndex, graft_chain
 from eagle3.sampling import SamplingParams
 from eagle3.speculative import speculative_generate
 from eagle3.tree import DraftTree, TreeSpec, ancestor_mask, chain, root_only
-from test_sampling_exact import ALPHA, N_LOOP, PARAMS, chi_square_p_value, exact_triples, speculative_triples
+from test_sampling_exact import (ALPHA, N_LOOP, PARAMS, batched_triples, chi_square_p_value, exact_triples,
+                                 speculative_triples)
 
 REPETITIVE = "Tom had a red ball. Tom had a red ball. Tom had a red"
 
@@ -149,6 +150,29 @@ def test_sampling_with_lookup_is_the_targets_distribution(stories):
     # have children from both, some the same token.
     untrained = Eagle3Drafter(new_draft(stories.model.config, seed=3).attach(stories.model.embed.weight))
     samples = speculative_triples(stories, untrained, prompt, PARAMS, N_LOOP, seed0=N_LOOP, lookup=3)
+    assert chi_square_p_value(samples, table) > ALPHA
+
+
+class CountingGraft(LookupGraft):
+    """LookupGraft that counts the nodes its chains added."""
+
+    added = 0
+
+    def graft_rows(self, trees, rooms, price=None):
+        grafted = super().graft_rows(trees, rooms, price)
+        self.added += sum(g.size - t.size for g, t in zip(grafted, trees))
+        return grafted
+
+
+def test_batched_sampling_with_priced_chains_is_the_targets_distribution(stories):
+    """Four sampled rows at a time on the auto tree, chains priced against the batch's round: the first three
+    tokens still fit the target's exact distribution."""
+    prompt = stories.encode("Tom had a ball. Tom had a")
+    table = exact_triples(stories, prompt, SamplingParams(**PARAMS))
+    untrained = Eagle3Drafter(new_draft(stories.model.config, seed=4).attach(stories.model.embed.weight))
+    lookup = CountingGraft(3)
+    samples = batched_triples(Engine(stories, untrained, TreeSpec.parse("auto"), max_rows=4, lookup=lookup), prompt)
+    assert lookup.added > 0  # (chains did go in)
     assert chi_square_p_value(samples, table) > ALPHA
 
 
