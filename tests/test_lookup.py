@@ -113,7 +113,7 @@ def test_a_batchs_chains_are_priced_against_the_whole_batchs_round():
     alone = graft.graft_rows([root_only(3)], [10], GraftPrice(tokens=1.0, ms=10.0, verify_ms=middle))
     assert alone[0].size == 2  # as for one sequence: the first token pays
     pair = graft.graft_rows([root_only(3), root_only(3)], [10, 10], GraftPrice(2.0, 10.0, middle, padded=1))
-    assert [t.size for t in pair] == [1, 1]  # 2.5 tokens / 13 ms < 2 / 10
+    assert [t.size for t in pair] == [1, 1]  # (the batch's rate with the chain, 2.5 / 13, is below 2 / 10)
     steep = np.array([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])
     drafted = chain(torch.tensor([3, 5, 6]))  # row 0 drafted 2 tokens: the batch is verified at 3 per row
     filled = graft.graft_rows([drafted, root_only(3)], [10, 10], GraftPrice(2.5, 30.0, steep, padded=3))
