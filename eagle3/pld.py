@@ -177,23 +177,22 @@ class LookupGraft:
         self.pending[row] = found
         rates = (self.accepted[: len(found)] + 1) / (self.proposed[: len(found)] + 2)
         reach = np.cumprod(rates)  # chance the chain is right through each position
+        shared = along(tree, found)[1]  # (chain positions the tree already holds)
         if price is None:
             keep = int(np.sum(reach >= self.min_prob))  # (a product of rates <= 1 only falls)
         else:
-            keep = self._paying_prefix(tree, found, reach, price)
-        shared = along(tree, found)[1]
+            keep = self._paying_prefix(tree, shared, len(found), reach, price)
         keep = min(keep, shared + max(room, 0))  # (near the context's end: what still fits)
         gain = float(reach[shared:keep].sum())
         return graft_chain(tree, found[:keep], [math.log(r) for r in rates[:keep]])[0], gain
 
     @staticmethod
-    def _paying_prefix(tree: DraftTree, chain: Sequence[int], reach: np.ndarray, price: GraftPrice) -> int:
+    def _paying_prefix(tree: DraftTree, shared: int, length: int, reach: np.ndarray, price: GraftPrice) -> int:
         """The chain length m maximizing (tokens + expected new accepted tokens) / (ms + added verify ms); the
         positions the tree already holds add neither, nor does verify time below the batch's padded size."""
-        shared = along(tree, chain)[1]
         price = replace(price, padded=max(price.padded, tree.size))  # (its ms verifies this tree as it is)
         best, best_rate = 0, price.tokens / price.ms
-        for m in range(shared + 1, len(chain) + 1):
+        for m in range(shared + 1, length + 1):
             grown = price.after(float(reach[shared:m].sum()), tree.size + m - shared)
             if grown.tokens / grown.ms > best_rate:
                 best, best_rate = m, grown.tokens / grown.ms
