@@ -65,18 +65,19 @@ def collect(runs: Path) -> tuple[list[dict], list[str]]:
                     raise BadRun(f"{bench_folder(runs, part)} has no {label} {tree} on mt_bench")
                 trained = read_json(training_folder(runs, TRAINED[label], part) / "summary.json") or {}
                 rows.append({"method": label, "tree": tree, "share": part, "tau": cell["tau"],
-                             "speedup": cell["speedup_median"], "identical": cell["identical"], "n": cell["n"],
+                             "speedup": cell["speedup_median"], "drafted": cell.get("drafted"), "identical": cell["identical"], "n": cell["n"],
                              "steps": trained.get("steps"), "heldout_tau": trained.get("tau", {}).get("tree")})  # fmt: skip
     return rows, missing
 
 
 def table(rows: list[dict], missing: list[str]) -> str:
-    lines = ["| draft | tree | data | training steps | tau (MT-bench) | speed-up | identical | held-out tau (training) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| draft | tree | data | training steps | tau (MT-bench) | rounds drafted | speed-up | identical | "
+             "held-out tau (training) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         held = "" if r["heldout_tau"] is None else f"{r['heldout_tau']:.2f}"
+        drafted = "" if r["drafted"] is None else f"{r['drafted']:.0%}"
         lines.append(f"| {METHODS[r['method']]} | {r['tree']} | {SHARES[r['share']]} | {r['steps'] or ''} | "
-                     f"{r['tau']:.2f} | {r['speedup']:.2f}x | {r['identical']}/{r['n']} | {held} |")  # fmt: skip
+                     f"{r['tau']:.2f} | {drafted} | {r['speedup']:.2f}x | {r['identical']}/{r['n']} | {held} |")  # fmt: skip
     if missing:
         lines += ["", "Not run yet: " + ", ".join(missing)]
     return "\n".join(lines) + "\n"

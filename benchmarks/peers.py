@@ -1,9 +1,9 @@
 """eagle3's runtimes and precisions side by side in one run, on the same prompts: plain decoding and EAGLE-3
-(the shipped draft, auto tree) on the PyTorch runtime, on eagle3's native kernels in fp32, int8 and W8A8 and on
+(the shipped draft, auto tree; alone and with prompt-lookup chains, `eagle3 generate`'s default) on the PyTorch runtime, on eagle3's native kernels in fp32, int8 and W8A8 and on
 OpenVINO fp32 and int8, with transformers' `generate` as the outside reference, and llama.cpp (GGUF F32 and Q8_0, converted
 from the target's own safetensors by llama.cpp's convert_hf_to_gguf.py) when llama-cpp-python is installed.
 
-    python benchmarks/peers.py [--limit 5] [--max-new-tokens 128] [--out runs/peers] [--no-llama-cpp]
+    python benchmarks/peers.py [--limit 5] [--max-new-tokens 128] [--lookup 4] [--out runs/peers] [--no-llama-cpp]
     bash scripts/install_peers.sh   # once, for llama.cpp; without it the summary says it was not run
 
 Every engine decodes each prompt in turn (the order rotates with the prompt), greedy, through the chat template,
@@ -104,11 +104,13 @@ def llama_cpp_decode(llm: Llama, prompt: list[int], max_new_tokens: int, eos: fr
 
 
 def main() -> None:
+    from eagle3 import options
     from eagle3.autotree import auto_tree
     from eagle3.drafter import load_drafter
     from eagle3.engine import Engine, Request
     from eagle3.fetch import shipped_draft
     from eagle3.paths import eagle3_home
+    from eagle3.pld import DEFAULT_LOOKUP, LookupGraft
     from eagle3.suites import data_dir, load_suite
     from eagle3.target import load_target
     from eagle3.tree import TreeSpec
@@ -119,6 +121,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runtimes", default=",".join(RUNTIMES))
+    parser.add_argument("--lookup", type=options.integer(0, 64), default=DEFAULT_LOOKUP,
+                        help="also EAGLE-3 with prompt-lookup chains of up to N tokens (`eagle3 generate`'s default; 0: not)")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     parser.add_argument("--out", default="runs/peers")
@@ -138,6 +142,9 @@ def main() -> None:
         tree = TreeSpec.parse("auto")
         engines[f"{runtime} plain"] = Engine(target, method="vanilla")
         engines[f"{runtime} eagle3"] = Engine(target, drafter, tree, auto_tree(target, drafter, tree))
+        if args.lookup:  # its own policy: each engine learns its own acceptance and costs
+            engines[f"{runtime} eagle3+lookup"] = Engine(target, drafter, tree, auto_tree(target, drafter, tree),
+                                                         lookup=LookupGraft(args.lookup))  # fmt: skip
         engines[f"{runtime} plain"].run([Request(target.encode("Hello", chat=True), 8)])  # compile, warm up
         memory[f"{runtime} plain"] = rss_mb() - before
         targets[runtime] = target
@@ -199,7 +206,7 @@ def main() -> None:
     for n in names:
         runtime = n.split()[0]
         ratio = same = tau = ""
-        if n.endswith("eagle3"):
+        if n.endswith(("eagle3", "eagle3+lookup")):
             plain = f"{runtime} plain"
             ratio = f"{statistics.median(by[(n, i)]['tok_s'] / by[(plain, i)]['tok_s'] for i in range(len(prompts))):.2f}x"
             same = f"{sum(by[(n, i)]['token_ids'] == by[(plain, i)]['token_ids'] for i in range(len(prompts)))}/{len(prompts)}"

@@ -10,7 +10,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "data_scaling.py"
 
 def bench_results(folder: Path, taus: dict[str, float]) -> None:
     folder.mkdir(parents=True)
-    cell = {"n": 40, "identical": 40, "speedup_median": 1.1}
+    cell = {"n": 40, "identical": 40, "speedup_median": 1.1, "drafted": 0.25}
     summary = {label: {"mt_bench": {**cell, "tau": tau}} for label, tau in taus.items()}
     (folder / "results.json").write_text(json.dumps({"summary": summary}))
 
@@ -30,7 +30,7 @@ def test_table_and_figure_from_the_benches_run_so_far(tmp_path):
     done = run("--runs", str(runs))
     assert done.returncode == 0, done.stderr
     text = (runs / "scaling" / "data_scaling.md").read_text()
-    assert "| EAGLE-3 | 60,5,10 | all | 440 | 1.90 | 1.10x | 40/40 | 1.93 |" in text
+    assert "| EAGLE-3 | 60,5,10 | all | 440 | 1.90 | 25% | 1.10x | 40/40 | 1.93 |" in text
     assert "| EAGLE-2 | 60,5,10 | 1/4 |  | 1.40 |" in text
     assert "| EAGLE-3 | auto | 1/4 |  | 1.30 |" in text
     assert "Not run yet: " + str(runs / "scaling" / "bench-1of2") in text
