@@ -202,8 +202,11 @@ def compile_target(model: Transformer, taps: Sequence[int], precision: str = "fp
     compiled = _COMPILED.setdefault(model, {})
     key = (tuple(taps), precision, torch.get_num_threads())
     if key not in compiled:
+        # fp32 activations on every CPU, never bf16; and no dynamic quantization of the activations that feed
+        # int8 weights (on CPUs with VNNI OpenVINO quantizes them per group by default, picking kernels by
+        # the number of tokens, so a tree's logits would differ from its paths' decoded one token at a time).
         config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_PRECISION_HINT": "f32"}  # (fp32 activations on every CPU, never bf16)
+                  "INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
         with own_signal_stack():
             compiled[key] = ov.Core().compile_model(build_graph(model, taps, precision), "CPU", config)
     return compiled[key]

@@ -339,6 +339,31 @@ def test_native_tree_logits_are_bitwise_its_path_decoded_token_by_token(kernels,
         runtime.commit([[0]])
 
 
+def test_openvino_int8_tree_logits_are_its_paths_decoded_token_by_token(tmp_path):
+    """OpenVINO int8 at SmolLM2's widths: a tree's logits at each node of a path are that path's decoded one
+    token at a time (to float rounding). With OpenVINO's default dynamic quantization of the activations
+    (on CPUs with VNNI) they were not (about 1e-2 apart), and EAGLE-3's output differed from plain decoding's."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    ovr = openvino_runtime()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=128,
+                         tie_word_embeddings=False)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    runtime = ovr.OpenVINORuntime(fold_norms(load_model(tmp_path, device="cpu")), (), "int8")
+    prompt = list(range(3, 23))
+    runtime.open(1, 64, spare=8)
+    runtime.prefill(prompt)
+    tree_logits, _ = runtime.verify([a_tree([5, 6, 7, 8, 9], [-1, 0, 0, 1, 2])])
+    runtime.open(1, 64, spare=8)
+    runtime.prefill(prompt)
+    for node, token in ((0, 5), (2, 7), (4, 9)):
+        logits, _ = runtime.verify([chain(torch.tensor([token]))])
+        assert (logits[0, 0] - tree_logits[0, node]).abs().max() < 1e-4
+        runtime.commit([[0]])
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8", "w8a8"])
 def test_native_draft_step_matches_the_pytorch_draft(kernels, stories, precision):
     """The draft's step on the native kernels against its PyTorch step: a catch-up of two rows, then two tree
