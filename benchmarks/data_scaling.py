@@ -65,8 +65,9 @@ def collect(runs: Path) -> tuple[list[dict], list[str]]:
                     raise BadRun(f"{bench_folder(runs, part)} has no {label} {tree} on mt_bench")
                 trained = read_json(training_folder(runs, TRAINED[label], part) / "summary.json") or {}
                 rows.append({"method": label, "tree": tree, "share": part, "tau": cell["tau"],
-                             "speedup": cell["speedup_median"], "drafted": cell.get("drafted"), "identical": cell["identical"], "n": cell["n"],
-                             "steps": trained.get("steps"), "heldout_tau": trained.get("tau", {}).get("tree")})  # fmt: skip
+                             "speedup": cell["speedup_median"], "drafted": cell.get("drafted"),
+                             "identical": cell["identical"], "n": cell["n"], "steps": trained.get("steps"),
+                             "heldout_tau": trained.get("tau", {}).get("tree")})  # fmt: skip
     return rows, missing
 
 

@@ -1,7 +1,8 @@
 """eagle3's runtimes and precisions side by side in one run, on the same prompts: plain decoding and EAGLE-3
-(the shipped draft, auto tree; alone and with prompt-lookup chains, `eagle3 generate`'s default) on the PyTorch runtime, on eagle3's native kernels in fp32, int8 and W8A8 and on
-OpenVINO fp32 and int8, with transformers' `generate` as the outside reference, and llama.cpp (GGUF F32 and Q8_0, converted
-from the target's own safetensors by llama.cpp's convert_hf_to_gguf.py) when llama-cpp-python is installed.
+(the shipped draft, auto tree; alone and with prompt-lookup chains, `eagle3 generate`'s default) on the
+PyTorch runtime, on eagle3's native kernels in fp32, int8 and W8A8 and on OpenVINO fp32 and int8, with
+transformers' `generate` as the outside reference, and llama.cpp (GGUF F32 and Q8_0, converted from the
+target's own safetensors by llama.cpp's convert_hf_to_gguf.py) when llama-cpp-python is installed.
 
     python benchmarks/peers.py [--limit 5] [--max-new-tokens 128] [--lookup 4] [--out runs/peers] [--no-llama-cpp]
     bash scripts/install_peers.sh   # once, for llama.cpp; without it the summary says it was not run
