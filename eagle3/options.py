@@ -117,13 +117,14 @@ text.__name__ = "text"
 def add_runtime_arguments(parser: argparse.ArgumentParser, dtype_help: str = "float32 (default), bfloat16 or float16"
                           ) -> None:  # fmt: skip
     """--dtype, --device, --threads and --runtime, as every command that runs a model takes them."""
-    from eagle3.target import DTYPES, RUNTIMES
+    from eagle3.target import AUTO_RUNTIME, DTYPES, RUNTIMES
 
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help=dtype_help)
     parser.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--threads", type=threads, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
-                        help="what runs the target: eagle3's PyTorch model (default), the same model on eagle3's "
+    parser.add_argument("--runtime", choices=(AUTO_RUNTIME, *RUNTIMES), default=AUTO_RUNTIME,
+                        help="what runs the target: auto (default: native on a CPU in float32 where the kernels build, "
+                             "else torch), eagle3's PyTorch model (torch, the reference), the same model on eagle3's "
                              "native CPU kernels with fp32 or int8 weights or int8 weights and activations (w8a8), or "
                              "OpenVINO on the CPU with fp32 or int8 weights (pip install openvino)")  # fmt: skip
 

@@ -23,6 +23,20 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 # (native_weights.py, native_forward.py); or its graph compiled by OpenVINO for the CPU with fp32 or int8
 # weights (openvino_runtime.py).
 RUNTIMES = ("torch", "native", "native-int8", "native-w8a8", "openvino", "openvino-int8")
+AUTO_RUNTIME = "auto"  # the commands' default: see choose_runtime
+
+
+def choose_runtime(dtype: str | torch.dtype = "float32", device: str | None = None) -> str:
+    """What `--runtime auto` runs: the native kernels in fp32 where the target runs on the CPU in float32 and
+    the kernels build here (a C++ compiler), the PyTorch model otherwise (a GPU, another dtype). fp32 only:
+    the int8 precisions change the output, so they stay the user's choice."""
+    from eagle3 import native
+    from eagle3.model import default_device
+
+    on_cpu = torch.device(device).type == "cpu" if device is not None else default_device().type == "cpu"
+    if on_cpu and dtype in ("float32", "fp32", torch.float32) and native.library() is not None:
+        return "native"
+    return "torch"
 
 
 class PromptTooLong(ValueError):
@@ -71,11 +85,14 @@ def load_target(
     name_or_path: str = DEFAULT_TARGET, dtype: str | torch.dtype = "float32", device: str | None = None,
     runtime: str = "torch",
 ) -> Target:
-    """Fetches (if needed) and loads a target by preset name, local folder or hub id, for a runtime (RUNTIMES)."""
+    """Fetches (if needed) and loads a target by preset name, local folder or hub id, for a runtime (RUNTIMES, or
+    "auto": choose_runtime's pick)."""
     from transformers import AutoTokenizer
 
+    if runtime == AUTO_RUNTIME:
+        runtime = choose_runtime(dtype, device)
     if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+        raise ValueError(f"unknown runtime {runtime!r}; choose from {AUTO_RUNTIME}, {', '.join(RUNTIMES)}")
     if runtime != "torch":  # (the others build their own weights from fp32 ones, on the CPU)
         if dtype not in ("float32", "fp32", torch.float32) or (device is not None and torch.device(device).type != "cpu"):
             raise ValueError(f"--runtime {runtime} runs on the CPU from float32 weights (int8 is its own choice); "

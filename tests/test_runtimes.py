@@ -187,6 +187,21 @@ def kernels():
         pytest.skip(f"eagle3's native kernels are unavailable here: {native.why_unavailable()}")
 
 
+def test_the_auto_runtime_is_native_fp32_on_a_cpu_in_float32_and_torch_elsewhere(kernels, stories_path, monkeypatch):
+    """`--runtime auto` (the commands' default): native fp32 on the CPU in float32 where the kernels build; the
+    PyTorch model for another dtype, a GPU, or where the kernels are unavailable (never an int8 precision, which
+    changes the output)."""
+    from eagle3.target import choose_runtime
+
+    assert choose_runtime("float32", "cpu") == "native"
+    assert choose_runtime("bfloat16", "cpu") == choose_runtime(torch.float16, "cpu") == "torch"
+    assert choose_runtime("float32", "cuda") == choose_runtime("float32", "cuda:1") == "torch"
+    assert load_target(str(stories_path), runtime="auto").runtime == choose_runtime("float32")
+    monkeypatch.setattr(native, "library", lambda: None)  # (no compiler)
+    assert choose_runtime("float32", "cpu") == "torch"
+    assert load_target(str(stories_path), runtime="auto", device="cpu").runtime == "torch"
+
+
 @pytest.mark.parametrize("out,width", [(4, 96), (7, 100), (64, 172), (5, 3), (13, 48)])
 def test_native_kernels_match_torch_and_do_not_depend_on_the_row_count(kernels, out, width):
     """fp32 and int8 results are close to torch's, for any shape (full panels and plain rows after them, vector
