@@ -34,9 +34,11 @@ def choose_runtime(dtype: str | torch.dtype = "float32", device: str | None = No
     from eagle3.model import default_device
 
     on_cpu = torch.device(device).type == "cpu" if device is not None else default_device().type == "cpu"
-    if on_cpu and dtype in ("float32", "fp32", torch.float32) and native.library() is not None:
-        return "native"
-    return "torch"
+    return "native" if on_cpu and _float32(dtype) and native.library() is not None else "torch"
+
+
+def _float32(dtype: str | torch.dtype) -> bool:
+    return dtype in ("float32", "fp32", torch.float32)
 
 
 class PromptTooLong(ValueError):
@@ -94,7 +96,7 @@ def load_target(
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose from {AUTO_RUNTIME}, {', '.join(RUNTIMES)}")
     if runtime != "torch":  # (the others build their own weights from fp32 ones, on the CPU)
-        if dtype not in ("float32", "fp32", torch.float32) or (device is not None and torch.device(device).type != "cpu"):
+        if not _float32(dtype) or (device is not None and torch.device(device).type != "cpu"):
             raise ValueError(f"--runtime {runtime} runs on the CPU from float32 weights (int8 is its own choice); "
                              "drop --dtype and --device")  # fmt: skip
         if runtime.startswith("openvino"):
