@@ -181,18 +181,18 @@ class LookupGraft:
         if price is None:
             keep = int(np.sum(reach >= self.min_prob))  # (a product of rates <= 1 only falls)
         else:
-            keep = self._paying_prefix(tree, shared, len(found), reach, price)
+            keep = self._paying_prefix(tree, shared, reach, price)
         keep = min(keep, shared + max(room, 0))  # (near the context's end: what still fits)
         gain = float(reach[shared:keep].sum())
         return graft_chain(tree, found[:keep], [math.log(r) for r in rates[:keep]])[0], gain
 
     @staticmethod
-    def _paying_prefix(tree: DraftTree, shared: int, length: int, reach: np.ndarray, price: GraftPrice) -> int:
+    def _paying_prefix(tree: DraftTree, shared: int, reach: np.ndarray, price: GraftPrice) -> int:
         """The chain length m maximizing (tokens + expected new accepted tokens) / (ms + added verify ms); the
         positions the tree already holds add neither, nor does verify time below the batch's padded size."""
         price = replace(price, padded=max(price.padded, tree.size))  # (its ms verifies this tree as it is)
         best, best_rate = 0, price.tokens / price.ms
-        for m in range(shared + 1, length + 1):
+        for m in range(shared + 1, len(reach) + 1):
             grown = price.after(float(reach[shared:m].sum()), tree.size + m - shared)
             if grown.tokens / grown.ms > best_rate:
                 best, best_rate = m, grown.tokens / grown.ms
