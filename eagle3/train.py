@@ -128,6 +128,10 @@ def distributed_rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        # Imported first: imported after init (transformers' tokenizers import it), its functions take the
+        # world group as a default argument and keep it alive, so destroy_process_group cannot join gloo's
+        # threads and a rank can abort at exit while they release a finished collective.
+        import torch.distributed.nn  # noqa: F401
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -149,6 +153,16 @@ def barrier() -> None:
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def end_distributed() -> None:
+    """Waits for every rank, then closes the process group and joins gloo's threads: a rank that exits while they
+    still release a collective's tensors aborts ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -624,6 +638,7 @@ def train_command(args) -> int:
         features = FeatureCache(args.features, target, examples, taps)
     draft, state = train(target, examples, args.out, cfg, resume=args.resume, features=features, init=args.init,
                          overwrite=args.overwrite)  # fmt: skip
+    end_distributed()  # rank 0 evaluates alone from here
     if rank != 0:
         return 0
     hours = (time.perf_counter() - start) / 3600

@@ -175,6 +175,31 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
     assert flat(log_one) == pytest.approx(flat(log_two), rel=1e-4) and len(log_one) == len(log_two) == 3
 
 
+def test_a_torchrun_rank_ends_with_gloo_threads_joined(tmp_path):
+    """After training each rank closes the process group and gloo's threads are gone, even though transformers
+    imported torch.distributed.nn (whose default arguments would otherwise hold the world group): a rank that
+    exits with them running can abort while they release a collective's tensors."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, torch, torch.distributed as dist\n"
+        "from eagle3.train import all_reduce_sum, distributed_rank_and_world, end_distributed\n"
+        "distributed_rank_and_world()\n"
+        "import torch.distributed.nn\n"
+        "all_reduce_sum(torch.ones(2))\n"
+        "end_distributed()\n"
+        "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+        "assert not [n for n in names if 'gloo' in n], names\n"
+    )
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+                          str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_offline_features_train_like_online(stories, examples, tmp_path, monkeypatch):
     import eagle3.features as features_module
     from eagle3.features import FeatureCache, dump_features
