@@ -2,7 +2,9 @@
 (the shipped draft, auto tree; alone and with prompt-lookup chains, `eagle3 generate`'s default) on the
 PyTorch runtime, on eagle3's native kernels in fp32, int8 and W8A8 and on OpenVINO fp32 and int8, with
 transformers' `generate` as the outside reference, and llama.cpp (GGUF F32 and Q8_0, converted from the
-target's own safetensors by llama.cpp's convert_hf_to_gguf.py) when llama-cpp-python is installed.
+target's own safetensors by llama.cpp's convert_hf_to_gguf.py) when llama-cpp-python is installed, and
+OpenVINO GenAI's LLMPipeline (fp32, plainly and with the same draft as its EAGLE-3 chain of --genai-draft-tokens,
+both written by `eagle3 convert --to openvino`) when openvino-genai is installed.
 
     python benchmarks/peers.py [--limit 5] [--max-new-tokens 128] [--lookup 4] [--out runs/peers] [--no-llama-cpp]
     bash scripts/install_peers.sh   # once, for llama.cpp; without it the summary says it was not run
@@ -13,8 +15,8 @@ decoding, EAGLE-3 over plain decoding per runtime, whether EAGLE-3's outputs equ
 runtime (they must), how many of llama.cpp F32's outputs equal eagle3's PyTorch plain decoding's (informational:
 different arithmetic), and the resident memory each runtime's target added when loaded (RSS growth, in load
 order). llama.cpp gets the same prompt token ids as the other engines and decodes greedily (argmax of its logits)
-until max-new-tokens or one of the target's EOS tokens. OpenVINO GenAI is not run by this script yet (partial:
-issue 16 asks for it when installed). Writes rows.json and summary.md under --out.
+until max-new-tokens or one of the target's EOS tokens; so does OpenVINO GenAI (its stop_token_ids), timed
+around its generate call. Writes rows.json and summary.md under --out.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -104,17 +107,49 @@ def llama_cpp_decode(llm: Llama, prompt: list[int], max_new_tokens: int, eos: fr
     return tokens, time.perf_counter() - start
 
 
+def openvino_genai_missing() -> str | None:
+    """Why OpenVINO GenAI cannot run here (a line for the summary), or None when openvino_genai imports."""
+    try:
+        import openvino_genai  # noqa: F401
+    except ImportError:
+        return "not installed (pip install openvino-genai)"
+    return None
+
+
+def load_genai(folder: Path, threads: int, draft: bool):
+    """GenAI's LLMPipeline on folder/target (with folder/draft as its EAGLE-3 draft), fp32 compute and KV cache
+    (this CPU's AVX-512 bf16 would otherwise be its default), on `threads` threads."""
+    import openvino_genai as genai
+
+    props = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "INFERENCE_NUM_THREADS": threads}
+    if draft:
+        props["draft_model"] = genai.draft_model(str(folder / "draft"), "CPU", **props)
+    return genai.LLMPipeline(str(folder / "target"), "CPU", **props)
+
+
+def genai_decode(pipe, prompt: list[int], max_new_tokens: int, eos: frozenset[int], draft_tokens: int = 0
+                 ) -> tuple[list[int], float]:  # fmt: skip
+    """Greedy decoding of prompt's token ids by a GenAI pipeline (a chain of draft_tokens per round when it has a
+    draft); returns the new tokens and the wall time of the generate call (prefill included)."""
+    import numpy as np
+    import openvino as ov
+    import openvino_genai as genai
+
+    cfg = genai.GenerationConfig()
+    cfg.max_new_tokens = max_new_tokens
+    cfg.stop_token_ids = set(eos)
+    if draft_tokens:
+        cfg.num_assistant_tokens = draft_tokens
+    tensor = ov.Tensor(np.array([prompt], dtype=np.int64))
+    start = time.perf_counter()
+    result = pipe.generate(tensor, cfg)
+    return [int(t) for t in result.tokens[0]], time.perf_counter() - start
+
+
 def main() -> None:
     from eagle3 import options
-    from eagle3.autotree import auto_tree
-    from eagle3.drafter import load_drafter
-    from eagle3.engine import Engine, Request
-    from eagle3.fetch import shipped_draft
-    from eagle3.paths import eagle3_home
-    from eagle3.pld import DEFAULT_LOOKUP, LookupGraft
-    from eagle3.suites import data_dir, load_suite
-    from eagle3.target import load_target
-    from eagle3.tree import TreeSpec
+    from eagle3.openvino_runtime import own_signal_stack
+    from eagle3.pld import DEFAULT_LOOKUP
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="smollm2-135m")
@@ -126,8 +161,28 @@ def main() -> None:
                         help="also EAGLE-3 with prompt-lookup chains of up to N tokens (`eagle3 generate`'s default; 0: not)")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
+    parser.add_argument("--no-openvino-genai", action="store_true", help="skip OpenVINO GenAI even when it is installed")
+    parser.add_argument("--genai-draft-tokens", type=options.integer(1, 16), default=3,
+                        help="GenAI's EAGLE-3 chain length (its num_assistant_tokens)")
     parser.add_argument("--out", default="runs/peers")
     args = parser.parse_args()
+    # (own_signal_stack: GenAI's pipelines leave the thread a signal stack that dies with them; Ctrl-C would crash)
+    with tempfile.TemporaryDirectory() as scratch, own_signal_stack():
+        compare(args, Path(scratch))
+
+
+def compare(args: argparse.Namespace, scratch: Path) -> None:
+    """Loads every engine, decodes the prompts by turns, writes rows.json and summary.md."""
+    from eagle3.autotree import auto_tree
+    from eagle3.drafter import load_drafter
+    from eagle3.engine import Engine, Request
+    from eagle3.fetch import shipped_draft
+    from eagle3.paths import eagle3_home
+    from eagle3.pld import LookupGraft
+    from eagle3.suites import data_dir, load_suite
+    from eagle3.target import load_target
+    from eagle3.tree import TreeSpec
+
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +221,23 @@ def main() -> None:
             llamas[f"llama.cpp {label} plain"] = llm
         llama_note = (f"llama-cpp-python {llama_cpp.__version__}; GGUF F32 and Q8_0 converted from the same "
                       "safetensors by llama.cpp's convert_hf_to_gguf.py; the same prompt token ids; greedy")
+    genai_note = "skipped (--no-openvino-genai)" if args.no_openvino_genai else openvino_genai_missing()
+    genais: dict[str, tuple[object, int]] = {}  # engine -> (pipeline, draft tokens per round)
+    if genai_note is None:
+        import openvino_genai
+
+        from eagle3.openvino_export import export_openvino
+
+        folder = export_openvino(shipped_draft(args.target), scratch / "openvino", args.target)
+        for name, draft_tokens in (("openvino-genai plain", 0), ("openvino-genai eagle3", args.genai_draft_tokens)):
+            before = rss_mb()
+            pipe = load_genai(folder, args.threads, draft=draft_tokens > 0)
+            genai_decode(pipe, any_target.encode("Hello", chat=True), 8, any_target.eos_token_ids, draft_tokens)
+            memory[name] = rss_mb() - before
+            genais[name] = (pipe, draft_tokens)
+        genai_note = (f"openvino-genai {openvino_genai.__version__}; LLMPipeline on IR written by `eagle3 convert --to "
+                      f"openvino` (fp32 compute and KV cache), EAGLE-3 as a chain of {args.genai_draft_tokens} draft "
+                      "tokens a round (its num_assistant_tokens); the same prompt token ids; greedy")
     hf = None
     if not args.no_transformers:
         from transformers import AutoModelForCausalLM
@@ -174,7 +246,7 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(any_target.path, dtype=torch.float32).eval()
         memory["transformers"] = rss_mb() - before
 
-    names = list(engines) + list(llamas) + (["transformers"] if hf is not None else [])
+    names = list(engines) + list(llamas) + list(genais) + (["transformers"] if hf is not None else [])
     rows = []
     for i, prompt in enumerate(prompts):
         order = names[i % len(names):] + names[: i % len(names)]
@@ -188,6 +260,10 @@ def main() -> None:
                 tau = None
             elif name in llamas:
                 tokens, wall = llama_cpp_decode(llamas[name], prompt, args.max_new_tokens, any_target.eos_token_ids)
+                tau = None
+            elif name in genais:
+                pipe, draft_tokens = genais[name]
+                tokens, wall = genai_decode(pipe, prompt, args.max_new_tokens, any_target.eos_token_ids, draft_tokens)
                 tau = None
             else:
                 r = engines[name].run([Request(prompt, args.max_new_tokens)])[0]
@@ -217,12 +293,11 @@ def main() -> None:
         lines.append(f"| {n} | {speed[n]:.1f} | {speed[n] / base:.2f}x | {ratio} | {tau} | {same} | {mem} |")
     lines += ["", "EAGLE-3 / plain is the median of per-prompt ratios on the same runtime. RSS added: the process's "
               "resident memory growth while that runtime's target (and draft) loaded and warmed up, in load order.",
-              f"llama.cpp: {llama_note}."]  # fmt: skip
+              f"llama.cpp: {llama_note}.", f"OpenVINO GenAI: {genai_note}."]  # fmt: skip
     if "torch plain" in names:
-        for n in llamas:  # informational: other arithmetic, so a late near-tie may flip a token
+        for n in [*llamas, *(g for g in genais if g.endswith("plain"))]:  # informational: other arithmetic, so a late near-tie may flip a token
             same = sum(by[(n, i)]["token_ids"] == by[("torch plain", i)]["token_ids"] for i in range(len(prompts)))
             lines.append(f"{n} outputs = torch plain token for token: {same}/{len(prompts)} (informational).")
-    lines.append("OpenVINO GenAI: not run by this script yet.")
     (out / "rows.json").write_text(json.dumps(rows))
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
