@@ -3,8 +3,8 @@
 PyTorch runtime, on eagle3's native kernels in fp32, int8 and W8A8 and on OpenVINO fp32 and int8, with
 transformers' `generate` as the outside reference, and llama.cpp (GGUF F32 and Q8_0, converted from the
 target's own safetensors by llama.cpp's convert_hf_to_gguf.py) when llama-cpp-python is installed, and
-OpenVINO GenAI's LLMPipeline (fp32, plainly and with the same draft as its EAGLE-3 chain of --genai-draft-tokens,
-both written by `eagle3 convert --to openvino`) when openvino-genai is installed.
+OpenVINO GenAI's LLMPipeline (the target in fp32 and int8 weights, plainly and with the same draft as its EAGLE-3
+chain of --genai-draft-tokens, written by `eagle3 convert --to openvino`) when openvino-genai is installed.
 
     python benchmarks/peers.py [--limit 5] [--max-new-tokens 128] [--lookup 4] [--out runs/peers] [--no-llama-cpp]
     bash scripts/install_peers.sh   # once, for llama.cpp; without it the summary says it was not run
@@ -228,16 +228,18 @@ def compare(args: argparse.Namespace, scratch: Path) -> None:
 
         from eagle3.openvino_export import export_openvino
 
-        folder = export_openvino(shipped_draft(args.target), scratch / "openvino", args.target)
-        for name, draft_tokens in (("openvino-genai plain", 0), ("openvino-genai eagle3", args.genai_draft_tokens)):
-            before = rss_mb()
-            pipe = load_genai(folder, args.threads, draft=draft_tokens > 0)
-            genai_decode(pipe, any_target.encode("Hello", chat=True), 8, any_target.eos_token_ids, draft_tokens)
-            memory[name] = rss_mb() - before
-            genais[name] = (pipe, draft_tokens)
+        for precision, label in (("fp32", "openvino-genai"), ("int8", "openvino-genai-int8")):
+            folder = export_openvino(shipped_draft(args.target), scratch / label, args.target, precision=precision)
+            for name, draft_tokens in ((f"{label} plain", 0), (f"{label} eagle3", args.genai_draft_tokens)):
+                before = rss_mb()
+                pipe = load_genai(folder, args.threads, draft=draft_tokens > 0)
+                genai_decode(pipe, any_target.encode("Hello", chat=True), 8, any_target.eos_token_ids, draft_tokens)
+                memory[name] = rss_mb() - before
+                genais[name] = (pipe, draft_tokens)
         genai_note = (f"openvino-genai {openvino_genai.__version__}; LLMPipeline on IR written by `eagle3 convert --to "
-                      f"openvino` (fp32 compute and KV cache), EAGLE-3 as a chain of {args.genai_draft_tokens} draft "
-                      "tokens a round (its num_assistant_tokens); the same prompt token ids; greedy")
+                      "openvino` (the target's matrices fp32, or int8 with `--target-precision int8`; fp32 compute "
+                      f"and KV cache, its other settings its defaults), EAGLE-3 as a chain of {args.genai_draft_tokens} "
+                      "draft tokens a round (its num_assistant_tokens); the same prompt token ids; greedy")
     hf = None
     if not args.no_transformers:
         from transformers import AutoModelForCausalLM

@@ -588,6 +588,8 @@ def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default=None, help="with --to gguf or openvino: the target the draft is for (preset or "
                    "folder)")  # fmt: skip
     p.add_argument("--outtype", choices=OUTTYPES, default="f32", help="with --to gguf: for the draft and --target-out")
+    p.add_argument("--target-precision", choices=("fp32", "int8"), default="fp32", help="with --to openvino: the "
+                   "target's matrices (int8: one scale per output row, as --runtime openvino-int8; the draft stays fp32)")
     p.add_argument("--target-out", default=None, help="with --to gguf: also write the target as this GGUF file "
                    "(llama.cpp runs the draft beside it)")  # fmt: skip
     p.add_argument("--verifier", default=None, help="target model name or path recorded in the config")
@@ -605,6 +607,8 @@ def add_cli_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def convert_command(args: argparse.Namespace) -> int:
+    if args.target_precision != "fp32" and args.fmt != "openvino":
+        raise ValueError("--target-precision goes with --to openvino")
     if args.fmt == "gguf":
         from eagle3.gguf_export import checked_out_path, export_gguf, export_target_gguf
 
@@ -628,7 +632,7 @@ def convert_command(args: argparse.Namespace) -> int:
 
         if args.target is None:
             raise ValueError("--to openvino needs --target (the model the draft is for: it is exported too)")
-        path = export_openvino(args.src, args.out, args.target, args.overwrite)
+        path = export_openvino(args.src, args.out, args.target, args.overwrite, args.target_precision)
         print("eagle3: wrote target/ and draft/ for OpenVINO GenAI (LLMPipeline(target, draft_model=draft_model(draft)))",
               file=sys.stderr)  # fmt: skip
         print(path)

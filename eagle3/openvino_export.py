@@ -16,7 +16,8 @@ GenAI's EAGLE-3 transformations look for (read from its source, 2026.4; docs/int
   own hidden output; an `embed_tokens` gather that GenAI overwrites with the target's;
 - both: scaled-dot-product attention over a KV cache kept as state (ReadValue with a zero initializer ->
   Gather by beam_idx -> Concat), which GenAI turns into paged attention.
-Both folders are written beside OUT, then each is moved into place whole.
+With precision int8 the target's matrices are then stored as int8 with a scale per output row (compress_int8);
+the draft stays fp32. Both folders are written beside OUT, then each is moved into place whole.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from torch import Tensor, nn
 
 from eagle3.draft import Eagle3Draft, rotate_half
 from eagle3.model import Transformer, rope_inv_freq
+from eagle3.native_weights import int8_rows
+from eagle3.openvino_runtime import PRECISIONS
 
 TOKENIZER_PACKAGE = "openvino-tokenizers"
 
@@ -333,6 +336,35 @@ def draft_ir(draft: Eagle3Draft, embeddings: Tensor, taps: tuple[int, ...]):
     return ov_model
 
 
+def compress_int8(ov_model) -> int:
+    """Stores every fp32 matrix a MatMul multiplies by as int8 with a float scale per output row, in the pattern
+    OpenVINO's CPU plugin runs as compressed weights (int8 constant, convert, multiply; the same quantization as
+    `--runtime openvino-int8`'s); returns how many were compressed. The embedding table stays fp32 where only
+    the token lookup reads it."""
+    import openvino as ov
+    from openvino import opset15 as ops
+
+    count = 0
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        weight = op.input(1).get_source_output().get_node()
+        if weight.get_type_name() != "Constant" or weight.get_element_type() != ov.Type.f32:
+            continue
+        rows = torch.from_numpy(np.array(weight.get_data()))
+        if rows.dim() != 2:
+            continue
+        transposed = op.get_attributes()["transpose_b"]
+        q, scale = int8_rows(rows if transposed else rows.t())
+        scale = scale[:, None] if transposed else scale[None, :]
+        q = q if transposed else q.t()
+        dequantized = ops.multiply(ops.convert(ops.constant(q.contiguous().numpy()), "f32"),
+                                   ops.constant(scale.contiguous().numpy()))
+        op.input(1).replace_source_output(dequantized.output(0))
+        count += 1
+    return count
+
+
 def require_tokenizers():
     try:
         import openvino_tokenizers
@@ -355,9 +387,11 @@ def _save_tokenizer(target_dir: Path, out: Path) -> None:
     ov.save_model(decoder, str(out / "openvino_detokenizer.xml"))
 
 
-def write_genai_folders(model: Transformer, draft: Eagle3Draft, out: Path, target_dir: Path | None = None) -> None:
-    """Writes out/target and out/draft (out must be new and empty). With target_dir, its config files and
-    tokenizer go beside the target; without it (a model built in memory), a config.json from the model's."""
+def write_genai_folders(model: Transformer, draft: Eagle3Draft, out: Path, target_dir: Path | None = None,
+                        precision: str = "fp32") -> None:  # fmt: skip
+    """Writes out/target and out/draft (out must be new and empty), the target's matrices in `precision` (fp32 or
+    int8; the draft stays fp32). With target_dir, its config files and tokenizer go beside the target; without it
+    (a model built in memory), a config.json from the model's."""
     import openvino as ov
 
     check_exportable(model, draft)
@@ -365,7 +399,12 @@ def write_genai_folders(model: Transformer, draft: Eagle3Draft, out: Path, targe
     taps = draft.config.tap_layers or cfg.default_tap_layers
     (out / "target").mkdir(parents=True)
     (out / "draft").mkdir()
-    ov.save_model(target_ir(model), str(out / "target" / "openvino_model.xml"), compress_to_fp16=False)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} for an OpenVINO target; choose from {', '.join(PRECISIONS)}")
+    target = target_ir(model)
+    if precision == "int8":
+        compress_int8(target)
+    ov.save_model(target, str(out / "target" / "openvino_model.xml"), compress_to_fp16=False)
     ov.save_model(draft_ir(draft, model.embed.weight, taps), str(out / "draft" / "openvino_model.xml"),
                   compress_to_fp16=False)  # fmt: skip
     eos = list(cfg.eos_token_ids)
@@ -383,9 +422,10 @@ def write_genai_folders(model: Transformer, draft: Eagle3Draft, out: Path, targe
                                                            "eagle3_hidden_layers": genai_hidden_layers(taps)}, indent=2) + "\n")  # fmt: skip
 
 
-def export_openvino(src: str | Path, out: str | Path, target: str, overwrite: bool = False) -> Path:
+def export_openvino(src: str | Path, out: str | Path, target: str, overwrite: bool = False, precision: str = "fp32"
+                    ) -> Path:  # fmt: skip
     """Writes the draft at src and its target (preset, folder or hub id) as OUT/draft and OUT/target for
-    OpenVINO GenAI. Both are written beside OUT first, then each is moved into place whole; an existing folder
+    OpenVINO GenAI, the target's matrices in precision (fp32, or int8 with a scale per output row). Both are written beside OUT first, then each is moved into place whole; an existing folder
     that holds files needs overwrite (and then only its target/ and draft/ are replaced)."""
     from eagle3.checkpoint import load_draft
     from eagle3.fetch import resolve_model
@@ -405,7 +445,7 @@ def export_openvino(src: str | Path, out: str | Path, target: str, overwrite: bo
     # (own_signal_stack: the tokenizer's conversion runs OpenVINO, which may leave this thread a dying signal stack)
     with tempfile.TemporaryDirectory(prefix=".eagle3-openvino-", dir=out.parent) as tmp, own_signal_stack():
         staged = Path(tmp) / "out"
-        write_genai_folders(model, draft, staged, target_dir)
+        write_genai_folders(model, draft, staged, target_dir, precision)
         out.mkdir(exist_ok=True)
         for part in ("target", "draft"):
             old = out / part

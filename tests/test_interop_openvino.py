@@ -79,6 +79,50 @@ def test_genai_decodes_our_target_as_we_do_and_our_draft_losslessly(stories, exp
             assert list(spec_pipe.generate(ids, config(40, assistant)).tokens[0]) == plain, (text, assistant)
 
 
+def test_an_int8_target_decodes_as_its_dequantized_weights_and_our_draft_losslessly(stories, tmp_path):
+    """--target-precision int8 stores every matrix as int8 with a scale per output row (the embedding lookup stays
+    fp32): GenAI then decodes as eagle3 decodes a copy of the target whose matrices hold those int8 values times
+    their scales, and its EAGLE-3 pipeline still equals its plain decoding on that target."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from eagle3.native_weights import int8_rows
+
+    draft = scattered(varied(new_draft(stories.model.config, draft_vocab_size=256, seed=3)), stories.model.config.vocab_size)
+    src = save_draft(draft, tmp_path / "draft")
+    assert main(["convert", str(src), "--to", "openvino", str(tmp_path / "ov"), "--target", str(stories.path),
+                 "--target-precision", "int8"]) == 0  # fmt: skip
+    ir = ov.Core().read_model(tmp_path / "ov" / "target" / "openvino_model.xml")
+    int8 = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8]
+    assert len(int8) == 7 * stories.model.config.num_layers + 1  # q, k, v, o, gate, up, down per layer; the head
+
+    # The reference: the same model with each matrix dequantized, the head untied from the embedding lookup.
+    reference = tmp_path / "reference"
+    shutil.copytree(stories.path, reference)
+    weights = load_file(reference / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    for name, w in weights.items():
+        if w.dim() == 2 and name != "model.embed_tokens.weight":
+            q, scale = int8_rows(w)
+            weights[name] = q.float() * scale[:, None]
+    save_file(weights, reference / "model.safetensors")
+    config_file = reference / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "tie_word_embeddings": False}))
+    dequantized = load_target(str(reference))
+
+    plain_pipe = genai.LLMPipeline(str(tmp_path / "ov" / "target"), "CPU", **F32)
+    spec_pipe = genai.LLMPipeline(str(tmp_path / "ov" / "target"), "CPU",
+                                  draft_model=genai.draft_model(str(tmp_path / "ov" / "draft"), "CPU", **F32), **F32)
+    for text in PROMPTS:
+        prompt = stories.encode(text)
+        ids = ov.Tensor(np.array([prompt], dtype=np.int64))
+        plain = list(plain_pipe.generate(ids, config(40)).tokens[0])
+        assert plain == list(generate(dequantized, prompt, 40).token_ids), text
+        assert list(spec_pipe.generate(ids, config(40, 3)).tokens[0]) == plain, text
+
+
 @pytest.fixture(scope="module")
 def marked(stories, tmp_path_factory):
     """The marked target (tests/interop.py) as a checkpoint folder, loaded."""
