@@ -303,6 +303,11 @@ def compare(args: argparse.Namespace, scratch: Path) -> None:
     (out / "rows.json").write_text(json.dumps(rows))
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    # Freed here, in order, rather than by the interpreter's teardown: one full run of three aborted at exit with
+    # a corrupted heap after writing its summary (llama-cpp-python reports crashes at exit, its issue 1735).
+    for llm in llamas.values():
+        llm.close()
+    genais.clear()
 
 
 if __name__ == "__main__":
