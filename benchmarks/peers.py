@@ -12,7 +12,7 @@ chain of --genai-draft-tokens, written by `eagle3 convert --to openvino`) when o
 Every engine decodes each prompt in turn (the order rotates with the prompt), greedy, through the chat template,
 so machine noise hits them alike. Reports the median tokens/s per engine, its ratio to eagle3's PyTorch plain
 decoding, EAGLE-3 over plain decoding per runtime, whether EAGLE-3's outputs equal plain decoding's on the same
-runtime (they must), how many of llama.cpp F32's outputs equal eagle3's PyTorch plain decoding's (informational:
+runtime (they must for eagle3's; GenAI's are reported as they come), how many of llama.cpp F32's outputs equal eagle3's PyTorch plain decoding's (informational:
 different arithmetic), and the resident memory each runtime's target added when loaded (RSS growth, in load
 order). llama.cpp gets the same prompt token ids as the other engines and decodes greedily (argmax of its logits)
 until max-new-tokens or one of the target's EOS tokens; so does OpenVINO GenAI (its stop_token_ids), timed
