@@ -394,13 +394,13 @@ def write_genai_folders(model: Transformer, draft: Eagle3Draft, out: Path, targe
     (a model built in memory), a config.json from the model's."""
     import openvino as ov
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} for an OpenVINO target; choose from {', '.join(PRECISIONS)}")
     check_exportable(model, draft)
     cfg = model.config
     taps = draft.config.tap_layers or cfg.default_tap_layers
     (out / "target").mkdir(parents=True)
     (out / "draft").mkdir()
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r} for an OpenVINO target; choose from {', '.join(PRECISIONS)}")
     target = target_ir(model)
     if precision == "int8":
         compress_int8(target)
@@ -425,8 +425,9 @@ def write_genai_folders(model: Transformer, draft: Eagle3Draft, out: Path, targe
 def export_openvino(src: str | Path, out: str | Path, target: str, overwrite: bool = False, precision: str = "fp32"
                     ) -> Path:  # fmt: skip
     """Writes the draft at src and its target (preset, folder or hub id) as OUT/draft and OUT/target for
-    OpenVINO GenAI, the target's matrices in precision (fp32, or int8 with a scale per output row). Both are written beside OUT first, then each is moved into place whole; an existing folder
-    that holds files needs overwrite (and then only its target/ and draft/ are replaced)."""
+    OpenVINO GenAI, the target's matrices in precision (fp32, or int8 with a scale per output row). Both are
+    written beside OUT first, then each is moved into place whole; an existing folder that holds files needs
+    overwrite (and then only its target/ and draft/ are replaced)."""
     from eagle3.checkpoint import load_draft
     from eagle3.fetch import resolve_model
     from eagle3.model import load_model
