@@ -27,17 +27,17 @@ from pathlib import Path
 WORKER = r"""
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
-from eagle3.target import load_target
-from eagle3.drafter import load_drafter
+from eagle3.runtimes.target import load_target
+from eagle3.methods.drafter import load_drafter
 from eagle3.fetch import shipped_draft
-from eagle3.autotree import auto_tree
-from eagle3.tree import TreeSpec
-from eagle3.generate import generate
-from eagle3.speculative import speculative_generate
+from eagle3.decoding.autotree import auto_tree
+from eagle3.decoding.tree import TreeSpec
+from eagle3.decoding.generate import generate
+from eagle3.decoding.speculative import speculative_generate
 try:
-    from eagle3.target import encode_messages
+    from eagle3.runtimes.target import encode_messages
 except ImportError:  # (older checkouts kept it in bench)
-    from eagle3.bench import encode_messages
+    from eagle3.evaluation.bench import encode_messages
 target = load_target(sys.argv[2], runtime=sys.argv[3])
 drafter = load_drafter(shipped_draft(sys.argv[2]), target)
 tree = TreeSpec.parse("auto")
@@ -121,7 +121,7 @@ def main() -> None:
 
     sys.path.insert(0, str(args.after.resolve()))
     from eagle3.paths import shared_path
-    from eagle3.suites import load_suite
+    from eagle3.evaluation.suites import load_suite
 
     questions = [q for s in args.suites.split(",") for q in load_suite(s, shared_path("data/eval"), args.limit)]
     workers = [Worker(name, checkout, args.target, args.threads, args.runtime, args.lookup)

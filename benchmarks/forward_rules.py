@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from eagle3.cpu_layout import DEFAULT_PATHS, set_paths
-from eagle3.target import load_target
+from eagle3.runtimes.cpu_layout import DEFAULT_PATHS, set_paths
+from eagle3.runtimes.target import load_target
 
 COUNTS = (1, 2, 3, 4, 8, 16)
 

@@ -1,6 +1,6 @@
 """Two builds of eagle3's native kernels in one process, taking turns: does a kernel change make a verify faster?
 
-    python benchmarks/kernel_ab.py --before ../eagle3-before/eagle3/kernels [--runtime native-w8a8] [--tokens 1,4,8,16]
+    python benchmarks/kernel_ab.py --before ../eagle3-before/eagle3/runtimes/kernels [--runtime native-w8a8] [--tokens 1,4,8,16]
 
 Loads the target once on a native runtime, builds the kernels of --before (a kernels folder) beside this
 checkout's, and times a verify of n chained tokens after a 128-token prompt, the two builds alternating
@@ -32,10 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from eagle3 import native
-    from eagle3.runtime import make_runtime
-    from eagle3.target import load_target
-    from eagle3.tree import chain
+    from eagle3.runtimes import native
+    from eagle3.runtimes.runtime import make_runtime
+    from eagle3.runtimes.target import load_target
+    from eagle3.decoding.tree import chain
 
     if not (args.before / "forward.cpp").is_file():
         raise ValueError(f"{args.before} holds no kernels (forward.cpp)")

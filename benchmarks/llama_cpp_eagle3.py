@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 
 from eagle3.fetch import resolve_draft
-from eagle3.generate import generate
-from eagle3.gguf_export import export_gguf, export_target_gguf, llama_cpp_converter
-from eagle3.drafter import load_drafter
-from eagle3.speculative import speculative_generate
-from eagle3.suites import data_dir, read_suite
-from eagle3.target import load_target
-from eagle3.tree import TreeSpec
+from eagle3.decoding.generate import generate
+from eagle3.formats.gguf_export import export_gguf, export_target_gguf, llama_cpp_converter
+from eagle3.methods.drafter import load_drafter
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.evaluation.suites import data_dir, read_suite
+from eagle3.runtimes.target import load_target
+from eagle3.decoding.tree import TreeSpec
 
 
 def number(pattern: str, log: str) -> float:

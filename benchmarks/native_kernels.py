@@ -16,8 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from eagle3 import native
-from eagle3.native_weights import NativeWeight
+from eagle3.runtimes import native
+from eagle3.runtimes.native_weights import NativeWeight
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)] * 30 + [(576, 49152)]  # SmolLM2-135M, [in, out]
 

@@ -27,15 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eagle3.drafter import load_drafter
+from eagle3.methods.drafter import load_drafter
 from eagle3.fetch import resolve_draft
-from eagle3.generate import generate
-from eagle3.openvino_export import export_openvino
-from eagle3.openvino_runtime import own_signal_stack
-from eagle3.speculative import speculative_generate
-from eagle3.suites import data_dir, read_suite
-from eagle3.target import load_target
-from eagle3.tree import TreeSpec
+from eagle3.decoding.generate import generate
+from eagle3.formats.openvino_export import export_openvino
+from eagle3.runtimes.openvino_runtime import own_signal_stack
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.evaluation.suites import data_dir, read_suite
+from eagle3.runtimes.target import load_target
+from eagle3.decoding.tree import TreeSpec
 
 
 def main() -> None:

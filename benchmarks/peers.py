@@ -66,7 +66,7 @@ def to_gguf(folder: Path, outtype: str, home: Path) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"converting {folder} to GGUF {outtype} (once) ...", flush=True)
-    from eagle3.gguf_export import export_target_gguf
+    from eagle3.formats.gguf_export import export_target_gguf
 
     try:
         return export_target_gguf(str(folder), out, outtype)
@@ -148,8 +148,8 @@ def genai_decode(pipe, prompt: list[int], max_new_tokens: int, eos: frozenset[in
 
 def main() -> None:
     from eagle3 import options
-    from eagle3.openvino_runtime import own_signal_stack
-    from eagle3.pld import DEFAULT_LOOKUP
+    from eagle3.runtimes.openvino_runtime import own_signal_stack
+    from eagle3.methods.pld import DEFAULT_LOOKUP
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="smollm2-135m")
@@ -173,15 +173,15 @@ def main() -> None:
 
 def compare(args: argparse.Namespace, scratch: Path) -> None:
     """Loads every engine, decodes the prompts by turns, writes rows.json and summary.md."""
-    from eagle3.autotree import auto_tree
-    from eagle3.drafter import load_drafter
-    from eagle3.engine import Engine, Request
+    from eagle3.decoding.autotree import auto_tree
+    from eagle3.methods.drafter import load_drafter
+    from eagle3.decoding.engine import Engine, Request
     from eagle3.fetch import shipped_draft
     from eagle3.paths import eagle3_home
-    from eagle3.pld import LookupGraft
-    from eagle3.suites import data_dir, load_suite
-    from eagle3.target import load_target
-    from eagle3.tree import TreeSpec
+    from eagle3.methods.pld import LookupGraft
+    from eagle3.evaluation.suites import data_dir, load_suite
+    from eagle3.runtimes.target import load_target
+    from eagle3.decoding.tree import TreeSpec
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -226,7 +226,7 @@ def compare(args: argparse.Namespace, scratch: Path) -> None:
     if genai_note is None:
         import openvino_genai
 
-        from eagle3.openvino_export import export_openvino
+        from eagle3.formats.openvino_export import export_openvino
 
         for precision, label in (("fp32", "openvino-genai"), ("int8", "openvino-genai-int8")):
             folder = export_openvino(shipped_draft(args.target), scratch / label, args.target, precision=precision)

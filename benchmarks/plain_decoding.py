@@ -18,9 +18,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from eagle3.generate import generate
+from eagle3.decoding.generate import generate
 from eagle3.paths import shared_path
-from eagle3.target import load_target
+from eagle3.runtimes.target import load_target
 
 
 def mt_bench_prompts(limit: int) -> list[str]:

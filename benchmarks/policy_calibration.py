@@ -23,16 +23,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from eagle3.autotree import AutoTree, auto_tree
-from eagle3.drafter import load_drafter
+from eagle3.decoding.autotree import AutoTree, auto_tree
+from eagle3.methods.drafter import load_drafter
 from eagle3.fetch import resolve_draft
 from eagle3.files import write_text
 from eagle3.paths import MissingSharedData
-from eagle3.policy import FixedTree, RoundReport, TreePlan, TreePolicy
-from eagle3.speculative import speculative_generate
-from eagle3.suites import EAGLE_SUITES, data_dir, load_suite
-from eagle3.target import Target, encode_messages, load_target
-from eagle3.tree import AUTO_TREE, TreeSpec
+from eagle3.decoding.policy import FixedTree, RoundReport, TreePlan, TreePolicy
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.evaluation.suites import EAGLE_SUITES, data_dir, load_suite
+from eagle3.runtimes.target import Target, encode_messages, load_target
+from eagle3.decoding.tree import AUTO_TREE, TreeSpec
 
 SIZE_BUCKETS = ((2, 2), (3, 4), (5, 8), (9, 16), (17, 32), (33, 64))
 RANKS = 4  # sibling ranks 0, 1, 2 and "3 or lower"

@@ -25,8 +25,8 @@ SUITES = "mt_bench,humaneval,gsm8k,alpaca,cnn_dm,natural_questions"
 
 def predictions(target, prompt: list[int], answer: list[int]) -> torch.Tensor:
     """Log-probabilities [len(answer), V] of each answer token's position, teacher-forced."""
-    from eagle3.runtime import make_runtime
-    from eagle3.tree import chain
+    from eagle3.runtimes.runtime import make_runtime
+    from eagle3.decoding.tree import chain
 
     runtime = make_runtime(target)
     runtime.open(1, len(prompt) + len(answer) + 1, spare=len(answer) + 1)
@@ -49,10 +49,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from eagle3.generate import generate
+    from eagle3.decoding.generate import generate
     from eagle3.paths import shared_path
-    from eagle3.suites import load_suite
-    from eagle3.target import RUNTIMES, encode_messages, load_target
+    from eagle3.evaluation.suites import load_suite
+    from eagle3.runtimes.target import RUNTIMES, encode_messages, load_target
 
     runtimes = args.runtimes.split(",")
     if unknown := [r for r in runtimes if r not in RUNTIMES]:

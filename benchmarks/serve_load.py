@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 
 from eagle3.files import write_text
-from eagle3.suites import data_dir, read_suite
+from eagle3.evaluation.suites import data_dir, read_suite
 
 def configurations(lookup: int) -> dict[str, list[str]]:
     """Each configuration's name and its extra `eagle3 serve` arguments; plain decoding is the reference."""

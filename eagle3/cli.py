@@ -8,14 +8,14 @@ import os
 import sys
 
 from eagle3 import options
-from eagle3.bench import add_bench_parser, bench_command
-from eagle3.checkpoint import CLI_COMMANDS, add_cli_parsers
-from eagle3.cost import add_calibrate_parser, calibrate_command
-from eagle3.drafter import add_drafter_arguments
+from eagle3.evaluation.bench import add_bench_parser, bench_command
+from eagle3.formats.checkpoint import CLI_COMMANDS, add_cli_parsers
+from eagle3.decoding.cost import add_calibrate_parser, calibrate_command
+from eagle3.methods.drafter import add_drafter_arguments
 from eagle3.fetch import DEFAULT_TARGET, PRESETS, ModelNotFound
-from eagle3.regenerate import add_regenerate_parser, regenerate_command
+from eagle3.training.regenerate import add_regenerate_parser, regenerate_command
 from eagle3.serving.server import add_serve_parser, serve_command
-from eagle3.train import add_train_parser, train_command
+from eagle3.training.train import add_train_parser, train_command
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -51,13 +51,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from eagle3.drafter import NoDrafter, drafter_options, load_drafter
+    from eagle3.methods.drafter import NoDrafter, drafter_options, load_drafter
     from eagle3.fetch import resolve_draft
-    from eagle3.generate import generate
-    from eagle3.pld import DEFAULT_LOOKUP
-    from eagle3.sampling import SamplingParams
-    from eagle3.speculative import speculative_generate
-    from eagle3.target import load_target
+    from eagle3.decoding.generate import generate
+    from eagle3.methods.pld import DEFAULT_LOOKUP
+    from eagle3.decoding.sampling import SamplingParams
+    from eagle3.decoding.speculative import speculative_generate
+    from eagle3.runtimes.target import load_target
 
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
     options.apply_threads(args)

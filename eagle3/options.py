@@ -13,7 +13,7 @@ import math
 import os
 from typing import Callable
 
-from eagle3.sampling import MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE
+from eagle3.decoding.sampling import MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE
 
 BIG = 10_000_000  # the largest count of tokens, steps, examples ... any option accepts
 
@@ -117,7 +117,7 @@ text.__name__ = "text"
 def add_runtime_arguments(parser: argparse.ArgumentParser, dtype_help: str = "float32 (default), bfloat16 or float16"
                           ) -> None:  # fmt: skip
     """--dtype, --device, --threads and --runtime, as every command that runs a model takes them."""
-    from eagle3.target import AUTO_RUNTIME, DTYPES, RUNTIMES
+    from eagle3.runtimes.target import AUTO_RUNTIME, DTYPES, RUNTIMES
 
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help=dtype_help)
     parser.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
@@ -139,7 +139,7 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 def tree(text: str):
     """--tree: auto, TOTAL,DEPTH,TOPK or static:N (tree.TreeSpec.parse)."""
-    from eagle3.tree import TreeSpec
+    from eagle3.decoding.tree import TreeSpec
 
     try:
         return TreeSpec.parse(text)

@@ -11,7 +11,7 @@ import random
 import sys
 from pathlib import Path
 
-from eagle3.data import read_conversations, sharegpt_path
+from eagle3.training.data import read_conversations, sharegpt_path
 
 SHARED_TRAIN = Path("../shared/data/train")
 

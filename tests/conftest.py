@@ -23,7 +23,7 @@ def stories_path() -> Path:
 
 @pytest.fixture(scope="session")
 def stories(stories_path):
-    from eagle3.target import load_target
+    from eagle3.runtimes.target import load_target
 
     return load_target(str(stories_path), device="cpu")
 
@@ -37,7 +37,7 @@ def smollm2_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path):
-    from eagle3.target import load_target
+    from eagle3.runtimes.target import load_target
 
     return load_target(str(smollm2_path), device="cpu")
 
@@ -49,9 +49,9 @@ TRAIN_PROMPTS = ["Once upon a time", "Tom and Lily", "One day, a little", "The c
 @pytest.fixture(scope="session")
 def examples(stories):
     """Training text stories260K wrote itself (the drafts are trained on target-generated answers)."""
-    from eagle3.data import tokenize_text
-    from eagle3.generate import generate
-    from eagle3.sampling import SamplingParams
+    from eagle3.training.data import tokenize_text
+    from eagle3.decoding.generate import generate
+    from eagle3.decoding.sampling import SamplingParams
 
     texts = []
     for i, prompt in enumerate(TRAIN_PROMPTS * 2):

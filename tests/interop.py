@@ -39,10 +39,10 @@ def assert_same_logits(theirs, draft, stories, seed: int = 0) -> None:
 
 def assert_decodes_losslessly(draft, stories) -> None:
     """Our decoding with the draft equals plain greedy decoding, token for token."""
-    from eagle3.drafter import Eagle3Drafter
-    from eagle3.generate import generate
-    from eagle3.speculative import speculative_generate
-    from eagle3.tree import TreeSpec
+    from eagle3.methods.drafter import Eagle3Drafter
+    from eagle3.decoding.generate import generate
+    from eagle3.decoding.speculative import speculative_generate
+    from eagle3.decoding.tree import TreeSpec
 
     prompt = stories.encode("Once upon a time")
     drafter = Eagle3Drafter(draft.attach(stories.model.embed.weight))
@@ -110,7 +110,7 @@ def marked_target_folder(path: Path, tokenizer_from: Path) -> Path:
 
 def marker_draft(target_config, taps: tuple[int, int, int] = MARKED_TAPS):
     """Predicts A when its third tap holds the marker, B otherwise; full vocabulary."""
-    from eagle3.draft import new_draft
+    from eagle3.methods.draft import new_draft
 
     draft = new_draft(target_config, tap_layers=taps)
     D = target_config.hidden_size

@@ -8,10 +8,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from eagle3.drafter import Proposal
-from eagle3.policy import TreePlan
-from eagle3.sps import DraftModelDrafter
-from eagle3.tree import TreeGrowth, grow_trees
+from eagle3.methods.drafter import Proposal
+from eagle3.decoding.policy import TreePlan
+from eagle3.methods.sps import DraftModelDrafter
+from eagle3.decoding.tree import TreeGrowth, grow_trees
 
 
 def grow_each(roots: list[tuple[int, Tensor, Tensor]], plan: TreePlan,

@@ -7,15 +7,15 @@ import torch
 
 from dataclasses import replace
 
-from eagle3.autotree import AutoTree, Prices, RoundSizer, Throughput
-from eagle3.cost import CostModel, calibrate, cost_path, interpolate, monotone
-from eagle3.draft import new_draft
-from eagle3.drafter import Eagle3Drafter
-from eagle3.generate import generate
-from eagle3.model import load_model
-from eagle3.speculative import speculative_generate
-from eagle3.policy import RoundReport, TreePlan
-from eagle3.tree import AUTO_TREE, DraftTree, grow_tree, root_only
+from eagle3.decoding.autotree import AutoTree, Prices, RoundSizer, Throughput
+from eagle3.decoding.cost import CostModel, calibrate, cost_path, interpolate, monotone
+from eagle3.methods.draft import new_draft
+from eagle3.methods.drafter import Eagle3Drafter
+from eagle3.decoding.generate import generate
+from eagle3.runtimes.model import load_model
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.decoding.policy import RoundReport, TreePlan
+from eagle3.decoding.tree import AUTO_TREE, DraftTree, grow_tree, root_only
 from oracles import TargetOracle
 
 

@@ -268,7 +268,7 @@ def test_damaged_run_files_are_one_line_errors(capsys, draft, tmp_path):
 def test_text_files_that_are_not_utf8_are_read_with_replacement(tmp_path):
     """The documented rule: undecodable bytes become U+FFFD and are counted; a row that no longer parses is
     skipped and counted; the run goes on."""
-    from eagle3.data import read_conversations
+    from eagle3.training.data import read_conversations
 
     good = b'{"conversations": [{"from": "human", "value": "caf\xc3\xa9"}, {"from": "gpt", "value": "ok \xff\xfe"}]}'
     torn = b'{"conversations": [{"from": "human", "valu\xff'
@@ -283,7 +283,7 @@ def test_text_files_that_are_not_utf8_are_read_with_replacement(tmp_path):
 def test_unwritable_home_still_generates(capsys, draft, tmp_path, monkeypatch):
     """An EAGLE3_HOME that cannot be written (here: beneath a file) only costs the calibration cache: --tree
     auto measures in memory, warns once, and the output is plain decoding's."""
-    from eagle3 import cost
+    from eagle3.decoding import cost
 
     cost._MEASURED.clear()
     (tmp_path / "file").write_text("x")
@@ -302,7 +302,7 @@ def test_unwritable_home_still_generates(capsys, draft, tmp_path, monkeypatch):
 
 
 def test_a_corrupt_calibration_cache_is_measured_again(capsys, draft, tmp_path, monkeypatch):
-    from eagle3 import cost
+    from eagle3.decoding import cost
 
     cost._MEASURED.clear()
     monkeypatch.setenv("EAGLE3_HOME", str(tmp_path / "home"))

@@ -7,14 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from eagle3.draft import new_draft
-from eagle3.drafter import Eagle3Drafter, NoDrafter
-from eagle3.engine import Engine, Request
-from eagle3.generate import generate, generate_batch
-from eagle3.model import load_model
-from eagle3.pld import PromptLookupDrafter
-from eagle3.sampling import SamplingParams
-from eagle3.tree import TreeSpec
+from eagle3.methods.draft import new_draft
+from eagle3.methods.drafter import Eagle3Drafter, NoDrafter
+from eagle3.decoding.engine import Engine, Request
+from eagle3.decoding.generate import generate, generate_batch
+from eagle3.runtimes.model import load_model
+from eagle3.methods.pld import PromptLookupDrafter
+from eagle3.decoding.sampling import SamplingParams
+from eagle3.decoding.tree import TreeSpec
 from oracles import TargetOracle
 from test_sampling_exact import ALPHA, PARAMS, TREE, batched_triples, chi_square_p_value, exact_triples
 
@@ -112,7 +112,7 @@ def test_bench_at_batch_sizes(tmp_path, capsys, monkeypatch):
     B=1, throughput reported; an interrupted run resumes from its finished cells."""
     import json
 
-    from eagle3 import batchbench
+    from eagle3.evaluation import batchbench
     from eagle3.cli import main
 
     monkeypatch.setenv("EAGLE3_HOME", str(tmp_path / "home"))  # the auto tree's cost model is measured here

@@ -7,11 +7,11 @@ import statistics
 import pytest
 import torch
 
-from eagle3 import bench
-from eagle3.bench import RUN_KEYS, acceptance_by_depth, outliers, read_records, summarize
+from eagle3.evaluation import bench
+from eagle3.evaluation.bench import RUN_KEYS, acceptance_by_depth, outliers, read_records, summarize
 from eagle3.cli import main
 from eagle3.paths import MissingSharedData
-from eagle3.suites import load_suite, parse_suites, read_suite
+from eagle3.evaluation.suites import load_suite, parse_suites, read_suite
 
 
 def write_suite(folder, name, questions):

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from eagle3 import checkpoint
-from eagle3.checkpoint import (
+from eagle3.formats import checkpoint
+from eagle3.formats.checkpoint import (
     CLI_COMMANDS, CheckpointExists, add_cli_parsers, convert, init_draft, load_draft, read_draft_config, save_draft,
 )  # fmt: skip
-from eagle3.config import RopeConfig, load_config
+from eagle3.runtimes.config import RopeConfig, load_config
 
 # A draft narrower than its target (H=64, H_target=96), with a reduced draft vocabulary.
 DIMS = dict(H=64, Ht=96, I=128, heads=4, kv=2, hd=16, vocab=300, dvocab=100)
@@ -444,7 +444,7 @@ def test_interrupted_saves_leave_temps_that_the_next_save_removes(tmp_path):
 
 
 def test_stories_forward(tmp_path, stories_path):
-    from eagle3.model import load_model
+    from eagle3.runtimes.model import load_model
 
     model = load_model(stories_path, device="cpu")
     dims = dict(H=64, Ht=64, I=172, heads=8, kv=4, hd=8, vocab=512, dvocab=128)

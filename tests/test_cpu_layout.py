@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from eagle3 import cpu_layout
-from eagle3.cpu_layout import BUCKETS, PATHS, add_few_row_copies, measured_paths, paths_by_row_count
-from eagle3.model import load_model
-from eagle3.norm_folding import fold_norms
+from eagle3.runtimes import cpu_layout
+from eagle3.runtimes.cpu_layout import BUCKETS, PATHS, add_few_row_copies, measured_paths, paths_by_row_count
+from eagle3.runtimes.model import load_model
+from eagle3.runtimes.norm_folding import fold_norms
 
 
 @pytest.fixture

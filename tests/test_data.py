@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from eagle3.data import fit_length, iter_records, read_conversations, tokenize_conversation
+from eagle3.training.data import fit_length, iter_records, read_conversations, tokenize_conversation
 
 
 def test_truncated_json_array_is_read_record_by_record(tmp_path):

@@ -7,15 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from eagle3.draft import new_draft
-from eagle3.drafter import Eagle3Drafter
-from eagle3.engine import Engine, Request
-from eagle3.generate import generate
-from eagle3.model import load_model
-from eagle3.sampling import SamplingParams
-from eagle3.speculative import speculative_generate
-from eagle3.target import load_target
-from eagle3.tree import AUTO_TREE, TreeSpec
+from eagle3.methods.draft import new_draft
+from eagle3.methods.drafter import Eagle3Drafter
+from eagle3.decoding.engine import Engine, Request
+from eagle3.decoding.generate import generate
+from eagle3.runtimes.model import load_model
+from eagle3.decoding.sampling import SamplingParams
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.runtimes.target import load_target
+from eagle3.decoding.tree import AUTO_TREE, TreeSpec
 from oracles import TargetOracle
 
 DEVICE = os.environ.get("EAGLE3_TEST_DEVICE", "cpu")

@@ -1,4 +1,4 @@
-"""EAGLE's draft (eagle3/eagle1.py), for EAGLE, EAGLE-2 and HASS: the layer computes what EAGLE's draft
+"""EAGLE's draft (eagle3/methods/eagle1.py), for EAGLE, EAGLE-2 and HASS: the layer computes what EAGLE's draft
 computes, checkpoints in EAGLE's published layout (what its own training writes loads too), training
 (`train --method eagle|hass`, exact resume), and decoding: greedy output equal to plain decoding on chains and
 trees, alone and batched, and sampled output drawn from the target's distribution."""
@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from eagle3.cli import main
-from eagle3.drafter import load_drafter
-from eagle3.eagle1 import (WEIGHTS, Eagle1Drafter, is_eagle1_checkpoint, load_eagle1, new_eagle1_draft,
-                           save_eagle1)  # fmt: skip
-from eagle3.generate import generate
-from eagle3.heads import normed_feature, target_lm_head
-from eagle3.speculative import speculative_generate
-from eagle3.train import TrainConfig, train
-from eagle3.tree import TreeSpec
+from eagle3.methods.drafter import load_drafter
+from eagle3.methods.eagle1 import (WEIGHTS, Eagle1Drafter, is_eagle1_checkpoint, load_eagle1, new_eagle1_draft,
+                                   save_eagle1)  # fmt: skip
+from eagle3.decoding.generate import generate
+from eagle3.methods.heads import normed_feature, target_lm_head
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.training.train import TrainConfig, train
+from eagle3.decoding.tree import TreeSpec
 from training_checks import (PROMPTS, assert_batched_and_sampled_exactly, assert_decodes_losslessly, assert_loss_fell,
                              assert_resumes_exactly, story_conversations)  # fmt: skip
 
@@ -110,8 +110,8 @@ def test_the_checkpoint_is_in_eagles_layout_and_round_trips(stories, tmp_path):
 
 
 def test_other_checkpoints_are_not_taken_for_eagles_and_bad_ones_are_refused(stories, tmp_path, capsys):
-    from eagle3.checkpoint import save_draft
-    from eagle3.draft import new_draft
+    from eagle3.formats.checkpoint import save_draft
+    from eagle3.methods.draft import new_draft
 
     save_draft(new_draft(stories.model.config), tmp_path / "eagle3")
     assert not is_eagle1_checkpoint(tmp_path / "eagle3") and not is_eagle1_checkpoint(stories.path)
@@ -202,8 +202,8 @@ def test_the_cli_trains_and_decodes_and_the_bench_runs_eagle2(stories, trained, 
 
 
 def test_on_the_native_runtime_the_step_runs_natively_and_stays_lossless(stories, trained):
-    from eagle3 import native
-    from eagle3.target import load_target
+    from eagle3.runtimes import native
+    from eagle3.runtimes.target import load_target
 
     if native.library() is None:
         pytest.skip(f"eagle3's native kernels are unavailable here: {native.why_unavailable()}")

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eagle3.cli import main
-from eagle3.generate import generate, generate_batch
-from eagle3.sampling import SamplingParams, probs_from_logits
-from eagle3.stopping import Stopper, TextStreamer
+from eagle3.decoding.generate import generate, generate_batch
+from eagle3.decoding.sampling import SamplingParams, probs_from_logits
+from eagle3.decoding.stopping import Stopper, TextStreamer
 
 KARPATHY = ", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball."
 
@@ -200,3 +200,19 @@ def test_incremental_text_equals_a_full_decode_and_stays_cheap(request, which):
     assert complete > len(ids) // 2
     assert stopper.finish_reason == "length" and stopper.text() == tokenizer.decode(ids, skip_special_tokens=True)
     assert max(counting.lengths) < 30
+
+
+def test_the_package_top_is_the_library_front_door_and_imports_nothing_heavy():
+    """`from eagle3 import load_target, generate, ...` gives the subpackages' own objects, imported on first use:
+    `import eagle3` alone imports neither torch nor any subpackage."""
+    import subprocess
+    import sys
+
+    import eagle3
+
+    for name, module in eagle3._PUBLIC.items():
+        assert getattr(eagle3, name) is getattr(__import__(module, fromlist=[name]), name), name
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        eagle3.nothing  # noqa: B018
+    probe = "import sys, eagle3; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('eagle3.')))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"

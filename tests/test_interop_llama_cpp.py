@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from eagle3.checkpoint import save_draft
+from eagle3.formats.checkpoint import save_draft
 from eagle3.cli import main
-from eagle3.config import load_config
-from eagle3.draft import new_draft
-from eagle3.gguf_export import llama_cpp_converter
+from eagle3.runtimes.config import load_config
+from eagle3.methods.draft import new_draft
+from eagle3.formats.gguf_export import llama_cpp_converter
 from interop import MARKED_TAPS, marked_target_folder, marker_draft, scattered, varied
 
 

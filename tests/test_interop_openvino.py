@@ -15,12 +15,12 @@ genai = pytest.importorskip("openvino_genai", reason="openvino-genai is not inst
 
 import openvino as ov  # noqa: E402
 
-from eagle3.checkpoint import save_draft  # noqa: E402
+from eagle3.formats.checkpoint import save_draft  # noqa: E402
 from eagle3.cli import main  # noqa: E402
-from eagle3.draft import new_draft  # noqa: E402
-from eagle3.generate import generate  # noqa: E402
-from eagle3.openvino_runtime import own_signal_stack  # noqa: E402
-from eagle3.target import load_target  # noqa: E402
+from eagle3.methods.draft import new_draft  # noqa: E402
+from eagle3.decoding.generate import generate  # noqa: E402
+from eagle3.runtimes.openvino_runtime import own_signal_stack  # noqa: E402
+from eagle3.runtimes.target import load_target  # noqa: E402
 from interop import MARKED_TAPS, TOKEN_A, marked_target_folder, marker_draft, scattered, varied  # noqa: E402
 
 PROMPTS = ("Once upon a time", "The little dog")
@@ -88,7 +88,7 @@ def test_an_int8_target_decodes_as_its_dequantized_weights_and_our_draft_lossles
 
     from safetensors.torch import load_file, save_file
 
-    from eagle3.native_weights import int8_rows
+    from eagle3.runtimes.native_weights import int8_rows
 
     draft = scattered(varied(new_draft(stories.model.config, draft_vocab_size=256, seed=3)), stories.model.config.vocab_size)
     src = save_draft(draft, tmp_path / "draft")

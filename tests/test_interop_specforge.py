@@ -17,8 +17,8 @@ auto = pytest.importorskip("specforge.modeling.auto", reason="SpecForge is not i
 from specforge.algorithms.model_providers import resolve_eagle_capture_layers  # noqa: E402
 from specforge.modeling.draft.llama3_eagle import LlamaForCausalLMEagle3, prepare_decoder_attention_mask  # noqa: E402
 
-from eagle3.checkpoint import load_draft, save_draft  # noqa: E402
-from eagle3.draft import new_draft  # noqa: E402
+from eagle3.formats.checkpoint import load_draft, save_draft  # noqa: E402
+from eagle3.methods.draft import new_draft  # noqa: E402
 from interop import T, assert_decodes_losslessly, assert_same_logits, scattered, varied  # noqa: E402
 
 

@@ -13,8 +13,8 @@ import torch
 eagle3_models = pytest.importorskip("speculators.models.eagle3", reason="speculators is not installed "
                                     "(bash scripts/interop.sh installs it)")  # fmt: skip
 
-from eagle3.checkpoint import load_draft, save_draft  # noqa: E402
-from eagle3.draft import new_draft  # noqa: E402
+from eagle3.formats.checkpoint import load_draft, save_draft  # noqa: E402
+from eagle3.methods.draft import new_draft  # noqa: E402
 from interop import T, assert_decodes_losslessly, assert_same_logits, varied  # noqa: E402
 
 

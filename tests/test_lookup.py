@@ -11,14 +11,14 @@ import numpy as np
 import torch
 
 from eagle3.cli import main
-from eagle3.draft import new_draft
-from eagle3.drafter import Eagle3Drafter, NoDrafter
-from eagle3.engine import Engine, Request
-from eagle3.generate import generate
-from eagle3.pld import GraftPrice, LookupGraft, NgramIndex, graft_chain
-from eagle3.sampling import SamplingParams
-from eagle3.speculative import speculative_generate
-from eagle3.tree import DraftTree, TreeSpec, ancestor_mask, chain, root_only
+from eagle3.methods.draft import new_draft
+from eagle3.methods.drafter import Eagle3Drafter, NoDrafter
+from eagle3.decoding.engine import Engine, Request
+from eagle3.decoding.generate import generate
+from eagle3.methods.pld import GraftPrice, LookupGraft, NgramIndex, graft_chain
+from eagle3.decoding.sampling import SamplingParams
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.decoding.tree import DraftTree, TreeSpec, ancestor_mask, chain, root_only
 from test_sampling_exact import (ALPHA, N_LOOP, PARAMS, batched_triples, chi_square_p_value, exact_triples,
                                  speculative_triples)
 
@@ -188,12 +188,12 @@ def test_the_cli_generates_with_lookup(stories, capsys):
 def test_the_cli_grafts_chains_by_default_with_a_draft_on_the_auto_tree(stories, capsys, tmp_path, monkeypatch):
     """Default --lookup: 4 with a draft on the auto tree (priced there), none with a fixed tree or no draft;
     an explicit value always wins. The output stays plain decoding's."""
-    import eagle3.speculative
+    import eagle3.decoding.speculative
 
     assert main(["draft-init", str(tmp_path / "draft"), "--target", str(stories.path)]) == 0
     capsys.readouterr()
-    chosen, run = [], eagle3.speculative.speculative_generate
-    monkeypatch.setattr(eagle3.speculative, "speculative_generate",
+    chosen, run = [], eagle3.decoding.speculative.speculative_generate
+    monkeypatch.setattr(eagle3.decoding.speculative, "speculative_generate",
                         lambda *a, **k: (chosen.append(k["lookup"]), run(*a, **k))[1])  # fmt: skip
     args = ["generate", REPETITIVE, "--target", str(stories.path), "--max-new-tokens", "24", "--json", "--threads", "1"]
     assert main([*args, "--draft", "none"]) == 0

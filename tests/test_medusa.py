@@ -1,4 +1,4 @@
-"""Medusa-1 heads (eagle3/medusa.py) and Hydra's sequentially dependent heads (eagle3/hydra.py): checkpoint
+"""Medusa-1 heads (eagle3/methods/medusa.py) and Hydra's sequentially dependent heads (eagle3/methods/hydra.py): checkpoint
 layouts (Medusa's and Hydra's published ones), training (`train --method medusa|hydra`, exact resume), and decoding with
 them: greedy output equal to plain decoding on chains and trees, alone and batched, and sampled output drawn
 from the target's distribution."""
@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from eagle3.cli import main
-from eagle3.drafter import load_drafter
-from eagle3.generate import generate
-from eagle3.medusa import HEADS_FILE, MedusaDrafter, load_medusa, new_heads, save_medusa
-from eagle3.speculative import speculative_generate
-from eagle3.train import TrainConfig, train
-from eagle3.tree import AUTO_TREE, TreeSpec
+from eagle3.methods.drafter import load_drafter
+from eagle3.decoding.generate import generate
+from eagle3.methods.medusa import HEADS_FILE, MedusaDrafter, load_medusa, new_heads, save_medusa
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.training.train import TrainConfig, train
+from eagle3.decoding.tree import AUTO_TREE, TreeSpec
 from training_checks import (PROMPTS, assert_batched_and_sampled_exactly, assert_decodes_losslessly, assert_loss_fell,
                              assert_resumes_exactly, story_conversations)  # fmt: skip
 
@@ -56,13 +56,13 @@ def test_the_checkpoint_is_in_medusas_layout_and_round_trips(stories, tmp_path):
     ids = torch.tensor([stories.encode("Once upon a time")])
     stories.model.setup_cache(ids.shape[1])
     out = stories.model(ids, taps=(stories.model.config.num_layers,))
-    from eagle3.heads import normed_feature
+    from eagle3.methods.heads import normed_feature
 
     torch.testing.assert_close(fresh(normed_feature(stories.model, out.taps))[0], out.logits, atol=1e-4, rtol=1e-4)
 
 
 def test_hydra_checkpoints_are_in_hydras_layout_and_round_trip(stories, tmp_path, capsys):
-    from eagle3.hydra import HEADS_FILE as HYDRA_FILE, load_hydra, new_heads as new_hydra_heads, save_hydra
+    from eagle3.methods.hydra import HEADS_FILE as HYDRA_FILE, load_hydra, new_heads as new_hydra_heads, save_hydra
 
     heads = new_hydra_heads(stories.model, num_heads=2, num_layers=2, seed=3)
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_hydra_checkpoints_are_in_hydras_layout_and_round_trip(stories, tmp_path
 
 
 def test_a_checkpoint_for_another_model_is_refused(stories, tmp_path, capsys):
-    from eagle3.medusa import MedusaHeads
+    from eagle3.methods.medusa import MedusaHeads
 
     save_medusa(MedusaHeads(2, 1, stories.model.config.hidden_size, 100), tmp_path / "m", "x")
     with pytest.raises(ValueError, match="do not fit this target"):
@@ -114,7 +114,7 @@ def kind(request):
 
 
 def test_training_learns_and_the_heads_decode_losslessly(stories, kind):
-    from eagle3.hydra import HydraDrafter, load_hydra
+    from eagle3.methods.hydra import HydraDrafter, load_hydra
 
     name, (folder, heads, state), _ = kind
     assert_loss_fell(state, 0.8)
@@ -133,7 +133,7 @@ def test_rows_decoded_together_equal_each_alone_and_sampling_is_exact(stories, k
 
 
 def test_auto_trees_price_the_heads_and_decode_losslessly(stories, kind, tmp_path, monkeypatch):
-    from eagle3.autotree import auto_tree
+    from eagle3.decoding.autotree import auto_tree
 
     monkeypatch.setenv("EAGLE3_HOME", str(tmp_path))
     name, (folder, _, _), _ = kind
@@ -193,7 +193,7 @@ def test_the_bench_runs_medusa_beside_vanilla(stories, trained, tmp_path, capsys
 def test_hydra_children_depend_on_their_path(stories, hydra_trained):
     """What makes Hydra Hydra: two nodes of one depth get different children when their paths differ (Medusa
     gives every node of a depth the same)."""
-    from eagle3.policy import TreePlan
+    from eagle3.decoding.policy import TreePlan
 
     drafter = load_drafter(hydra_trained[0], stories)
     drafter.open(1, 64)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from eagle3.config import default_tap_layers, load_config, UnsupportedModel, config_from_hf
-from eagle3.cpu_layout import PATHS, add_few_row_copies, set_paths
-from eagle3.model import load_model
-from eagle3.norm_folding import fold_norms
+from eagle3.runtimes.config import default_tap_layers, load_config, UnsupportedModel, config_from_hf
+from eagle3.runtimes.cpu_layout import PATHS, add_few_row_copies, set_paths
+from eagle3.runtimes.model import load_model
+from eagle3.runtimes.norm_folding import fold_norms
 
 TOL = 1e-4
 

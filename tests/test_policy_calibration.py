@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eagle3.policy import RoundReport, TreePlan
-from eagle3.tree import DraftTree, ancestor_mask
+from eagle3.decoding.policy import RoundReport, TreePlan
+from eagle3.decoding.tree import DraftTree, ancestor_mask
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "policy_calibration.py"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from eagle3 import native
-from eagle3.generate import generate
-from eagle3.target import load_target
+from eagle3.runtimes import native
+from eagle3.decoding.generate import generate
+from eagle3.runtimes.target import load_target
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "precision_quality.py"
 

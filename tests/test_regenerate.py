@@ -5,7 +5,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from eagle3.cli import main
-from eagle3.generate import generate
+from eagle3.decoding.generate import generate
 
 
 def write_data(path, n):
@@ -73,8 +73,8 @@ def test_endpoint_regeneration_with_a_loopback_server(tmp_path, capsys):
 
 
 def test_local_regeneration_runs_on_the_native_runtime(tmp_path, capsys):
-    from eagle3 import native
-    from eagle3.target import load_target
+    from eagle3.runtimes import native
+    from eagle3.runtimes.target import load_target
 
     if native.library() is None:
         import pytest

@@ -10,21 +10,21 @@ import dataclasses
 import pytest
 import torch
 
-from eagle3 import native
-from eagle3.draft import new_draft
-from eagle3.drafter import Eagle3Drafter, NoDrafter
-from eagle3.engine import Engine, Request
-from eagle3.generate import generate
-from eagle3.native_weights import NATIVE_ROWS, NativeWeight
-from eagle3.model import load_model
-from eagle3.pld import PromptLookupDrafter
-from eagle3.native_draft import NativeDraft
-from eagle3.native_weights import to_native
-from eagle3.norm_folding import fold_norms
-from eagle3.runtime import NativeRuntime, TorchRuntime, make_runtime, pad_trees
-from eagle3.sampling import SamplingParams, probs_from_logits
-from eagle3.target import load_target
-from eagle3.tree import DraftTree, TreeSpec, ancestor_mask, chain
+from eagle3.runtimes import native
+from eagle3.methods.draft import new_draft
+from eagle3.methods.drafter import Eagle3Drafter, NoDrafter
+from eagle3.decoding.engine import Engine, Request
+from eagle3.decoding.generate import generate
+from eagle3.runtimes.native_weights import NATIVE_ROWS, NativeWeight
+from eagle3.runtimes.model import load_model
+from eagle3.methods.pld import PromptLookupDrafter
+from eagle3.runtimes.native_draft import NativeDraft
+from eagle3.runtimes.native_weights import to_native
+from eagle3.runtimes.norm_folding import fold_norms
+from eagle3.runtimes.runtime import NativeRuntime, TorchRuntime, make_runtime, pad_trees
+from eagle3.decoding.sampling import SamplingParams, probs_from_logits
+from eagle3.runtimes.target import load_target
+from eagle3.decoding.tree import DraftTree, TreeSpec, ancestor_mask, chain
 from oracles import TargetOracle
 from test_model import close, tiny_config
 from test_sampling_exact import ALPHA, PARAMS, TREE, batched_triples, chi_square_p_value
@@ -33,7 +33,7 @@ RUNTIMES = ["native", "native-int8", "native-w8a8", "openvino", "openvino-int8"]
 
 
 def openvino_runtime():
-    return pytest.importorskip("eagle3.openvino_runtime", reason="the OpenVINO runtime needs the openvino package")
+    return pytest.importorskip("eagle3.runtimes.openvino_runtime", reason="the OpenVINO runtime needs the openvino package")
 PROMPTS = ["Once upon a time", "Tom had a big red", "One day, a little girl named Lily went to the park with her mom",
            "The cat", "Sara and Ben were playing in the garden when they saw a small bird"]  # fmt: skip
 BUDGETS = [60, 25, 90, 7, 40]
@@ -191,7 +191,7 @@ def test_the_auto_runtime_is_native_fp32_on_a_cpu_in_float32_and_torch_elsewhere
     """`--runtime auto` (the commands' default): native fp32 on the CPU in float32 where the kernels build; the
     PyTorch model for another dtype, a GPU, or where the kernels are unavailable (never an int8 precision, which
     changes the output)."""
-    from eagle3.target import choose_runtime
+    from eagle3.runtimes.target import choose_runtime
 
     assert choose_runtime("float32", "cpu") == "native"
     assert choose_runtime("bfloat16", "cpu") == choose_runtime(torch.float16, "cpu") == "torch"

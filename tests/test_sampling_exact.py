@@ -42,14 +42,14 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from eagle3 import verify
-from eagle3.draft import new_draft
-from eagle3.drafter import Eagle3Drafter
-from eagle3.engine import Request
-from eagle3.model import load_model
-from eagle3.sampling import SamplingParams, probs_from_logits, sample_from_probs
-from eagle3.speculative import speculative_generate
-from eagle3.tree import DraftTree, TreeSpec, ancestor_mask
+from eagle3.decoding import verify
+from eagle3.methods.draft import new_draft
+from eagle3.methods.drafter import Eagle3Drafter
+from eagle3.decoding.engine import Request
+from eagle3.runtimes.model import load_model
+from eagle3.decoding.sampling import SamplingParams, probs_from_logits, sample_from_probs
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.decoding.tree import DraftTree, TreeSpec, ancestor_mask
 from oracles import TargetOracle
 
 ALPHA = 1e-3

@@ -20,15 +20,15 @@ import pytest
 import uvicorn
 from oracles import TargetOracle
 
-from eagle3.target import encode_messages
-from eagle3.drafter import NoDrafter
-from eagle3.engine import Engine, Request
-from eagle3.generate import generate
-from eagle3.model import load_model
-from eagle3.sampling import SamplingParams
+from eagle3.runtimes.target import encode_messages
+from eagle3.methods.drafter import NoDrafter
+from eagle3.decoding.engine import Engine, Request
+from eagle3.decoding.generate import generate
+from eagle3.runtimes.model import load_model
+from eagle3.decoding.sampling import SamplingParams
 from eagle3.serving.app import create_app
 from eagle3.serving.scheduler import Scheduler
-from eagle3.tree import TreeSpec
+from eagle3.decoding.tree import TreeSpec
 
 PROMPTS = ["Once upon a time", "Tom had a big red", "One day, a little girl named Lily went to the park", "The cat",
            "Sara and Ben were playing in the garden", "Max", "There was a big tree in the forest", "Mia liked to",
@@ -70,7 +70,7 @@ class Server:
 
 def own_target(stories):
     """A target with its own model (a model holds one KV cache: the tests decode beside the server)."""
-    from eagle3.target import load_target
+    from eagle3.runtimes.target import load_target
 
     return load_target(str(stories.path), device="cpu")
 

@@ -5,11 +5,11 @@ import json
 import pytest
 from safetensors import safe_open
 
-from eagle3.drafter import load_drafter
+from eagle3.methods.drafter import load_drafter
 from eagle3.fetch import resolve_draft, shipped_draft
-from eagle3.generate import generate
-from eagle3.speculative import speculative_generate
-from eagle3.tree import TreeSpec
+from eagle3.decoding.generate import generate
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.decoding.tree import TreeSpec
 
 pytestmark = pytest.mark.slow
 

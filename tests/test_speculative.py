@@ -5,13 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-from eagle3.draft import new_draft, quantize_int8
-from eagle3.drafter import Eagle3Drafter
-from eagle3.policy import TreePlan
-from eagle3.generate import generate
-from eagle3.model import load_model
-from eagle3.speculative import speculative_generate
-from eagle3.tree import TreeSpec, grow_tree, static_tree
+from eagle3.methods.draft import new_draft, quantize_int8
+from eagle3.methods.drafter import Eagle3Drafter
+from eagle3.decoding.policy import TreePlan
+from eagle3.decoding.generate import generate
+from eagle3.runtimes.model import load_model
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.decoding.tree import TreeSpec, grow_tree, static_tree
 from oracles import ReferenceOracle, TargetOracle
 
 TREES = [TreeSpec(), TreeSpec(20, 4, 4), TreeSpec(6, 5, 1), TreeSpec(1, 1, 1), static_tree(9)]

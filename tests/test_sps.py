@@ -1,5 +1,5 @@
-"""Classic speculative sampling (SpS, eagle3/sps.py): a draft language model with the target's vocabulary, and
-its distillation (`eagle3 train --method sps`, eagle3/distill.py).
+"""Classic speculative sampling (SpS, eagle3/methods/sps.py): a draft language model with the target's vocabulary, and
+its distillation (`eagle3 train --method sps`, eagle3/training/distill.py).
 
 `--draft FOLDER` with a language model in it gives the SpS drafter; its greedy output is the target's, token
 for token, on chains and trees, alone and batched. Its sampling exactness is test_sampling_exact.py's and
@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eagle3.cli import main
-from eagle3.drafter import load_drafter
-from eagle3.engine import Engine, Request
-from eagle3.generate import generate
-from eagle3.sps import DraftModelDrafter
-from eagle3.speculative import speculative_generate
-from eagle3.train import TrainConfig, train
-from eagle3.tree import AUTO_TREE, TreeSpec
+from eagle3.methods.drafter import load_drafter
+from eagle3.decoding.engine import Engine, Request
+from eagle3.decoding.generate import generate
+from eagle3.methods.sps import DraftModelDrafter
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.training.train import TrainConfig, train
+from eagle3.decoding.tree import AUTO_TREE, TreeSpec
 from training_checks import assert_loss_fell, assert_resumes_exactly, story_conversations
 
 PROMPTS = ("Once upon a time", "The little dog", "One day, Tom")
@@ -53,7 +53,7 @@ def test_a_draft_model_proposes_and_greedy_output_is_the_targets(stories, draft_
 
 
 def test_auto_trees_price_the_draft_model_and_decode_losslessly(stories, draft_folder, tmp_path, monkeypatch):
-    from eagle3.autotree import auto_tree
+    from eagle3.decoding.autotree import auto_tree
 
     monkeypatch.setenv("EAGLE3_HOME", str(tmp_path))
     drafter = load_drafter(draft_folder, stories)

@@ -7,16 +7,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from eagle3.checkpoint import save_draft
+from eagle3.formats.checkpoint import save_draft
 from eagle3.cli import main
-from eagle3.data import tokenize_text
-from eagle3.draft import new_draft
-from eagle3.drafter import load_drafter
-from eagle3.generate import generate
-from eagle3.sampling import SamplingParams
-from eagle3.speculative import speculative_generate
-from eagle3.train import TrainConfig, train
-from eagle3.tree import TreeSpec
+from eagle3.training.data import tokenize_text
+from eagle3.methods.draft import new_draft
+from eagle3.methods.drafter import load_drafter
+from eagle3.decoding.generate import generate
+from eagle3.decoding.sampling import SamplingParams
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.training.train import TrainConfig, train
+from eagle3.decoding.tree import TreeSpec
 
 OTHER_TAPS = (0, 3, 4)  # stories260K's defaults are (1, 2, 4)
 PROMPTS = ["Once upon a time", "Tom and Lily", "One day, a little", "The cat"]

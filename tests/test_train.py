@@ -6,13 +6,13 @@ import dataclasses
 import pytest
 import torch
 
-from eagle3.checkpoint import load_draft
-from eagle3.drafter import Eagle3Drafter
-from eagle3.generate import generate
-from eagle3.model import load_model
-from eagle3.speculative import speculative_generate
-from eagle3.train import TrainConfig, epoch_order, train
-from eagle3.tree import TreeSpec
+from eagle3.formats.checkpoint import load_draft
+from eagle3.methods.drafter import Eagle3Drafter
+from eagle3.decoding.generate import generate
+from eagle3.runtimes.model import load_model
+from eagle3.decoding.speculative import speculative_generate
+from eagle3.training.train import TrainConfig, epoch_order, train
+from eagle3.decoding.tree import TreeSpec
 from training_checks import assert_resumes_exactly, story_conversations
 
 CFG = TrainConfig(steps=120, batch_size=4, lr=1e-2, warmup=5, ttt_steps=3, draft_vocab_size=256, save_every=50)
@@ -70,7 +70,7 @@ def test_sigterm_checkpoints_then_resume_finishes(stories, examples, tmp_path, m
     import os
     import signal
 
-    import eagle3.train as train_module
+    import eagle3.training.train as train_module
 
     calls = {"n": 0}
     real_loss = train_module.ttt_loss
@@ -186,7 +186,7 @@ def test_a_torchrun_rank_ends_with_gloo_threads_joined(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(
         "import os, torch, torch.distributed as dist\n"
-        "from eagle3.train import all_reduce_sum, distributed_rank_and_world, end_distributed\n"
+        "from eagle3.training.train import all_reduce_sum, distributed_rank_and_world, end_distributed\n"
         "distributed_rank_and_world()\n"
         "import torch.distributed.nn\n"
         "all_reduce_sum(torch.ones(2))\n"
@@ -201,8 +201,8 @@ def test_a_torchrun_rank_ends_with_gloo_threads_joined(tmp_path):
 
 
 def test_offline_features_train_like_online(stories, examples, tmp_path, monkeypatch):
-    import eagle3.features as features_module
-    from eagle3.features import FeatureCache, dump_features
+    import eagle3.training.features as features_module
+    from eagle3.training.features import FeatureCache, dump_features
 
     cfg = TrainConfig(**{**CFG.__dict__, "steps": 4})
     online, _ = train(stories, examples, tmp_path / "online", cfg, progress=False)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from eagle3.draft import new_draft
-from eagle3.ttt import shift_left, teacher_from_logits, ttt_forward, ttt_loss
-from eagle3.vocab import build_vocab_map, count_tokens
+from eagle3.methods.draft import new_draft
+from eagle3.training.ttt import shift_left, teacher_from_logits, ttt_forward, ttt_loss
+from eagle3.methods.vocab import build_vocab_map, count_tokens
 
 
 def naive_ttt_forward(draft, input_ids, taps, steps):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from eagle3.train import TrainConfig, train
+from eagle3.training.train import TrainConfig, train
 
 
 def story_conversations(path: Path, words=("dog", "cat", "girl", "boy", "bird", "fish")) -> Path:
@@ -45,8 +45,8 @@ PROMPTS = ("Once upon a time", "The little dog", "One day, Tom")
 def assert_decodes_losslessly(stories, drafter, trees, method: str, min_tau: float) -> None:
     """Greedy speculative output equals plain decoding's for PROMPTS on every tree, and the drafted rounds
     accept on average more than min_tau - 1 draft tokens (a trained draft gets tokens accepted)."""
-    from eagle3.generate import generate
-    from eagle3.speculative import speculative_generate
+    from eagle3.decoding.generate import generate
+    from eagle3.decoding.speculative import speculative_generate
 
     accepted = []
     for tree in trees:
@@ -60,9 +60,9 @@ def assert_decodes_losslessly(stories, drafter, trees, method: str, min_tau: flo
 
 def assert_batched_and_sampled_exactly(stories, drafter, tree) -> None:
     """Rows decoded together equal each decoded alone, and sampled triples follow the target's distribution."""
-    from eagle3.engine import Engine, Request
-    from eagle3.generate import generate
-    from eagle3.sampling import SamplingParams
+    from eagle3.decoding.engine import Engine, Request
+    from eagle3.decoding.generate import generate
+    from eagle3.decoding.sampling import SamplingParams
     from test_sampling_exact import ALPHA, N_LOOP, PARAMS, chi_square_p_value, exact_triples, speculative_triples
 
     prompts = [stories.encode(text) for text in PROMPTS]

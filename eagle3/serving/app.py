@@ -20,11 +20,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from eagle3.engine import Request as EngineRequest
+from eagle3.decoding.engine import Request as EngineRequest
 from eagle3.serving import metrics, protocol
 from eagle3.serving.protocol import ApiError, ChatRequest, CompletionRequest
 from eagle3.serving.scheduler import Job, QueueFull, Scheduler, ShuttingDown
-from eagle3.target import Target, encode_messages
+from eagle3.runtimes.target import Target, encode_messages
 
 RETRY_AFTER_S = 1  # what a refused client is told to wait
 

@@ -9,8 +9,8 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from eagle3.engine import Request, SpeculativeResult
-from eagle3.sampling import MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE, SamplingParams
+from eagle3.decoding.engine import Request, SpeculativeResult
+from eagle3.decoding.sampling import MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE, SamplingParams
 
 MAX_STOPS = 4  # as OpenAI
 

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from eagle3.engine import Engine, Request, SpeculativeResult
+from eagle3.decoding.engine import Engine, Request, SpeculativeResult
 
 Sink = Callable[[str, object], None]
 OUTCOMES = ("done", "cancelled", "error", "refused")  # refused: the queue was full, or the server stopping

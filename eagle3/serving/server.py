@@ -34,7 +34,7 @@ def is_loopback(host: str) -> bool:
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    from eagle3.drafter import add_drafter_arguments
+    from eagle3.methods.drafter import add_drafter_arguments
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible API (continuous batching, EAGLE-3)")
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"preset ({', '.join(PRESETS)}), local folder or hub id")
@@ -64,13 +64,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from eagle3.drafter import NoDrafter, drafter_options, load_drafter
-    from eagle3.engine import Engine
+    from eagle3.methods.drafter import NoDrafter, drafter_options, load_drafter
+    from eagle3.decoding.engine import Engine
     from eagle3.fetch import resolve_draft
-    from eagle3.pld import LookupGraft
+    from eagle3.methods.pld import LookupGraft
     from eagle3.serving.app import create_app
     from eagle3.serving.scheduler import Scheduler
-    from eagle3.target import load_target
+    from eagle3.runtimes.target import load_target
 
     if not is_loopback(args.host) and not args.allow_remote:
         raise ValueError(f"--host {args.host} is reachable from other machines; add --allow-remote to serve them")

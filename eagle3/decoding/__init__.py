@@ -1,0 +1,1 @@
+"""The decoding loop: plain and speculative generation, trees, verification, sampling, tree policies."""

@@ -1,0 +1,1 @@
+"""The benchmark harness: suites, per-method runs, batch sizes."""

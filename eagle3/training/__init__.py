@@ -1,0 +1,1 @@
+"""Training drafts: data, training-time test, cached features, target-written answers, distillation."""
