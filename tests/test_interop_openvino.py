@@ -154,6 +154,8 @@ def test_convert_to_openvino_refuses_what_it_cannot_do(stories, exported, tmp_pa
     src = save_draft(new_draft(stories.model.config, seed=1), tmp_path / "draft")
     assert main(["convert", str(src), "--to", "openvino", str(tmp_path / "a")]) == 2
     assert "--target" in capsys.readouterr().err
+    assert main(["convert", str(src), "--to", "eagle", str(tmp_path / "a"), "--target-precision", "int8"]) == 2
+    assert "--target-precision goes with --to openvino" in capsys.readouterr().err and not (tmp_path / "a").exists()
     before = sorted(p.name for p in out.iterdir())
     assert main(["convert", str(src), "--to", "openvino", str(out), "--target", str(stories.path)]) == 2
     assert "--overwrite" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == before
