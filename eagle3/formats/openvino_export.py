@@ -16,8 +16,9 @@ GenAI's EAGLE-3 transformations look for (read from its source, 2026.4; docs/int
   own hidden output; an `embed_tokens` gather that GenAI overwrites with the target's;
 - both: scaled-dot-product attention over a KV cache kept as state (ReadValue with a zero initializer ->
   Gather by beam_idx -> Concat), which GenAI turns into paged attention.
-With precision int8 the target's matrices are then stored as int8 with a scale per output row (compress_int8);
-the draft stays fp32. Both folders are written beside OUT, then each is moved into place whole.
+With precision int8 the target's matrices are then stored as int8 with a scale per output row (compress_int8),
+and its rt_info turns OpenVINO's dynamic quantization of activations off (it is not lossless for trees); the
+draft stays fp32. Both folders are written beside OUT, then each is moved into place whole.
 """
 
 from __future__ import annotations
@@ -404,6 +405,10 @@ def write_genai_folders(model: Transformer, draft: Eagle3Draft, out: Path, targe
     target = target_ir(model)
     if precision == "int8":
         compress_int8(target)
+        # Read by OpenVINO when it compiles the model: on CPUs with VNNI it would otherwise quantize the activations
+        # that feed int8 weights, with kernels chosen by a forward's token count, and a verified tree's logits
+        # would not be its paths' (GenAI's EAGLE-3 output then differs from its plain output).
+        target.set_rt_info("0", ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
     ov.save_model(target, str(out / "target" / "openvino_model.xml"), compress_to_fp16=False)
     ov.save_model(draft_ir(draft, model.embed.weight, taps), str(out / "draft" / "openvino_model.xml"),
                   compress_to_fp16=False)  # fmt: skip
