@@ -337,15 +337,13 @@ def draft_ir(draft: Eagle3Draft, embeddings: Tensor, taps: tuple[int, ...]):
     return ov_model
 
 
-def compress_int8(ov_model) -> int:
+def compress_int8(ov_model) -> None:
     """Stores every fp32 matrix a MatMul multiplies by as int8 with a float scale per output row, in the pattern
     OpenVINO's CPU plugin runs as compressed weights (int8 constant, convert, multiply; the same quantization as
-    `--runtime openvino-int8`'s); returns how many were compressed. The embedding table stays fp32 where only
-    the token lookup reads it."""
+    `--runtime openvino-int8`'s). The embedding table stays fp32 where only the token lookup reads it."""
     import openvino as ov
     from openvino import opset15 as ops
 
-    count = 0
     for op in ov_model.get_ordered_ops():
         if op.get_type_name() != "MatMul":
             continue
@@ -362,8 +360,6 @@ def compress_int8(ov_model) -> int:
         dequantized = ops.multiply(ops.convert(ops.constant(q.contiguous().numpy()), "f32"),
                                    ops.constant(scale.contiguous().numpy()))
         op.input(1).replace_source_output(dequantized.output(0))
-        count += 1
-    return count
 
 
 def require_tokenizers():
